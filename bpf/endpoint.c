@@ -1,0 +1,75 @@
+/* tc ingress on each endpoint's host-side veth: every packet a container sends.
+ *
+ *   same network, this node   -> straight into the other container (redirect_peer)
+ *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
+ *   anything else             -> dropped, counted by reason
+ */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parsing.h"
+#include "lib/vxlan.h"
+
+static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
+{
+    struct xo_subnet_key key = { .prefixlen = 32, .addr = daddr };
+    struct xo_subnet *subnet = xo_subnets.lookup(&key);
+    if (!subnet)
+        return XO_DROP_NO_ROUTE;
+    if (subnet->vni != vni)
+        return XO_DROP_OTHER_NETWORK;
+    return XO_DROP_UNKNOWN_DESTINATION;
+}
+
+int xo_endpoint_ingress(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u32 len = skb->len;
+
+    __u32 ifindex = skb->ingress_ifindex;
+    struct xo_local_endpoint *self = xo_local_endpoints.lookup(&ifindex);
+    if (!self)
+        return xo_drop(XO_DROP_UNKNOWN_INTERFACE, len, TC_ACT_SHOT);
+
+    struct xo_cursor c = { .pos = data, .end = data_end };
+    struct ethhdr *eth = xo_parse_eth(&c);
+    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+        return xo_drop(XO_DROP_NOT_IPV4, len, TC_ACT_SHOT);
+    struct iphdr *ip = xo_parse_ipv4(&c);
+    if (!ip)
+        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+    if (ip->saddr != self->ip || !xo_mac_equal(eth->h_source, self->mac))
+        return xo_drop(XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
+
+    struct xo_endpoint_key src_key = { .vni = self->vni, .ip = self->ip };
+    struct xo_endpoint_key dst_key = { .vni = self->vni, .ip = ip->daddr };
+    struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
+    if (!dst)
+        return xo_drop(xo_unroutable(self->vni, ip->daddr), len, TC_ACT_SHOT);
+
+    struct xo_traffic zero = {};
+    xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
+
+    if (dst->ifindex) {
+        /* Local: hand it to the other container as if it came from its gateway. */
+        __u8 gw[ETH_ALEN] = XO_GW_MAC;
+        xo_mac_copy(eth->h_dest, dst->mac);
+        xo_mac_copy(eth->h_source, gw);
+        xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), len);
+        return bpf_redirect_peer(dst->ifindex, 0);
+    }
+
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return xo_drop(XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
+    __be32 node_ip = dst->node_ip;
+    __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
+    xo_mac_copy(inner_src, self->mac);
+    xo_mac_copy(inner_dst, dst->mac);
+    int reason = xo_vxlan_encap(skb, cfg, node_ip, self->vni, inner_src, inner_dst);
+    if (reason)
+        return xo_drop(reason, len, TC_ACT_SHOT);
+    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);
+    /* NULL params: the kernel routes the outer destination and fills in the MACs. */
+    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}

@@ -1,0 +1,35 @@
+/* Drop reasons: the one definition. ctl and maps read this list (maps/drops.py parses
+ * the XO_DROP lines), so a reason added here is named and explained everywhere.
+ * Format, one per line: XO_DROP(NAME, number, "what happened, in plain words") */
+#ifndef XO_DROP_H
+#define XO_DROP_H
+
+#define XO_DROP_REASONS(XO_DROP) \
+    XO_DROP(UNKNOWN_INTERFACE, 1, "packet on a veth that belongs to no endpoint") \
+    XO_DROP(NOT_IPV4, 2, "endpoint sent a frame that is not IPv4 (ARP, IPv6, ...)") \
+    XO_DROP(MALFORMED_IP, 3, "IPv4 header truncated or with a bad header length") \
+    XO_DROP(SPOOFED_SOURCE, 4, "endpoint used a source IP or MAC that is not its own") \
+    XO_DROP(OTHER_NETWORK, 5, "destination is an address of another network") \
+    XO_DROP(UNKNOWN_DESTINATION, 6, "no endpoint has that address in this network") \
+    XO_DROP(NO_ROUTE, 7, "destination is outside every overlay network") \
+    XO_DROP(ENCAP_FAILED, 8, "could not make room for the VXLAN headers") \
+    XO_DROP(UNKNOWN_PEER, 9, "VXLAN from an address that is not a peer node") \
+    XO_DROP(UNKNOWN_VNI, 10, "VXLAN with a VNI not in use on this node") \
+    XO_DROP(TRUNCATED_UDP, 11, "UDP header truncated or with a bad length") \
+    XO_DROP(TRUNCATED_VXLAN, 12, "VXLAN packet too short for its headers") \
+    XO_DROP(BAD_VXLAN_FLAGS, 13, "VXLAN header without the valid-VNI flag") \
+    XO_DROP(OUTER_FRAGMENT, 14, "fragmented VXLAN packet (we always send DF)") \
+    XO_DROP(OUTER_IP_OPTIONS, 15, "VXLAN packet with IP options (we never send them)") \
+    XO_DROP(INNER_NOT_IPV4, 16, "tunnelled frame is not IPv4") \
+    XO_DROP(INNER_SPOOFED, 17, "tunnelled source is not an endpoint of the sending peer") \
+    XO_DROP(DECAP_FAILED, 18, "could not remove the VXLAN headers")
+
+enum xo_drop_reason {
+    XO_DROP_NONE = 0,
+#define XO_DROP_ENUM(name, num, text) XO_DROP_##name = num,
+    XO_DROP_REASONS(XO_DROP_ENUM)
+#undef XO_DROP_ENUM
+    XO_DROP_MAX = 32, /* size of the drop counter array */
+};
+
+#endif

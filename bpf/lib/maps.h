@@ -1,0 +1,132 @@
+/* Every map xoverlay shares between kernel and control, and the layout of each entry.
+ * maps/layout.py mirrors these structs; tests/test_layout.py compiles this file and
+ * checks every size and field offset against it. Change both or the test fails.
+ *
+ * All maps are pinned under XO_PIN_DIR (one directory per node: bpffs is shared by every
+ * network namespace), so they outlive the agent and every program reuses them. */
+#ifndef XO_MAPS_H
+#define XO_MAPS_H
+
+#include "common.h"
+#include "drop.h"
+
+/* This node, written once by the agent at start. */
+struct xo_config {
+    __be32 node_ip;           /* our underlay IPv4 address */
+    __u32 underlay_ifindex;   /* where encapsulated packets leave */
+    __be16 vxlan_port;        /* UDP destination port, 4789 unless configured */
+    __u16 pad;
+    __u32 pad2;
+    __u64 build_id;           /* hash of the BPF sources that were loaded */
+};
+
+/* An endpoint of a network, anywhere in the cluster. */
+struct xo_endpoint_key {
+    __u32 vni;
+    __be32 ip;
+};
+struct xo_endpoint {
+    __be32 node_ip;           /* underlay IP of the node it lives on */
+    __u32 ifindex;            /* host-side veth, when it lives on this node; else 0 */
+    __u8 mac[6];              /* its own MAC */
+    __u16 pad;
+};
+
+/* The endpoint behind a host-side veth, for the source check on what it sends. */
+struct xo_local_endpoint {
+    __u32 vni;
+    __be32 ip;
+    __u8 mac[6];
+    __u16 pad;
+};
+
+/* An overlay network's subnet, to tell "another network" from "no such address". */
+struct xo_subnet_key {
+    __u32 prefixlen;          /* LPM trie: bits that follow */
+    __be32 addr;
+};
+struct xo_subnet {
+    __u32 vni;
+};
+
+/* A peer node, keyed by its underlay IP. */
+struct xo_peer {
+    __u32 flags;
+};
+
+/* A VNI with at least one endpoint on this node. */
+struct xo_vni {
+    __u32 flags;
+};
+
+/* Per-CPU traffic counters, per peer and per endpoint. */
+struct xo_traffic {
+    __u64 tx_packets;
+    __u64 tx_bytes;
+    __u64 rx_packets;
+    __u64 rx_bytes;
+};
+
+/* Per-CPU drop counters, indexed by enum xo_drop_reason. */
+struct xo_drop_count {
+    __u64 packets;
+    __u64 bytes;
+};
+
+#define XO_MAP(type, key, value, name, max) \
+    BPF_TABLE_PINNED(type, key, value, name, max, XO_PIN_DIR "/" #name)
+#define XO_MAP_F(type, key, value, name, max, flags) \
+    BPF_TABLE_PINNED(type, key, value, name, max, XO_PIN_DIR "/" #name, flags)
+
+/* The node's own settings: one entry. */
+XO_MAP("array", __u32, struct xo_config, xo_config, 1);
+/* Every endpoint of every network, local and remote: where to send a packet. */
+XO_MAP("hash", struct xo_endpoint_key, struct xo_endpoint, xo_endpoints, 65536);
+/* Local endpoints by host-side veth ifindex: who may send from that veth. */
+XO_MAP("hash", __u32, struct xo_local_endpoint, xo_local_endpoints, 4096);
+/* Network subnets -> VNI, longest prefix match. */
+XO_MAP_F("lpm_trie", struct xo_subnet_key, struct xo_subnet, xo_subnets, 1024, BPF_F_NO_PREALLOC);
+/* Peer nodes by underlay IP: VXLAN from anyone else is dropped. */
+XO_MAP("hash", __be32, struct xo_peer, xo_peers, 1024);
+/* VNIs in use on this node: VXLAN with any other VNI is dropped. */
+XO_MAP("hash", __u32, struct xo_vni, xo_vnis, 4096);
+/* Traffic per peer (by underlay IP) and per endpoint. */
+XO_MAP("percpu_hash", __be32, struct xo_traffic, xo_peer_stats, 1024);
+XO_MAP("percpu_hash", struct xo_endpoint_key, struct xo_traffic, xo_endpoint_stats, 65536);
+/* Drops per reason. */
+XO_MAP("percpu_array", __u32, struct xo_drop_count, xo_drops, XO_DROP_MAX);
+
+static __always_inline int xo_drop(enum xo_drop_reason reason, __u32 bytes, int verdict)
+{
+    __u32 key = reason;
+    struct xo_drop_count *count = xo_drops.lookup(&key);
+    if (count) {
+        count->packets++;
+        count->bytes += bytes;
+    }
+    return verdict;
+}
+
+static __always_inline void xo_count_tx(struct xo_traffic *t, __u32 bytes)
+{
+    if (t) {
+        t->tx_packets++;
+        t->tx_bytes += bytes;
+    }
+}
+
+static __always_inline void xo_count_rx(struct xo_traffic *t, __u32 bytes)
+{
+    if (t) {
+        t->rx_packets++;
+        t->rx_bytes += bytes;
+    }
+}
+
+static __always_inline struct xo_config *xo_get_config(void)
+{
+    __u32 zero = 0;
+    return xo_config.lookup(&zero);
+}
+
+#endif

@@ -1,0 +1,64 @@
+/* Header parsing, xdp-tutorial style: a cursor walks the packet, each parser checks its
+ * own bounds and returns the header (or NULL when the packet is too short). Works on
+ * both XDP and tc, which both give us data/data_end. */
+#ifndef XO_PARSING_H
+#define XO_PARSING_H
+
+#include "common.h"
+
+struct xo_cursor {
+    void *pos;
+    void *end;
+};
+
+static __always_inline struct ethhdr *xo_parse_eth(struct xo_cursor *c)
+{
+    struct ethhdr *eth = c->pos;
+    if ((void *)(eth + 1) > c->end)
+        return NULL;
+    c->pos = eth + 1;
+    return eth;
+}
+
+/* IPv4 header with a sane IHL, entirely inside the packet. Options are skipped. */
+static __always_inline struct iphdr *xo_parse_ipv4(struct xo_cursor *c)
+{
+    struct iphdr *ip = c->pos;
+    if ((void *)(ip + 1) > c->end)
+        return NULL;
+    if (ip->version != 4 || ip->ihl < 5)
+        return NULL;
+    __u32 hlen = ip->ihl * 4;
+    if (c->pos + hlen > c->end)
+        return NULL;
+    c->pos += hlen;
+    return ip;
+}
+
+static __always_inline struct udphdr *xo_parse_udp(struct xo_cursor *c)
+{
+    struct udphdr *udp = c->pos;
+    if ((void *)(udp + 1) > c->end)
+        return NULL;
+    c->pos = udp + 1;
+    return udp;
+}
+
+static __always_inline int xo_ipv4_is_fragment(const struct iphdr *ip)
+{
+    return ip->frag_off & bpf_htons(XO_IP_MF | XO_IP_OFFSET);
+}
+
+static __always_inline int xo_mac_equal(const __u8 *a, const __u8 *b)
+{
+    return ((const __u16 *)a)[0] == ((const __u16 *)b)[0] &&
+           ((const __u16 *)a)[1] == ((const __u16 *)b)[1] &&
+           ((const __u16 *)a)[2] == ((const __u16 *)b)[2];
+}
+
+static __always_inline void xo_mac_copy(__u8 *dst, const __u8 *src)
+{
+    __builtin_memcpy(dst, src, ETH_ALEN);
+}
+
+#endif

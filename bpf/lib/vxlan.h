@@ -1,0 +1,161 @@
+/* VXLAN: the checks every received tunnel packet must pass (shared by the XDP filter and
+ * the tc decap, so that both agree on what is valid) and the encapsulation. */
+#ifndef XO_VXLAN_H
+#define XO_VXLAN_H
+
+#include "common.h"
+#include "parsing.h"
+#include "maps.h"
+
+struct xo_vxlanhdr {
+    __u8 flags;               /* 0x08: the VNI is valid (RFC 7348) */
+    __u8 reserved1[3];
+    __be32 vni_reserved2;     /* VNI in the top 24 bits */
+};
+#define XO_VXLAN_FLAG_VNI 0x08
+
+/* The headers encap writes after the outer Ethernet header, in one store. */
+struct xo_encap_headers {
+    struct iphdr ip;
+    struct udphdr udp;
+    struct xo_vxlanhdr vxlan;
+    struct ethhdr inner_eth;
+} __attribute__((packed));
+
+/* What a valid tunnel packet carries, for the caller. */
+struct xo_tunnel {
+    __be32 peer_ip;           /* outer source: the sending node */
+    __u32 vni;
+    struct ethhdr *inner_eth; /* NULL when the packet ends right after VXLAN */
+};
+
+enum xo_verdict_kind {
+    XO_NOT_VXLAN = -1,        /* not ours: let the stack have it */
+    XO_VXLAN_OK = 0,          /* a valid tunnel packet from a peer */
+    /* > 0: an enum xo_drop_reason */
+};
+
+/* Classify a frame arriving on the underlay. Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills
+ * *t), or the drop reason. Malformed IPv4 and UDP are dropped whatever the port: the
+ * stack would drop them too, and we cannot tell a truncated VXLAN packet apart. */
+static __always_inline int xo_classify_underlay(void *data, void *data_end,
+                                                const struct xo_config *cfg,
+                                                struct xo_tunnel *t)
+{
+    struct xo_cursor c = { .pos = data, .end = data_end };
+    struct ethhdr *eth = xo_parse_eth(&c);
+    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+        return XO_NOT_VXLAN;
+
+    struct iphdr *ip = xo_parse_ipv4(&c);
+    if (!ip)
+        return XO_DROP_MALFORMED_IP;
+    if (ip->protocol != IPPROTO_UDP)
+        return XO_NOT_VXLAN;
+    /* A later fragment has no UDP header: nothing to judge, the stack reassembles. */
+    if (ip->frag_off & bpf_htons(XO_IP_OFFSET))
+        return XO_NOT_VXLAN;
+
+    struct udphdr *udp = xo_parse_udp(&c);
+    if (!udp)
+        return XO_DROP_TRUNCATED_UDP;
+    if (udp->dest != cfg->vxlan_port || ip->daddr != cfg->node_ip)
+        return XO_NOT_VXLAN;
+
+    /* From here on it is addressed to our tunnel endpoint. */
+    if (ip->frag_off & bpf_htons(XO_IP_MF))
+        return XO_DROP_OUTER_FRAGMENT;
+    if (ip->ihl != 5)
+        return XO_DROP_OUTER_IP_OPTIONS;
+    if (bpf_ntohs(udp->len) < sizeof(*udp) + XO_VXLAN_HLEN + ETH_HLEN ||
+        bpf_ntohs(ip->tot_len) < sizeof(*ip) + bpf_ntohs(udp->len))
+        return XO_DROP_TRUNCATED_UDP;
+
+    struct xo_vxlanhdr *vx = c.pos;
+    if ((void *)(vx + 1) > data_end)
+        return XO_DROP_TRUNCATED_VXLAN;
+    if (!(vx->flags & XO_VXLAN_FLAG_VNI))
+        return XO_DROP_BAD_VXLAN_FLAGS;
+
+    __be32 peer_ip = ip->saddr;
+    if (!xo_peers.lookup(&peer_ip))
+        return XO_DROP_UNKNOWN_PEER;
+    __u32 vni = bpf_ntohl(vx->vni_reserved2) >> 8;
+    if (!xo_vnis.lookup(&vni))
+        return XO_DROP_UNKNOWN_VNI;
+
+    struct ethhdr *inner = (void *)(vx + 1);
+    if ((void *)(inner + 1) > data_end)
+        return XO_DROP_TRUNCATED_VXLAN;
+
+    t->peer_ip = peer_ip;
+    t->vni = vni;
+    t->inner_eth = inner;
+    return XO_VXLAN_OK;
+}
+
+static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
+{
+    __u32 sum = 0;
+    const __u16 *p = (const __u16 *)ip;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+        sum += p[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+/* RFC 7348: the source port is a hash of the inner flow, so the underlay can spread
+ * tunnels over paths. Same formula as the kernel's udp_flow_src_port(). */
+static __always_inline __be16 xo_flow_sport(__u32 hash)
+{
+    return bpf_htons((((__u64)hash * (XO_SPORT_MAX - XO_SPORT_MIN)) >> 32) + XO_SPORT_MIN);
+}
+
+/* Wrap the frame at skb->data in Ethernet/IPv4/UDP/VXLAN to dst_node. The original
+ * Ethernet header stays in front as the outer one (the neighbour code rewrites it on
+ * transmit); the inner one is rebuilt from the arguments. Returns 0 or a drop reason. */
+static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo_config *cfg,
+                                          __be32 dst_node, __u32 vni,
+                                          const __u8 *inner_src, const __u8 *inner_dst)
+{
+    __u32 inner_len = skb->len - ETH_HLEN;    /* inner IP packet */
+    __u32 hash = bpf_get_hash_recalc(skb);
+    /* FIXED_GSO keeps the container's MSS (its MTU already leaves room); the ENCAP flags
+     * tell GSO how to segment what is now a UDP tunnel packet with an inner Ethernet. */
+    __u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+                  BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+                  BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
+    if (bpf_skb_adjust_room(skb, XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags))
+        return XO_DROP_ENCAP_FAILED;
+
+    struct xo_encap_headers h = {};
+    h.ip.version = 4;
+    h.ip.ihl = 5;
+    h.ip.ttl = 64;
+    h.ip.protocol = IPPROTO_UDP;
+    h.ip.frag_off = bpf_htons(XO_IP_DF);
+    h.ip.tot_len = bpf_htons(XO_ENCAP_LEN + inner_len);
+    h.ip.saddr = cfg->node_ip;
+    h.ip.daddr = dst_node;
+    h.ip.check = xo_ipv4_csum(&h.ip);
+
+    h.udp.source = xo_flow_sport(hash);
+    h.udp.dest = cfg->vxlan_port;
+    h.udp.len = bpf_htons(XO_ENCAP_LEN - sizeof(struct iphdr) + inner_len);
+    h.udp.check = 0;          /* allowed for VXLAN over IPv4, and what Linux sends */
+
+    h.vxlan.flags = XO_VXLAN_FLAG_VNI;
+    h.vxlan.vni_reserved2 = bpf_htonl(vni << 8);
+
+    xo_mac_copy(h.inner_eth.h_dest, inner_dst);
+    xo_mac_copy(h.inner_eth.h_source, inner_src);
+    h.inner_eth.h_proto = bpf_htons(ETH_P_IP);
+
+    if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0))
+        return XO_DROP_ENCAP_FAILED;
+    return 0;
+}
+
+#endif

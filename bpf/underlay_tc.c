@@ -1,0 +1,67 @@
+/* tc ingress on the underlay device: decapsulate VXLAN for local endpoints and deliver
+ * it into the container (redirect_peer skips the host stack and a second veth hop).
+ * Does the same checks as the XDP program, which may be off (up --no-xdp), and more:
+ * the inner source must be an endpoint of the peer that sent it. */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/parsing.h"
+#include "lib/vxlan.h"
+
+int xo_underlay_ingress(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __u32 len = skb->len;
+
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return TC_ACT_OK;
+    struct xo_tunnel t = {};
+    int verdict = xo_classify_underlay(data, data_end, cfg, &t);
+    if (verdict == XO_NOT_VXLAN)
+        return TC_ACT_OK;
+    if (verdict != XO_VXLAN_OK)
+        return xo_drop(verdict, len, TC_ACT_SHOT);
+
+    struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
+    struct ethhdr *inner_eth = xo_parse_eth(&c);
+    if (!inner_eth || inner_eth->h_proto != bpf_htons(ETH_P_IP))
+        return xo_drop(XO_DROP_INNER_NOT_IPV4, len, TC_ACT_SHOT);
+    struct iphdr *inner_ip = xo_parse_ipv4(&c);
+    if (!inner_ip)
+        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+
+    struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
+    struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
+    if (!src || src->node_ip != t.peer_ip)
+        return xo_drop(XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+
+    struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
+    struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
+    if (!dst || !dst->ifindex)
+        return xo_drop(XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
+    __u32 ifindex = dst->ifindex;
+    __u8 dst_mac[ETH_ALEN];
+    xo_mac_copy(dst_mac, dst->mac);
+
+    struct xo_traffic zero = {};
+    xo_count_rx(xo_peer_stats.lookup_or_try_init(&t.peer_ip, &zero), len);
+
+    if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+        return xo_drop(XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
+
+    /* The outer Ethernet header is now in front of the inner IP packet: make it the
+     * one the container expects, from its gateway. */
+    data = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return xo_drop(XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
+    __u8 gw[ETH_ALEN] = XO_GW_MAC;
+    xo_mac_copy(eth->h_dest, dst_mac);
+    xo_mac_copy(eth->h_source, gw);
+    eth->h_proto = bpf_htons(ETH_P_IP);
+
+    xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), skb->len);
+    return bpf_redirect_peer(ifindex, 0);
+}

@@ -1,0 +1,23 @@
+/* XDP on the underlay device: drop bad tunnel traffic before the kernel allocates
+ * anything for it. VXLAN from a non-peer, with a VNI not in use here, or malformed is
+ * dropped and counted; everything else passes (the tc program decapsulates).
+ * Loaded frags-aware (BPF_F_XDP_HAS_FRAGS) so jumbo frames pass: it reads only the
+ * headers, which are in the first buffer. */
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/vxlan.h"
+
+int xo_underlay_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return XDP_PASS;
+    struct xo_tunnel t = {};
+    int verdict = xo_classify_underlay(data, data_end, cfg, &t);
+    if (verdict > 0)
+        return xo_drop(verdict, data_end - data, XDP_DROP);
+    return XDP_PASS;
+}

@@ -1,0 +1,117 @@
+"""Where the cluster state lives. The interface is small on purpose (read, update,
+wait) so that etcd can stand behind it too: update runs a pure State -> State function
+atomically, with every writer serialized."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sqlite3
+import time
+from typing import Callable
+
+from .errors import XoError
+from .model import KINDS, State
+
+DEFAULT_STATE = "/var/lib/xoverlay/state.db"
+
+
+def default_path() -> str:
+    return os.environ.get("XOVERLAY_STATE", DEFAULT_STATE)
+
+
+class Store:
+    def read(self) -> State: ...
+    def update(self, change: Callable[[State], State]) -> State: ...
+    def generation(self) -> int: ...
+
+    def wait(self, since: int, timeout: float, poll: float = 0.05) -> int:
+        """Block until the generation moves past `since` or the timeout ends."""
+        deadline = time.monotonic() + timeout
+        while True:
+            gen = self.generation()
+            if gen != since or time.monotonic() >= deadline:
+                return gen
+            time.sleep(poll)
+
+
+class SqliteStore(Store):
+    """The embedded default: one SQLite file, shared by every process of the machine.
+    Writers take the database lock (BEGIN IMMEDIATE) before reading, so a read-validate-
+    write never races another."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path or default_path()
+        directory = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(directory, mode=0o700, exist_ok=True)
+            fresh = not os.path.exists(self.path)
+            old_umask = os.umask(0o077)   # the state file is root's alone (0600)
+            try:
+                self._db = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+            finally:
+                os.umask(old_umask)
+            if fresh:
+                os.chmod(self.path, 0o600)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
+                             "PRIMARY KEY (kind, name))")
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+        except sqlite3.DatabaseError as e:
+            raise XoError(f"state store {self.path}: {e}") from None
+        except OSError as e:
+            raise XoError(f"state store {self.path}: {e.strerror}") from None
+
+    def close(self):
+        self._db.close()
+
+    def _read(self) -> State:
+        tables = {kind: {} for kind in KINDS}
+        for kind, name, body in self._db.execute("SELECT kind, name, body FROM objects"):
+            if kind in KINDS:
+                tables[kind][name] = KINDS[kind](**json.loads(body))
+        return State(**{kind + "s": t for kind, t in tables.items()})
+
+    def read(self) -> State:
+        try:
+            return self._read()
+        except sqlite3.DatabaseError as e:
+            raise XoError(f"state store {self.path}: {e}") from None
+
+    def generation(self) -> int:
+        try:
+            return self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise XoError(f"state store {self.path}: {e}") from None
+
+    def update(self, change: Callable[[State], State]) -> State:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise XoError(f"state store {self.path} is locked: {e}") from None
+        try:
+            old = self._read()
+            new = change(old)
+            changed = False
+            for kind in KINDS:
+                before, after = old.table(kind), new.table(kind)
+                for name in before.keys() - after.keys():
+                    self._db.execute("DELETE FROM objects WHERE kind=? AND name=?", (kind, name))
+                    changed = True
+                for name, obj in after.items():
+                    if before.get(name) != obj:
+                        self._db.execute("INSERT OR REPLACE INTO objects VALUES (?, ?, ?)",
+                                         (kind, name, json.dumps(dataclasses.asdict(obj))))
+                        changed = True
+            if changed:
+                self._db.execute("UPDATE meta SET value = value + 1 WHERE key='generation'")
+            self._db.execute("COMMIT")
+            return new
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+
+def open_store(path: str | None = None) -> Store:
+    return SqliteStore(path)

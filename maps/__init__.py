@@ -1,0 +1,1 @@
+"""maps: the contract between the BPF data path and the control plane."""

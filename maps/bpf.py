@@ -1,0 +1,295 @@
+"""Thin ctypes bindings to libbpf.so.1: pinned objects, map operations, program load,
+XDP/tc attach and BPF_PROG_TEST_RUN. Nothing here knows xoverlay's maps."""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from functools import lru_cache
+
+_lib = ctypes.CDLL("libbpf.so.1", use_errno=True)
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(ret: int, what: str) -> int:
+    # libbpf returns -errno (and sets errno) on failure.
+    if ret < 0:
+        err = -ret if ret != -1 else ctypes.get_errno()
+        raise BpfError(err, f"{what}: {os.strerror(err)}")
+    return ret
+
+
+_lib.bpf_obj_get.argtypes = [ctypes.c_char_p]
+_lib.bpf_obj_pin.argtypes = [ctypes.c_int, ctypes.c_char_p]
+for _name in ("bpf_map_lookup_elem", "bpf_map_update_elem", "bpf_map_delete_elem",
+              "bpf_map_get_next_key"):
+    getattr(_lib, _name).restype = ctypes.c_int
+_lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_lib.bpf_map_update_elem.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64]
+_lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_lib.bpf_map_get_next_key.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_lib.bpf_obj_get_info_by_fd.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)]
+_lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    return _check(_lib.libbpf_num_possible_cpus(), "libbpf_num_possible_cpus")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned map or program; returns a new fd."""
+    return _check(_lib.bpf_obj_get(path.encode()), f"open {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_lib.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value_size)
+    ret = _lib.bpf_map_lookup_elem(fd, kbuf, vbuf)
+    if ret < 0:
+        if ctypes.get_errno() == 2 or ret == -2:
+            return None
+        _check(ret, "map lookup")
+    return vbuf.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _check(_lib.bpf_map_update_elem(fd, kbuf, vbuf, flags), "map update")
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    ret = _lib.bpf_map_delete_elem(fd, kbuf)
+    if ret < 0:
+        if ret == -2 or ctypes.get_errno() == 2:
+            return False
+        _check(ret, "map delete")
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    keys = []
+    prev = None
+    nxt = ctypes.create_string_buffer(key_size)
+    while True:
+        ret = _lib.bpf_map_get_next_key(fd, prev, nxt)
+        if ret < 0:
+            break
+        keys.append(nxt.raw)
+        prev = ctypes.create_string_buffer(nxt.raw, key_size)
+    return keys
+
+
+class BpfProgInfo(ctypes.Structure):
+    # struct bpf_prog_info, the leading fields we read.
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+    ]
+
+
+class BpfMapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16),
+    ]
+
+
+def prog_info(fd: int) -> BpfProgInfo:
+    info = BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    return info
+
+
+def map_info(fd: int) -> BpfMapInfo:
+    info = BpfMapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_lib.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return info
+
+
+# --- program load -------------------------------------------------------------------
+
+BPF_PROG_TYPE_SCHED_CLS = 3
+BPF_PROG_TYPE_XDP = 6
+BPF_F_XDP_HAS_FRAGS = 1 << 5
+
+
+class _ProgLoadOpts(ctypes.Structure):
+    # struct bpf_prog_load_opts (libbpf 1.1), up to log_buf.
+    _fields_ = [
+        ("sz", ctypes.c_size_t), ("attempts", ctypes.c_int),
+        ("expected_attach_type", ctypes.c_uint32), ("prog_btf_fd", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32), ("prog_ifindex", ctypes.c_uint32),
+        ("kern_version", ctypes.c_uint32), ("attach_btf_id", ctypes.c_uint32),
+        ("attach_prog_fd", ctypes.c_uint32), ("attach_btf_obj_fd", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32), ("fd_array", ctypes.c_void_p),
+        ("func_info", ctypes.c_void_p), ("func_info_cnt", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("line_info", ctypes.c_void_p), ("line_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32), ("log_buf", ctypes.c_char_p),
+    ]
+
+
+_lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_void_p,
+                               ctypes.c_size_t, ctypes.POINTER(_ProgLoadOpts)]
+
+
+def prog_load(prog_type: int, name: str, insns: bytes, flags: int = 0) -> int:
+    """Load already-relocated instructions (from BCC) with prog_flags BCC cannot set."""
+    log = ctypes.create_string_buffer(1 << 20)
+    opts = _ProgLoadOpts(sz=ctypes.sizeof(_ProgLoadOpts), prog_flags=flags,
+                         log_level=0, log_size=len(log), log_buf=ctypes.cast(log, ctypes.c_char_p))
+    buf = ctypes.create_string_buffer(insns, len(insns))
+    ret = _lib.bpf_prog_load(prog_type, name.encode()[:15], b"GPL", buf, len(insns) // 8,
+                             ctypes.byref(opts))
+    if ret < 0:
+        # Retry with the verifier log on, to say why.
+        opts.log_level = 1
+        ret2 = _lib.bpf_prog_load(prog_type, name.encode()[:15], b"GPL", buf, len(insns) // 8,
+                                  ctypes.byref(opts))
+        tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
+        _check(ret2 if ret2 < 0 else ret, f"load {name}: {' | '.join(tail)}")
+    return ret
+
+
+# --- XDP ----------------------------------------------------------------------------
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_ATTACHED_NONE, XDP_ATTACHED_DRV, XDP_ATTACHED_SKB, XDP_ATTACHED_HW, XDP_ATTACHED_MULTI = range(5)
+
+_lib.bpf_xdp_attach.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+_lib.bpf_xdp_detach.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p]
+
+
+class _XdpQueryOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", ctypes.c_uint32), ("drv_prog_id", ctypes.c_uint32),
+                ("hw_prog_id", ctypes.c_uint32), ("skb_prog_id", ctypes.c_uint32),
+                ("attach_mode", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 7),
+                ("feature_flags", ctypes.c_uint64)]
+
+
+_lib.bpf_xdp_query.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_XdpQueryOpts)]
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    _check(_lib.bpf_xdp_attach(ifindex, prog_fd, flags, None), f"attach XDP to ifindex {ifindex}")
+
+
+def xdp_detach(ifindex: int, flags: int = 0) -> None:
+    _check(_lib.bpf_xdp_detach(ifindex, flags, None), f"detach XDP from ifindex {ifindex}")
+
+
+def xdp_query(ifindex: int) -> tuple[int, int]:
+    """(attach mode, program id) of the XDP program on ifindex; (0, 0) if none."""
+    opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
+    _check(_lib.bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"query XDP on ifindex {ifindex}")
+    return opts.attach_mode, opts.prog_id
+
+
+# --- tc -----------------------------------------------------------------------------
+
+BPF_TC_INGRESS, BPF_TC_EGRESS = 1, 2
+BPF_TC_F_REPLACE = 1
+
+
+class _TcHook(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int), ("attach_point", ctypes.c_int),
+                ("parent", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class _TcOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_fd", ctypes.c_int), ("flags", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32), ("handle", ctypes.c_uint32),
+                ("priority", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+for _name in ("bpf_tc_hook_create", "bpf_tc_hook_destroy"):
+    getattr(_lib, _name).argtypes = [ctypes.POINTER(_TcHook)]
+for _name in ("bpf_tc_attach", "bpf_tc_detach", "bpf_tc_query"):
+    getattr(_lib, _name).argtypes = [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]
+
+# Our one filter per hook: a fixed handle and priority, so replace finds it again.
+TC_HANDLE = 0x58
+TC_PRIORITY = 1
+
+
+def _tc_hook(ifindex: int, point: int) -> _TcHook:
+    return _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=point)
+
+
+def tc_attach(ifindex: int, prog_fd: int, point: int = BPF_TC_INGRESS) -> None:
+    """Attach (or atomically replace) our filter on the clsact hook of ifindex."""
+    hook = _tc_hook(ifindex, point)
+    ret = _lib.bpf_tc_hook_create(ctypes.byref(hook))
+    if ret < 0 and ret != -17:  # EEXIST: clsact already there
+        _check(ret, f"create clsact on ifindex {ifindex}")
+    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog_fd, flags=BPF_TC_F_REPLACE,
+                   handle=TC_HANDLE, priority=TC_PRIORITY)
+    _check(_lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts)), f"attach tc to ifindex {ifindex}")
+
+
+def tc_query(ifindex: int, point: int = BPF_TC_INGRESS) -> int:
+    """Program id of our filter on ifindex, 0 if none."""
+    hook = _tc_hook(ifindex, point)
+    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
+    ret = _lib.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))
+    return opts.prog_id if ret == 0 else 0
+
+
+def tc_detach(ifindex: int, point: int = BPF_TC_INGRESS) -> None:
+    hook = _tc_hook(ifindex, point)
+    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=TC_HANDLE, priority=TC_PRIORITY)
+    _lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))  # gone already is fine
+
+
+# --- BPF_PROG_TEST_RUN ----------------------------------------------------------------
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t),
+                ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+_lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpts)]
+
+
+def prog_test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None,
+                  repeat: int = 1) -> tuple[int, bytes, int]:
+    """Run a program on one packet in the kernel. Returns (verdict, packet out, ns per run)."""
+    out = ctypes.create_string_buffer(len(packet) + 256)
+    inbuf = ctypes.create_string_buffer(packet, len(packet))
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inbuf, ctypes.c_void_p),
+                        data_out=ctypes.cast(out, ctypes.c_void_p), data_size_in=len(packet),
+                        data_size_out=len(out), repeat=repeat)
+    if ctx is not None:
+        cbuf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.cast(cbuf, ctypes.c_void_p)
+        opts.ctx_size_in = len(ctx)
+    _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return opts.retval, out.raw[:opts.data_size_out], opts.duration

@@ -1,0 +1,194 @@
+"""The Python half of the kernel/control contract: every map's name, pin path, type and
+entry layout. Mirrors bpf/lib/maps.h; tests/test_layout.py checks the two agree."""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+
+BPF_ROOT = "/sys/fs/bpf"
+PIN_ROOT = os.path.join(BPF_ROOT, "xoverlay")
+
+
+def pin_dir(node: str) -> str:
+    """bpffs is shared by every network namespace: each node gets its own directory."""
+    return os.path.join(PIN_ROOT, node)
+
+
+def ip_be(addr: str) -> int:
+    """An IPv4 address as the integer whose in-memory bytes are in network order."""
+    return int.from_bytes(socket.inet_aton(addr), "little")
+
+
+def ip_str(be: int) -> str:
+    return socket.inet_ntoa(be.to_bytes(4, "little"))
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes(int(part, 16) for part in mac.split(":"))
+
+
+def mac_str(raw) -> str:
+    return ":".join(f"{b:02x}" for b in bytes(raw))
+
+
+class Struct(ctypes.Structure):
+    def __eq__(self, other):
+        return type(self) is type(other) and bytes(self) == bytes(other)
+
+    def __hash__(self):
+        return hash(bytes(self))
+
+    def __repr__(self):
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name, *_ in self._fields_
+                           if not name.startswith("pad"))
+        return f"{type(self).__name__}({fields})"
+
+
+Mac = ctypes.c_uint8 * 6
+
+
+class Config(Struct):
+    _fields_ = [("node_ip", ctypes.c_uint32), ("underlay_ifindex", ctypes.c_uint32),
+                ("vxlan_port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32),
+                ("build_id", ctypes.c_uint64)]
+
+
+class EndpointKey(Struct):
+    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32)]
+
+
+class Endpoint(Struct):
+    _fields_ = [("node_ip", ctypes.c_uint32), ("ifindex", ctypes.c_uint32), ("mac", Mac),
+                ("pad", ctypes.c_uint16)]
+
+
+class LocalEndpoint(Struct):
+    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("pad", ctypes.c_uint16)]
+
+
+class SubnetKey(Struct):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint32)]
+
+
+class Subnet(Struct):
+    _fields_ = [("vni", ctypes.c_uint32)]
+
+
+class Peer(Struct):
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class Vni(Struct):
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class Traffic(Struct):
+    _fields_ = [("tx_packets", ctypes.c_uint64), ("tx_bytes", ctypes.c_uint64),
+                ("rx_packets", ctypes.c_uint64), ("rx_bytes", ctypes.c_uint64)]
+
+
+class DropCount(Struct):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class U32(Struct):
+    _fields_ = [("value", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    name: str          # as declared in bpf/lib/maps.h, and the pin file name
+    key: type
+    value: type
+    max_entries: int
+    percpu: bool = False
+    # What the agent reconciles from the store; counters are written by the data path.
+    desired: bool = True
+
+
+MAPS = {spec.name: spec for spec in [
+    MapSpec("xo_config", U32, Config, 1),
+    MapSpec("xo_endpoints", EndpointKey, Endpoint, 65536),
+    MapSpec("xo_local_endpoints", U32, LocalEndpoint, 4096),
+    MapSpec("xo_subnets", SubnetKey, Subnet, 1024),
+    MapSpec("xo_peers", U32, Peer, 1024),
+    MapSpec("xo_vnis", U32, Vni, 4096),
+    MapSpec("xo_peer_stats", U32, Traffic, 1024, percpu=True, desired=False),
+    MapSpec("xo_endpoint_stats", EndpointKey, Traffic, 65536, percpu=True, desired=False),
+    MapSpec("xo_drops", U32, DropCount, 32, percpu=True, desired=False),
+]}
+
+
+class PinnedMap:
+    """A pinned map opened by path: what the agent, status and tests use (no BCC)."""
+
+    def __init__(self, node_dir: str, spec: MapSpec):
+        from . import bpf
+        self._bpf = bpf
+        self.spec = spec
+        self.path = os.path.join(node_dir, spec.name)
+        self.fd = bpf.obj_get(self.path)
+        self._ksize = ctypes.sizeof(spec.key)
+        self._vsize = ctypes.sizeof(spec.value)
+        # Per-CPU values come as one slot per possible CPU, each rounded up to 8 bytes.
+        self._slot = (self._vsize + 7) // 8 * 8
+        self._ncpu = bpf.possible_cpus() if spec.percpu else 1
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _values(self, raw: bytes) -> list:
+        return [self.spec.value.from_buffer_copy(raw[i * self._slot:i * self._slot + self._vsize])
+                for i in range(self._ncpu)]
+
+    def get(self, key):
+        raw = self._bpf.map_lookup(self.fd, bytes(key), self._slot * self._ncpu)
+        if raw is None:
+            return None
+        values = self._values(raw)
+        return values if self.spec.percpu else values[0]
+
+    def set(self, key, value) -> None:
+        data = bytes(value)
+        if self.spec.percpu:
+            data = (data.ljust(self._slot, b"\0")) * self._ncpu
+        self._bpf.map_update(self.fd, bytes(key), data)
+
+    def delete(self, key) -> bool:
+        return self._bpf.map_delete(self.fd, bytes(key))
+
+    def keys(self) -> list:
+        return [self.spec.key.from_buffer_copy(k) for k in self._bpf.map_keys(self.fd, self._ksize)]
+
+    def items(self) -> dict:
+        out = {}
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+def sum_percpu(values: list):
+    """Add up a per-CPU counter struct."""
+    total = type(values[0])()
+    for v in values:
+        for name, *_ in total._fields_:
+            setattr(total, name, getattr(total, name) + getattr(v, name))
+    return total
+
+
+def subnet_key(cidr: str) -> SubnetKey:
+    net = ipaddress.IPv4Network(cidr)
+    return SubnetKey(prefixlen=net.prefixlen, addr=ip_be(str(net.network_address)))
