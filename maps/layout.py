@@ -42,8 +42,14 @@ class Struct(ctypes.Structure):
         return hash(bytes(self))
 
     def __repr__(self):
-        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name, *_ in self._fields_
-                           if not name.startswith("pad"))
+        def show(name):
+            value = getattr(self, name)
+            if isinstance(value, ctypes.Array):
+                return mac_str(value)
+            if name in ("ip", "node_ip", "addr"):
+                return ip_str(value)
+            return repr(value)
+        fields = ", ".join(f"{name}={show(name)}" for name, *_ in self._fields_ if not name.startswith("pad"))
         return f"{type(self).__name__}({fields})"
 
 

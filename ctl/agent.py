@@ -1,0 +1,197 @@
+"""The node agent: brings the node's data path up, then keeps the kernel equal to the
+store (endpoints plumbed, maps reconciled) until stopped. Everything it sets up keeps
+forwarding when it is gone."""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+
+from . import datapath, desired, links, model
+from .errors import XoError
+from .store import Store
+
+log = logging.getLogger("xoverlay.agent")
+RUN_DIR = "/run/xoverlay"
+RESYNC_SECONDS = 2.0      # full re-check even without store changes: repairs drift
+
+
+def pid_path(node: str) -> str:
+    return os.path.join(RUN_DIR, f"{node}.pid")
+
+
+def log_path(node: str) -> str:
+    return os.path.join(RUN_DIR, f"{node}.log")
+
+
+def running_pid(node: str) -> int | None:
+    """Pid of the node's live agent, from its pid file (None if none runs)."""
+    try:
+        with open(pid_path(node)) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    try:
+        fd = os.open(pid_path(node), os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None         # nobody holds the lock: a stale file
+        except BlockingIOError:
+            return pid
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+
+
+def take_pid_lock(node: str) -> int:
+    """Hold an exclusive lock on the node's pid file for the agent's life."""
+    os.makedirs(RUN_DIR, exist_ok=True)
+    fd = os.open(pid_path(node), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise XoError(f"an agent for node {node} is already running (pid {running_pid(node)})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+@dataclass
+class Underlay:
+    name: str
+    ifindex: int
+    ip: str
+    mtu: int
+
+
+def find_underlay(ipr, name: str) -> Underlay:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise XoError(f"underlay device {name} does not exist in this network namespace")
+    ifindex = found[0]
+    addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=ifindex, family=socket.AF_INET)]
+    if not addrs:
+        raise XoError(f"underlay device {name} has no IPv4 address")
+    mtu = ipr.get_links(ifindex)[0].get_attr("IFLA_MTU")
+    return Underlay(name, ifindex, addrs[0], mtu)
+
+
+@dataclass
+class Agent:
+    node: str
+    underlay_name: str
+    store: Store
+    xdp: bool = True
+    vxlan_port: int = model.DEFAULT_VXLAN_PORT
+    ipr: IPRoute = field(default_factory=IPRoute)
+    stopping: bool = False
+
+    def start(self) -> None:
+        """Join the cluster and bring the data path up (adopting what is pinned)."""
+        self.underlay = find_underlay(self.ipr, self.underlay_name)
+        self.store.update(lambda s: model.join_node(s, self.node, self.underlay.ip, self.vxlan_port,
+                                                    self.underlay.mtu))
+        self.progs = datapath.load(self.node)
+        self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
+        self.maps = datapath.open_maps(self.node)
+        verb = "loaded" if self.progs.replaced else "adopted"
+        log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
+                 self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)
+
+    # --- one reconcile pass ------------------------------------------------------------
+
+    def reconcile(self) -> list[str]:
+        """Make the kernel match the store once. Returns what it changed, for the log."""
+        state = self.store.read()
+        if self.node not in state.nodes:
+            raise XoError(f"node {self.node} was removed from the store")
+        changes = []
+        ifindexes, ready, gone = self._plumb(state, changes)
+        want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build)
+        actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
+        ops = desired.diff(want, actual)
+        ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),
+                                      self.maps["xo_endpoint_stats"].keys())
+        for op in ops:
+            if op.value is None:
+                self.maps[op.map].delete(op.key)
+            else:
+                self.maps[op.map].set(op.key, op.value)
+            if not op.map.endswith("_stats"):
+                changes.append(str(op))
+        # Tell the store after the maps are in place: `endpoint add` waits for this.
+        if ready or gone:
+            def record(s):
+                for name in ready:
+                    s = model.set_endpoint_ready(s, name)
+                for name in gone:
+                    if name in s.endpoints and s.endpoints[name].removing:
+                        s = model.remove_endpoint(s, name)
+                return s
+            self.store.update(record)
+        return changes
+
+    def _plumb(self, state, changes):
+        """Create the veths of this node's endpoints, remove those of endpoints gone."""
+        ifindexes, ready, gone = {}, [], []
+        mine = {e.name: e for e in state.endpoints.values() if e.node == self.node}
+        wanted = {links.host_ifname(name): e for name, e in mine.items() if not e.removing}
+        for ep in mine.values():
+            if ep.removing:
+                links.remove_endpoint(self.ipr, ep)
+                changes.append(f"removed endpoint {ep.name}")
+                gone.append(ep.name)
+        for ifname, index in links.our_veths(self.ipr).items():
+            if ifname not in wanted:
+                links.unplumb(self.ipr, ifname)
+                changes.append(f"removed stray veth {ifname}")
+        for ifname, ep in wanted.items():
+            try:
+                ifindexes[ep.name] = links.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"])
+            except XoError as e:
+                log.error("%s", e)
+                continue
+            if not ep.ready:
+                ready.append(ep.name)
+                changes.append(f"plumbed endpoint {ep.name} ({ep.ip})")
+        return ifindexes, ready, gone
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
+        gen = -1
+        last_full = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            current = self.store.generation()
+            if current != gen or now - last_full >= RESYNC_SECONDS:
+                gen = current
+                last_full = now
+                started = time.monotonic()
+                try:
+                    changes = self.reconcile()
+                except XoError as e:
+                    log.error("%s", e)
+                    if "was removed from the store" in str(e):
+                        return
+                    changes = []
+                except Exception:
+                    log.exception("reconcile failed; retrying")
+                    changes = []
+                for c in changes:
+                    log.info("%s", c)
+                if changes:
+                    log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
+            self.store.wait(gen, timeout=0.5)
+        log.info("agent for node %s stopping; the data path keeps forwarding", self.node)

@@ -1,0 +1,336 @@
+"""The `xoverlay` command. Thin: parse, call into model/store/agent/lab, print."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import agent as agent_mod
+from . import lab as lab_mod
+from . import model, netns
+from .errors import XoError
+from .store import open_store
+
+# Wide when piped, so tables in logs and tests are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 200)
+WAIT_SECONDS = 10.0
+
+
+def _store(ctx):
+    return open_store(ctx.obj["state"])
+
+
+def _print_table(title: str, columns: list[str], rows: list[list], as_json: bool, records: list[dict]):
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    console.print(table)
+
+
+def _require_root():
+    if os.geteuid() != 0:
+        raise XoError("xoverlay must run as root (it loads BPF programs and changes network namespaces)")
+
+
+def _default_node(state: model.State, node: str | None) -> str:
+    """--node, else $XOVERLAY_NODE, else this host's name if it is a node, else the only node."""
+    node = node or os.environ.get("XOVERLAY_NODE")
+    if node:
+        if node not in state.nodes:
+            raise XoError(f"node {node} does not exist (run `xoverlay up --node {node}` there first)")
+        return node
+    if socket.gethostname() in state.nodes:
+        return socket.gethostname()
+    if len(state.nodes) == 1:
+        return next(iter(state.nodes))
+    if not state.nodes:
+        raise XoError("no node has joined yet: run `xoverlay up --node NAME --underlay DEV` first")
+    raise XoError(f"say which node with --node ({', '.join(sorted(state.nodes))})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--state", envvar="XOVERLAY_STATE", default=None,
+              help="state store file (default /var/lib/xoverlay/state.db; env XOVERLAY_STATE)")
+@click.pass_context
+def cli(ctx, state):
+    """xoverlay: a VXLAN overlay for containers with its data path in eBPF."""
+    ctx.ensure_object(dict)
+    ctx.obj["state"] = state
+    if ctx.invoked_subcommand and "--help" not in sys.argv and "-h" not in sys.argv:
+        _require_root()
+
+
+# --- up / down ----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--node", required=True, help="this node's name in the cluster")
+@click.option("--underlay", required=True, help="the device that carries VXLAN between nodes")
+@click.option("--xdp/--no-xdp", default=True, show_default=True,
+              help="drop bad tunnel traffic in XDP before the stack sees it")
+@click.option("--vxlan-port", default=model.DEFAULT_VXLAN_PORT, show_default=True, type=int)
+@click.option("--detach", is_flag=True, help="run the agent in the background (pid file and log in /run/xoverlay)")
+@click.pass_context
+def up(ctx, node, underlay, xdp, vxlan_port, detach):
+    """Load and attach the data path, join the cluster, and keep the maps in sync."""
+    model.check_name("node", node)
+    pid = agent_mod.running_pid(node)
+    if pid:
+        raise XoError(f"an agent for node {node} is already running (pid {pid})")
+    if detach:
+        _detach_agent(ctx, node)
+        return
+    ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        lock = agent_mod.take_pid_lock(node)
+        a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port)
+        a.start()
+        a.reconcile()
+    except XoError as e:
+        if ready_fd >= 0:
+            os.write(ready_fd, f"{e}\n".encode())
+        raise
+    if ready_fd >= 0:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    else:
+        click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}; Ctrl-C stops "
+                   "the agent, the data path keeps forwarding")
+    a.run()
+    os.close(lock)
+
+
+def _detach_agent(ctx, node):
+    args = [a for a in sys.argv[1:] if a != "--detach"]
+    read_fd, write_fd = os.pipe()
+    os.makedirs(agent_mod.RUN_DIR, exist_ok=True)
+    env = dict(os.environ, XOVERLAY_READY_FD=str(write_fd))
+    if ctx.obj["state"]:
+        env["XOVERLAY_STATE"] = ctx.obj["state"]
+    with open(agent_mod.log_path(node), "ab") as logf:
+        subprocess.Popen([sys.executable, "-m", "ctl.cli", *args], stdin=subprocess.DEVNULL, stdout=logf,
+                         stderr=logf, env=env, pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as r:
+        answer = r.readline().strip()
+    if answer != "ok":
+        raise XoError(answer or f"the agent for node {node} exited at start: see {agent_mod.log_path(node)}")
+    click.echo(f"node {node} is up; agent pid {agent_mod.running_pid(node)}, log {agent_mod.log_path(node)}")
+
+
+@cli.command()
+@click.option("--node", required=True)
+@click.pass_context
+def down(ctx, node):
+    """Stop the node's agent, remove its programs, pins, veths and its place in the store."""
+    from . import teardown
+    store = _store(ctx)
+    lab = lab_mod.Lab(store, ctx.obj["state"])
+    path = netns.resolve(lab.node_netns(node)) if node in lab.nodes() else None
+    teardown.node_down(store, node, path)
+    click.echo(f"node {node} is down")
+
+
+# --- networks -----------------------------------------------------------------------
+
+@cli.group()
+def network():
+    """Overlay networks: one VNI and one subnet each."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option("--subnet", required=True, help="e.g. 10.10.0.0/16")
+@click.option("--vni", type=int, default=None, help=f"1..{model.VNI_MAX} (default: the first free from 4096)")
+@click.option("--slice-prefix", type=int, default=model.DEFAULT_SLICE_PREFIX, show_default=True,
+              help="prefix length of the slice each node gets for its endpoints")
+@click.pass_context
+def network_create(ctx, name, subnet, vni, slice_prefix):
+    s = _store(ctx).update(lambda st: model.create_network(st, name, subnet, vni, slice_prefix))
+    n = s.networks[name]
+    click.echo(f"network {n.name}: subnet {n.subnet}, VNI {n.vni}")
+
+
+@network.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def network_ls(ctx, as_json):
+    st = _store(ctx).read()
+    nets = sorted(st.networks.values(), key=lambda n: n.name)
+    count = {n.name: sum(1 for e in st.endpoints.values() if e.network == n.name) for n in nets}
+    _print_table("networks", ["NAME", "SUBNET", "VNI", "ENDPOINTS"],
+                 [[n.name, n.subnet, n.vni, count[n.name]] for n in nets], as_json,
+                 [dict(dataclasses.asdict(n), endpoints=count[n.name]) for n in nets])
+
+
+@network.command("rm")
+@click.argument("name")
+@click.pass_context
+def network_rm(ctx, name):
+    _store(ctx).update(lambda st: model.remove_network(st, name))
+    click.echo(f"network {name} removed")
+
+
+# --- endpoints ----------------------------------------------------------------------
+
+@cli.group()
+def endpoint():
+    """Containers (network namespaces) attached to a network."""
+
+
+@endpoint.command("add")
+@click.argument("name")
+@click.option("--network", required=True)
+@click.option("--netns", "ns", default=None,
+              help="a name under /run/netns or a path such as /proc/PID/ns/net (default: a new netns NAME)")
+@click.option("--ip", default=None, help="a fixed address (default: the next free one of the node's slice)")
+@click.option("--node", default=None, help="the node it lives on (default: this one)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until the node's agent has plumbed it")
+@click.pass_context
+def endpoint_add(ctx, name, network, ns, ip, node, wait):
+    store = _store(ctx)
+    st = store.read()
+    node = _default_node(st, node)
+    model.check_name("endpoint", name)
+    if ns is None:
+        path, owns = netns.resolve(name), True
+        if os.path.exists(path):
+            raise XoError(f"netns {name} already exists: pass --netns {name} to attach it")
+    else:
+        path, owns = netns.resolve(ns), False
+        if not netns.exists(path):
+            raise XoError(f"netns {ns} does not exist")
+        path = os.path.realpath(path) if path.startswith("/run/netns") else path
+    st = store.update(lambda s: model.add_endpoint(s, name, network, node, path, owns, ip))
+    ep = st.endpoints[name]
+    if wait and not _wait_for(store, lambda s: name in s.endpoints and s.endpoints[name].ready):
+        click.echo(f"endpoint {name}: {ep.ip} on {node} is stored, but node {node}'s agent has not plumbed it "
+                   f"yet (is `xoverlay up --node {node}` running?)", err=True)
+        return
+    click.echo(f"endpoint {name}: {ep.ip} ({ep.mac}) on {node}, netns {ep.netns}")
+
+
+def _wait_for(store, done, timeout=WAIT_SECONDS) -> bool:
+    deadline = time.monotonic() + timeout
+    gen = -1
+    while time.monotonic() < deadline:
+        if done(store.read()):
+            return True
+        gen = store.wait(gen, timeout=0.2)
+    return done(store.read())
+
+
+@endpoint.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--network", default=None)
+@click.option("--node", default=None)
+@click.pass_context
+def endpoint_ls(ctx, as_json, network, node):
+    st = _store(ctx).read()
+    eps = sorted((e for e in st.endpoints.values()
+                  if (network is None or e.network == network) and (node is None or e.node == node)),
+                 key=lambda e: (e.network, e.node, e.name))
+
+    def status(e):
+        return "removing" if e.removing else ("ready" if e.ready else "pending")
+    _print_table("endpoints", ["NAME", "NETWORK", "NODE", "IP", "MAC", "NETNS", "STATE"],
+                 [[e.name, e.network, e.node, e.ip, e.mac, e.netns, status(e)] for e in eps], as_json,
+                 [dict(dataclasses.asdict(e), state=status(e)) for e in eps])
+
+
+@endpoint.command("rm")
+@click.argument("name")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.pass_context
+def endpoint_rm(ctx, name, wait):
+    store = _store(ctx)
+    store.update(lambda s: model.mark_endpoint_removing(s, name))
+    if wait and not _wait_for(store, lambda s: name not in s.endpoints):
+        click.echo(f"endpoint {name} is marked for removal; its node's agent has not removed it yet", err=True)
+        return
+    click.echo(f"endpoint {name} removed")
+
+
+# --- peers --------------------------------------------------------------------------
+
+@cli.group()
+def peer():
+    """The other nodes of the cluster, as one node sees them."""
+
+
+@peer.command("ls")
+@click.option("--node", default=None, help="whose peers (default: this node)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def peer_ls(ctx, node, as_json):
+    from .status import peer_rows
+    st = _store(ctx).read()
+    node = _default_node(st, node)
+    rows = peer_rows(st, node)
+    _print_table(f"peers of {node}", ["NODE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"],
+                 [[r["node"], r["underlay_ip"], " ".join(r["subnets"]) or "-", r["tx_packets"], r["tx_bytes"],
+                   r["rx_packets"], r["rx_bytes"]] for r in rows], as_json, rows)
+
+
+# --- lab ----------------------------------------------------------------------------
+
+@cli.group()
+def lab():
+    """A multi-node cluster of network namespaces on this machine."""
+
+
+@lab.command("up")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--xdp/--no-xdp", default=True, show_default=True)
+@click.pass_context
+def lab_up(ctx, nodes, xdp):
+    lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo)
+
+
+@lab.command("down")
+@click.pass_context
+def lab_down(ctx):
+    lab_mod.Lab(_store(ctx), ctx.obj["state"]).down(echo=click.echo)
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def lab_exec(ctx, name, command):
+    """Run COMMAND inside a lab node or an endpoint: xoverlay lab exec NAME -- CMD..."""
+    path = lab_mod.Lab(_store(ctx), ctx.obj["state"]).netns_of(name)
+    os.execvp("nsenter", ["nsenter", f"--net={path}", "--", *command])
+
+
+def main():
+    try:
+        cli(standalone_mode=False)
+    except XoError as e:
+        click.echo(f"xoverlay: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
