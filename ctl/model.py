@@ -47,7 +47,7 @@ class Slice:
 
     @property
     def key(self) -> str:
-        return f"{self.network}/{self.node}"
+        return f"{self.network}/{self.subnet}"
 
 
 @dataclass(frozen=True)
@@ -194,17 +194,19 @@ def mac_for(ip: str) -> str:
     return "02:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
 
 
-def node_slice(state: State, network: Network, node: str) -> tuple[State, Slice]:
-    """The node's slice of the network, allocating the first free one."""
-    key = f"{network.name}/{node}"
-    if key in state.slices:
-        return state, state.slices[key]
+def allocate_slice(state: State, network: Network, node: str) -> tuple[State, Slice]:
+    """The first free slice of the network, now the node's."""
     taken = {s.subnet for s in state.slices.values() if s.network == network.name}
     for candidate in ipaddress.IPv4Network(network.subnet).subnets(new_prefix=network.slice_prefix):
         if str(candidate) not in taken:
             s = Slice(network.name, node, str(candidate))
-            return state.with_("slice", key, s), s
+            return state.with_("slice", s.key, s), s
     raise XoError(f"network {network.name} has no free /{network.slice_prefix} slice for node {node}")
+
+
+def node_slices(state: State, network: str, node: str) -> list[Slice]:
+    return sorted((s for s in state.slices.values() if s.network == network and s.node == node),
+                  key=lambda s: ipaddress.IPv4Network(s.subnet))
 
 
 def _usable(net: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network):
@@ -243,11 +245,18 @@ def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
         if ip in used:
             raise XoError(f"{ip} is already used by endpoint {used[ip]}")
     else:
-        state, s = node_slice(state, net, node)
-        ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet))
-                   if str(a) not in used), None)
-        if ip is None:
-            raise XoError(f"node {node}'s slice {s.subnet} of network {network} is full")
+        ip = None
+        for s in node_slices(state, network, node):
+            ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet))
+                       if str(a) not in used), None)
+            if ip:
+                break
+        else:
+            # No slice yet, or all full: the node gets another one.
+            state, s = allocate_slice(state, net, node)
+            ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet))), None)
+            if ip is None:
+                raise XoError(f"slice {s.subnet} of network {network} has no usable address")
     ep = Endpoint(name, network, node, ip, mac_for(ip), netns, owns_netns)
     return state.with_("endpoint", name, ep)
 

@@ -1,0 +1,241 @@
+"""Run xoverlay's BPF programs on single packets through BPF_PROG_TEST_RUN.
+
+A `Datapath` is the three programs of a throwaway node, loaded and pinned the way the
+agent does it (ctl.datapath.load), with its maps filled with a small fixed cluster
+(`Topology`, below). Nothing is attached to any device: the kernel runs a program on a
+packet we give it and hands back the verdict and the packet as the program left it.
+
+Rules of BPF_PROG_TEST_RUN worth knowing (net/bpf/test_run.c, bpf_prog_test_run_skb):
+  - data_in must be at least ETH_HLEN (14) bytes, for tc and XDP alike.
+  - A tc program may be given a struct __sk_buff as ctx_in. Only mark, priority,
+    ingress_ifindex, ifindex, cb, tstamp, wire_len, gso_segs, gso_size and hwtstamp
+    may be non-zero (anything else: EINVAL). ctx_in may be shorter than the struct; the
+    rest is read as zero.
+  - ingress_ifindex is copied into skb->skb_iif as is, with no device lookup: a fake
+    ifindex is fine, which is what lets us play any endpoint's veth.
+  - ifindex, by contrast, must be 0/1 (loopback) or a device that exists (else ENODEV):
+    leave it 0. skb->dev is then loopback.
+  - Redirect helpers (bpf_redirect_peer, bpf_redirect_neigh) only record the target and
+    return TC_ACT_REDIRECT: nothing is transmitted.
+
+Run this file to print the per-packet cost of each main path (a measurement, not a test):
+    python tests/bpfrun.py [repeat]
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import sys
+from dataclasses import dataclass
+
+from maps import bpf
+from maps.drops import REASONS
+from maps.layout import (Config, Endpoint, EndpointKey, LocalEndpoint, Peer, Subnet, U32, Vni,
+                         ip_be, mac_bytes, subnet_key, sum_percpu)
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+XDP_DROP, XDP_PASS = 1, 2
+
+GW_MAC = "ee:ee:ee:ee:ee:ee"
+VXLAN_PORT = 4789
+SPORT_MIN, SPORT_MAX = 32768, 60999     # the kernel's default ip_local_port_range
+
+
+class SkbCtx(ctypes.Structure):
+    """The leading fields of struct __sk_buff, up to the last one we may set. The kernel
+    reads a shorter ctx_in as if the rest were zero."""
+    _fields_ = [(name, ctypes.c_uint32) for name in (
+        "len", "pkt_type", "mark", "queue_mapping", "protocol", "vlan_present", "vlan_tci",
+        "vlan_proto", "priority", "ingress_ifindex", "ifindex", "tc_index")]
+
+
+# --- the cluster every fixture runs against ----------------------------------------------
+
+@dataclass(frozen=True)
+class Ep:
+    name: str
+    vni: int
+    ip: str
+    node_ip: str
+    ifindex: int = 0          # host-side veth, for endpoints on this node (fake numbers)
+
+    @property
+    def mac(self) -> str:
+        # As ctl.model.mac_for does it: 02:58 + the IPv4 address.
+        return "02:58:" + ":".join(f"{int(b):02x}" for b in self.ip.split("."))
+
+
+class Topology:
+    """This node (A) and two peers (B, C) on the underlay; two networks. Names, not
+    numbers, in the fixtures."""
+    NODE_IP = "192.168.50.1"          # this node
+    PEER_B = "192.168.50.2"
+    PEER_C = "192.168.50.3"
+    STRANGER = "192.168.50.9"         # on the underlay, not a node of ours
+    UNDERLAY_IFINDEX = 77             # only recorded by bpf_redirect_neigh
+    NODE_MAC = "52:54:00:00:50:01"
+    PEER_B_MAC = "52:54:00:00:50:02"
+
+    BLUE_VNI, BLUE_SUBNET = 4097, "10.10.0.0/16"
+    RED_VNI, RED_SUBNET = 4098, "10.20.0.0/16"
+    UNUSED_VNI = 4099                 # a VNI with no endpoint on this node
+
+    WEB1 = Ep("web1", BLUE_VNI, "10.10.1.2", NODE_IP, ifindex=1001)
+    WEB2 = Ep("web2", BLUE_VNI, "10.10.1.3", NODE_IP, ifindex=1002)
+    RED1 = Ep("red1", RED_VNI, "10.20.1.2", NODE_IP, ifindex=1003)
+    API1 = Ep("api1", BLUE_VNI, "10.10.2.2", PEER_B)     # on B
+    DB1 = Ep("db1", BLUE_VNI, "10.10.3.2", PEER_C)       # on C
+    RED2 = Ep("red2", RED_VNI, "10.20.2.2", PEER_B)      # on B
+
+    ENDPOINTS = (WEB1, WEB2, RED1, API1, DB1, RED2)
+    PEERS = (PEER_B, PEER_C)
+    SUBNETS = ((BLUE_SUBNET, BLUE_VNI), (RED_SUBNET, RED_VNI))
+    UNKNOWN_IFINDEX = 4242            # a veth that belongs to no endpoint
+
+
+def _mac(mac: str):
+    return (ctypes.c_uint8 * 6).from_buffer_copy(mac_bytes(mac))
+
+
+def fill_maps(maps: dict, topo=Topology) -> None:
+    """What the agent would write for node A of `topo`."""
+    maps["xo_config"].set(U32(0), Config(
+        node_ip=ip_be(topo.NODE_IP), underlay_ifindex=topo.UNDERLAY_IFINDEX,
+        vxlan_port=int.from_bytes(VXLAN_PORT.to_bytes(2, "big"), "little")))
+    for peer in topo.PEERS:
+        maps["xo_peers"].set(U32(ip_be(peer)), Peer())
+    for cidr, vni in topo.SUBNETS:
+        maps["xo_subnets"].set(subnet_key(cidr), Subnet(vni=vni))
+    for ep in topo.ENDPOINTS:
+        key = EndpointKey(vni=ep.vni, ip=ip_be(ep.ip))
+        maps["xo_endpoints"].set(key, Endpoint(node_ip=ip_be(ep.node_ip), ifindex=ep.ifindex,
+                                               mac=_mac(ep.mac)))
+        if ep.ifindex:
+            maps["xo_local_endpoints"].set(U32(ep.ifindex), LocalEndpoint(
+                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac)))
+            maps["xo_vnis"].set(U32(ep.vni), Vni())
+
+
+# --- running ----------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    verdict: int
+    out: bytes
+    ns: int                     # average run time reported by the kernel
+
+
+class Datapath:
+    """The programs and maps of one throwaway node. Always close() it: that unpins."""
+
+    def __init__(self, node: str):
+        from ctl import datapath
+        self._datapath = datapath
+        self.node = node
+        self.progs = None
+        self.maps = {}
+        try:
+            self.progs = datapath.load(node, force=True)
+            self.maps = datapath.open_maps(node)
+            fill_maps(self.maps)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps = {}
+        if self.progs is not None:
+            self.progs.close()
+            self.progs = None
+        self._datapath.unpin(self.node)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def run(self, prog: str, packet: bytes, ingress_ifindex: int | None = None,
+            repeat: int = 1) -> Run:
+        """Run program `prog` (a pin name: prog_endpoint, prog_underlay_tc,
+        prog_underlay_xdp) on one frame. ingress_ifindex: the veth it arrived on (tc)."""
+        ctx = None
+        if ingress_ifindex is not None:
+            ctx = bytes(SkbCtx(ingress_ifindex=ingress_ifindex))
+        verdict, out, ns = bpf.prog_test_run(self.progs.fds[prog], bytes(packet), ctx, repeat)
+        return Run(verdict, out, ns)
+
+    def drops(self) -> dict[int, tuple[int, int]]:
+        """(packets, bytes) dropped per reason code, summed over CPUs."""
+        out = {}
+        for code in range(32):
+            values = self.maps["xo_drops"].get(U32(code))
+            total = sum_percpu(values)
+            out[code] = (total.packets, total.bytes)
+        return out
+
+    def traffic(self, map_name: str, key):
+        values = self.maps[map_name].get(key)
+        return sum_percpu(values) if values else None
+
+
+def drop_delta(before: dict, after: dict) -> dict[str, tuple[int, int]]:
+    """Reasons whose counters moved, by name: {name: (packets, bytes)}."""
+    delta = {}
+    for code in after:
+        p = after[code][0] - before[code][0]
+        b = after[code][1] - before[code][1]
+        if p or b:
+            name = REASONS[code].name if code in REASONS else f"code {code}"
+            delta[name] = (p, b)
+    return delta
+
+
+def ipv4_checksum(header: bytes) -> int:
+    """Ones' complement sum over a header; 0 when the header's checksum is right."""
+    if len(header) % 2:
+        header += b"\0"
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xffff) + (total >> 16)
+    return ~total & 0xffff
+
+
+# --- per-packet cost (a measurement, not a test) -------------------------------------------
+
+def _bench(repeat: int) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.layers.vxlan import VXLAN
+
+    t = Topology
+    payload = b"x" * 64
+    to_local = (Ether(src=t.WEB1.mac, dst=GW_MAC) / IP(src=t.WEB1.ip, dst=t.WEB2.ip) /
+                UDP(sport=1234, dport=5678) / payload)
+    to_remote = (Ether(src=t.WEB1.mac, dst=GW_MAC) / IP(src=t.WEB1.ip, dst=t.API1.ip) /
+                 UDP(sport=1234, dport=5678) / payload)
+    vxlan = (Ether(src=t.PEER_B_MAC, dst=t.NODE_MAC) / IP(src=t.PEER_B, dst=t.NODE_IP, flags="DF") /
+             UDP(sport=50000, dport=VXLAN_PORT, chksum=0) / VXLAN(vni=t.BLUE_VNI, flags=0x08) /
+             Ether(src=t.API1.mac, dst=t.WEB1.mac) / IP(src=t.API1.ip, dst=t.WEB1.ip) /
+             UDP(sport=5678, dport=1234) / payload)
+    other = Ether(src=t.PEER_B_MAC, dst=t.NODE_MAC) / IP(src=t.PEER_B, dst=t.NODE_IP) / UDP(dport=53) / payload
+    rows = [
+        ("endpoint: local delivery", "prog_endpoint", to_local, t.WEB1.ifindex),
+        ("endpoint: VXLAN encap", "prog_endpoint", to_remote, t.WEB1.ifindex),
+        ("underlay tc: VXLAN decap", "prog_underlay_tc", vxlan, None),
+        ("underlay tc: not VXLAN", "prog_underlay_tc", other, None),
+        ("underlay XDP: VXLAN checked", "prog_underlay_xdp", vxlan, None),
+        ("underlay XDP: not VXLAN", "prog_underlay_xdp", other, None),
+    ]
+    with Datapath(f"bench-bpf-{os.getpid()}") as dp:
+        print(f"{'path':<32} {'ns/packet':>10}   (BPF_PROG_TEST_RUN, repeat={repeat})")
+        for name, prog, pkt, ifindex in rows:
+            r = dp.run(prog, bytes(pkt), ifindex, repeat=repeat)
+            print(f"{name:<32} {r.ns:>10}")
+
+
+if __name__ == "__main__":
+    _bench(int(sys.argv[1]) if len(sys.argv) > 1 else 100000)

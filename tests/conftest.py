@@ -1,0 +1,95 @@
+"""Shared fixtures: the CLI as a subprocess, and a 3-node namespace lab with its own
+store (so it never meets the user's lab), removed at the end whatever happens."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+PY = sys.executable
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_xo(state: str, *args: str, check: bool = True, timeout: float = 60) -> Result:
+    r = subprocess.run([PY, "-m", "ctl.cli", "--state", state, *args], capture_output=True, text=True,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"xoverlay {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
+    return Result(r.returncode, r.stdout, r.stderr)
+
+
+def in_netns(path: str, *cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(["nsenter", f"--net={path}", "--", *cmd], capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} in {path} failed: {r.stderr}{r.stdout}")
+    return r
+
+
+class LabHandle:
+    def __init__(self, state: str):
+        self.state = state
+
+    def xo(self, *args, **kw) -> Result:
+        return run_xo(self.state, *args, **kw)
+
+    def endpoints(self) -> dict:
+        return {e["name"]: e for e in json.loads(self.xo("endpoint", "ls", "--json").out)}
+
+    def nodes(self) -> list[str]:
+        from ctl.lab import Lab
+        from ctl.store import SqliteStore
+        return Lab(SqliteStore(self.state), self.state).nodes()
+
+    def node_netns(self, node: str) -> str:
+        return f"/run/netns/xo-{node}"
+
+    def ep(self, name: str) -> dict:
+        return self.endpoints()[name]
+
+    def run_in(self, endpoint: str, *cmd: str, **kw):
+        return in_netns(self.ep(endpoint)["netns"], *cmd, **kw)
+
+    def ping(self, src: str, dst_ip: str, count: int = 3, **kw) -> bool:
+        r = self.run_in(src, "ping", "-c", str(count), "-i", "0.1", "-W", "1", dst_ip, check=False, **kw)
+        return r.returncode == 0
+
+    def drops(self, node: str) -> dict[str, int]:
+        from ctl.status import drop_counts
+        from maps.drops import REASONS
+        return {REASONS[k].name: v[0] for k, v in drop_counts(node).items()}
+
+
+def leftovers(prefix: str) -> list[str]:
+    """Anything of a lab with this name prefix still on the machine."""
+    found = []
+    if os.path.isdir("/run/netns"):
+        found += [f"netns {n}" for n in os.listdir("/run/netns") if prefix in n]
+    if os.path.isdir("/sys/fs/bpf/xoverlay"):
+        found += [f"pin {n}" for n in os.listdir("/sys/fs/bpf/xoverlay") if n.startswith(prefix)]
+    ps = subprocess.run(["pgrep", "-af", "ctl.cli"], capture_output=True, text=True).stdout
+    found += [f"process {line}" for line in ps.splitlines() if prefix in line]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if " xo" in line]
+    return found
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    state = str(tmp_path_factory.mktemp("lab") / "state.db")
+    handle = LabHandle(state)
+    try:
+        handle.xo("lab", "up", "--nodes", "3", timeout=180)
+        yield handle
+    finally:
+        run_xo(state, "lab", "down", check=False, timeout=180)

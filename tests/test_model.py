@@ -1,0 +1,174 @@
+"""Pure rules of the cluster state: validation, VNI allocation, IPAM."""
+import ipaddress
+
+import pytest
+
+from ctl import model
+from ctl.errors import XoError
+from ctl.model import State
+
+
+def cluster(nodes=("n1", "n2")) -> State:
+    s = State()
+    for i, n in enumerate(nodes, 1):
+        s = model.join_node(s, n, f"192.0.2.{i}")
+    return model.create_network(s, "app", "10.10.0.0/16")
+
+
+def add(s, name, node="n1", network="app", ip=None):
+    return model.add_endpoint(s, name, network, node, f"/run/netns/{name}", True, ip)
+
+
+class TestNetworks:
+    def test_first_vni_is_4096_then_next_free(self):
+        s = cluster()
+        s = model.create_network(s, "b", "10.20.0.0/16")
+        s = model.create_network(s, "c", "10.30.0.0/16", vni=4098)
+        s = model.create_network(s, "d", "10.40.0.0/16")
+        assert [s.networks[n].vni for n in "bcd"] == [4097, 4098, 4099]
+        assert s.networks["app"].vni == 4096
+
+    @pytest.mark.parametrize("vni", [0, -1, 1 << 24])
+    def test_vni_out_of_range(self, vni):
+        with pytest.raises(XoError, match="out of range"):
+            model.create_network(State(), "a", "10.0.0.0/16", vni=vni)
+
+    def test_vni_bounds_accepted(self):
+        s = model.create_network(State(), "lo", "10.1.0.0/16", vni=1)
+        s = model.create_network(s, "hi", "10.2.0.0/16", vni=(1 << 24) - 1)
+        assert {n.vni for n in s.networks.values()} == {1, (1 << 24) - 1}
+
+    def test_duplicate_vni(self):
+        s = cluster()
+        with pytest.raises(XoError, match="VNI 4096 is already used by network app"):
+            model.create_network(s, "b", "10.20.0.0/16", vni=4096)
+
+    @pytest.mark.parametrize("subnet", ["10.10.5.0/24", "10.0.0.0/8", "10.10.0.0/16"])
+    def test_overlapping_subnets(self, subnet):
+        with pytest.raises(XoError, match="overlaps network app"):
+            model.create_network(cluster(), "b", subnet)
+
+    @pytest.mark.parametrize("subnet", ["10.10.0.1/16", "banana", "10.0.0.0/31", "fd00::/64"])
+    def test_bad_subnet(self, subnet):
+        with pytest.raises(XoError):
+            model.create_network(State(), "a", subnet)
+
+    def test_duplicate_name_and_bad_name(self):
+        with pytest.raises(XoError, match="already exists"):
+            model.create_network(cluster(), "app", "10.20.0.0/16")
+        with pytest.raises(XoError, match="not valid"):
+            model.create_network(State(), "bad name", "10.20.0.0/16")
+
+    def test_remove_network_with_endpoints_refused(self):
+        s = add(cluster(), "web1")
+        with pytest.raises(XoError, match="still has endpoints: web1"):
+            model.remove_network(s, "app")
+        s = model.remove_endpoint(s, "web1")
+        s = model.remove_network(s, "app")
+        assert not s.networks and not s.slices
+
+
+class TestNodes:
+    def test_underlay_ip_unique(self):
+        with pytest.raises(XoError, match="already used by node n1"):
+            model.join_node(cluster(), "n3", "192.0.2.1")
+
+    def test_rejoin_updates(self):
+        s = model.join_node(cluster(), "n1", "192.0.2.9")
+        assert s.nodes["n1"].underlay_ip == "192.0.2.9"
+
+    def test_vxlan_port_must_match(self):
+        with pytest.raises(XoError, match="every node must use the same port"):
+            model.join_node(cluster(), "n3", "192.0.2.3", vxlan_port=8472)
+
+    def test_remove_node_takes_its_endpoints_and_slices(self):
+        s = add(add(cluster(), "a", "n1"), "b", "n2")
+        s = model.remove_node(s, "n1")
+        assert set(s.endpoints) == {"b"} and all(sl.node == "n2" for sl in s.slices.values())
+
+
+class TestIpam:
+    def test_each_node_gets_its_own_slice(self):
+        s = add(add(add(cluster(), "a", "n1"), "b", "n2"), "c", "n1")
+        ips = {n: ipaddress.IPv4Address(e.ip) for n, e in s.endpoints.items()}
+        (n1,), (n2,) = model.node_slices(s, "app", "n1"), model.node_slices(s, "app", "n2")
+        assert ips["a"] in ipaddress.IPv4Network(n1.subnet)
+        assert ips["c"] in ipaddress.IPv4Network(n1.subnet)
+        assert ips["b"] in ipaddress.IPv4Network(n2.subnet)
+        assert n1.subnet != n2.subnet
+
+    def test_a_full_slice_brings_another(self):
+        s = model.join_node(State(), "n1", "192.0.2.1")
+        s = model.create_network(s, "t", "10.9.0.0/24", slice_prefix=29)
+        for i in range(7):
+            s = add(s, f"e{i}", network="t")
+        subnets = [sl.subnet for sl in model.node_slices(s, "t", "n1")]
+        assert subnets == ["10.9.0.0/29", "10.9.0.8/29"]
+        assert s.endpoints["e6"].ip == "10.9.0.9"
+
+    def test_never_network_or_broadcast_address(self):
+        s = model.join_node(State(), "n1", "192.0.2.1")
+        s = model.create_network(s, "t", "10.9.0.0/29", slice_prefix=29)
+        for i in range(6):
+            s = add(s, f"e{i}", network="t")
+        assert sorted(e.ip for e in s.endpoints.values()) == [f"10.9.0.{i}" for i in range(1, 7)]
+        with pytest.raises(XoError, match="no free /29 slice"):
+            add(s, "e7", network="t")
+
+    def test_addresses_are_unique_and_reused_after_removal(self):
+        s = cluster()
+        for i in range(20):
+            s = add(s, f"e{i}")
+        assert len({e.ip for e in s.endpoints.values()}) == 20
+        freed = s.endpoints["e5"].ip
+        s = model.remove_endpoint(s, "e5")
+        s = add(s, "new")
+        assert s.endpoints["new"].ip == freed
+
+    def test_fixed_ip(self):
+        s = add(cluster(), "a", ip="10.10.200.7")
+        assert s.endpoints["a"].ip == "10.10.200.7"
+        with pytest.raises(XoError, match="already used by endpoint a"):
+            add(s, "b", ip="10.10.200.7")
+        for bad in ("10.11.0.1", "10.10.0.0", "10.10.255.255"):
+            with pytest.raises(XoError, match="not a usable address"):
+                add(s, "c", ip=bad)
+        with pytest.raises(XoError, match="not an IPv4 address"):
+            add(s, "c", ip="10.10.1")
+
+    def test_mac_derived_from_ip(self):
+        s = add(cluster(), "a", ip="10.10.1.2")
+        assert s.endpoints["a"].mac == "02:58:0a:0a:01:02"
+
+    def test_unknown_network_node_endpoint(self):
+        with pytest.raises(XoError, match="network nope does not exist"):
+            add(cluster(), "a", network="nope")
+        with pytest.raises(XoError, match="node n9 does not exist"):
+            add(cluster(), "a", node="n9")
+        with pytest.raises(XoError, match="endpoint zz does not exist"):
+            model.remove_endpoint(cluster(), "zz")
+
+    def test_netns_used_once(self):
+        s = model.add_endpoint(cluster(), "a", "app", "n1", "/run/netns/x", False)
+        with pytest.raises(XoError, match="already used by endpoint a"):
+            model.add_endpoint(s, "b", "app", "n1", "/run/netns/x", False)
+
+    def test_map_full(self, monkeypatch):
+        monkeypatch.setattr(model, "MAX_ENDPOINTS", 3)
+        s = add(add(add(cluster(), "a"), "b"), "c")
+        with pytest.raises(XoError, match="map full"):
+            add(s, "d")
+
+    def test_slices_run_out(self):
+        s = State()
+        for i in range(3):
+            s = model.join_node(s, f"n{i}", f"192.0.2.{i + 1}")
+        s = model.create_network(s, "t", "10.9.0.0/23")
+        s = add(add(s, "a", "n0", "t"), "b", "n1", "t")
+        with pytest.raises(XoError, match="no free /24 slice for node n2"):
+            add(s, "c", "n2", "t")
+
+
+def test_mtu_is_smallest_underlay_less_50():
+    s = model.join_node(cluster(), "n3", "192.0.2.3", underlay_mtu=9000)
+    assert model.endpoint_mtu(s) == 1450

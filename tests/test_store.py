@@ -1,0 +1,65 @@
+"""The SQLite store: atomic read-validate-write across processes, root-only file."""
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from ctl import model
+from ctl.errors import XoError
+from ctl.store import SqliteStore
+
+
+def test_file_is_root_only(tmp_path):
+    SqliteStore(str(tmp_path / "s" / "state.db"))
+    assert stat.S_IMODE(os.stat(tmp_path / "s" / "state.db").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "s").st_mode) == 0o700
+
+
+def test_failed_update_changes_nothing(tmp_path):
+    store = SqliteStore(str(tmp_path / "state.db"))
+    store.update(lambda s: model.create_network(s, "a", "10.1.0.0/16"))
+    gen = store.generation()
+
+    def half_then_fail(s):
+        s = model.create_network(s, "b", "10.2.0.0/16")
+        return model.create_network(s, "c", "10.1.0.0/24")   # overlaps a
+    with pytest.raises(XoError):
+        store.update(half_then_fail)
+    assert set(store.read().networks) == {"a"} and store.generation() == gen
+
+
+def test_noop_update_keeps_generation(tmp_path):
+    store = SqliteStore(str(tmp_path / "state.db"))
+    gen = store.generation()
+    store.update(lambda s: s)
+    assert store.generation() == gen
+
+
+def _allocate(path, node, count, queue):
+    store = SqliteStore(path)
+    for i in range(count):
+        store.update(lambda s, i=i: model.add_endpoint(s, f"{node}-{i}", "app", node, f"/x/{node}/{i}", True))
+    queue.put(node)
+
+
+def test_concurrent_allocators_never_share_an_address(tmp_path):
+    path = str(tmp_path / "state.db")
+    store = SqliteStore(path)
+    nodes = [f"n{i}" for i in range(4)]
+    for i, n in enumerate(nodes):
+        store.update(lambda s, n=n, i=i: model.join_node(s, n, f"192.0.2.{i + 1}"))
+    store.update(lambda s: model.create_network(s, "app", "10.10.0.0/16", slice_prefix=28))
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_allocate, args=(path, n, 25, q)) for n in nodes]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    eps = store.read().endpoints
+    assert len(eps) == 100
+    assert len({e.ip for e in eps.values()}) == 100
+    slices = [s.subnet for s in store.read().slices.values()]
+    assert len(slices) == len(set(slices))
