@@ -50,8 +50,11 @@ fi
 if ! "$venv/bin/python" -c "import ctl, maps, pyroute2, click, rich, pytest, scapy, hypothesis" 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
   say "installing xoverlay into $venv"
-  "$venv/bin/pip" install -q --upgrade pip >/dev/null
-  "$venv/bin/pip" install -q -e "$here[test]"
+  log=$(mktemp)
+  if ! { "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e "$here[test]"; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "setup.sh: pip install failed" >&2; exit 1
+  fi
+  rm -f "$log"
   touch "$venv/.installed"
 fi
 "$venv/bin/python" -c "import bcc" || { echo "setup.sh: the venv cannot import Debian's bcc" >&2; exit 1; }
@@ -59,7 +62,7 @@ ln -sfn "$venv/bin/xoverlay" /usr/local/bin/xoverlay
 
 case "${1:-}" in
   "") say "installed: xoverlay is $(command -v xoverlay)";;
-  demo) exec "$here/bench/../ctl/demo.sh";;
+  demo) exec xoverlay lab demo;;
   test) shift; cd "$here"; exec "$venv/bin/python" -m pytest "$@";;
   *) echo "setup.sh: unknown action '$1' (use demo or test)" >&2; exit 2;;
 esac

@@ -51,6 +51,14 @@ def running_pid(node: str) -> int | None:
         return None
 
 
+def release_pid_lock(node: str, fd: int) -> None:
+    try:
+        os.unlink(pid_path(node))
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
 def take_pid_lock(node: str) -> int:
     """Hold an exclusive lock on the node's pid file for the agent's life."""
     os.makedirs(RUN_DIR, exist_ok=True)
@@ -97,12 +105,17 @@ class Agent:
 
     def start(self) -> None:
         """Join the cluster and bring the data path up (adopting what is pinned)."""
+        # Every check first, so that a refusal leaves the kernel and the store as they were.
         self.underlay = find_underlay(self.ipr, self.underlay_name)
-        self.store.update(lambda s: model.join_node(s, self.node, self.underlay.ip, self.vxlan_port,
-                                                    self.underlay.mtu))
+        datapath.check_bpffs()
+
+        def join(s):
+            return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
+        join(self.store.read())
         self.progs = datapath.load(self.node)
         self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
         self.maps = datapath.open_maps(self.node)
+        self.store.update(join)
         verb = "loaded" if self.progs.replaced else "adopted"
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
                  self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)

@@ -21,7 +21,7 @@ from .errors import XoError
 from .store import open_store
 
 # Wide when piped, so tables in logs and tests are not truncated.
-console = Console(width=None if sys.stdout.isatty() else 200)
+console = Console(width=None if sys.stdout.isatty() else 120)
 WAIT_SECONDS = 10.0
 
 
@@ -95,12 +95,15 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach):
         return
     ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    lock = None
     try:
         lock = agent_mod.take_pid_lock(node)
         a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port)
         a.start()
         a.reconcile()
     except XoError as e:
+        if lock is not None:
+            agent_mod.release_pid_lock(node, lock)
         if ready_fd >= 0:
             os.write(ready_fd, f"{e}\n".encode())
         raise
@@ -111,7 +114,7 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach):
         click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}; Ctrl-C stops "
                    "the agent, the data path keeps forwarding")
     a.run()
-    os.close(lock)
+    agent_mod.release_pid_lock(node, lock)
 
 
 def _detach_agent(ctx, node):
@@ -299,6 +302,29 @@ def lab():
 @click.pass_context
 def lab_up(ctx, nodes, xdp):
     lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo)
+
+
+@lab.command("demo")
+@click.pass_context
+def lab_demo(ctx):
+    """Bring the lab up (if it is not) and show it carrying traffic."""
+    state = ctx.obj["state"]
+    store = _store(ctx)
+    lab = lab_mod.Lab(store, state)
+    lab.up(3, echo=click.echo)
+    nodes = lab.nodes()
+    eps = store.read().endpoints
+    src, dst = f"{nodes[0]}-a", f"{nodes[1]}-a"
+    console.rule(f"ping {dst} ({eps[dst].ip}, on {nodes[1]}) from {src} (on {nodes[0]})")
+    ping = subprocess.run(["nsenter", f"--net={eps[src].netns}", "--", "ping", "-c", "3", "-i", "0.2",
+                           eps[dst].ip], capture_output=True, text=True)
+    click.echo(ping.stdout.strip())
+    if ping.returncode != 0:
+        raise XoError(f"cross-node ping from {src} to {dst} failed")
+    console.rule("the overlay, as the CLI shows it")
+    ctx.invoke(peer_ls, node=nodes[0], as_json=False)
+    ctx.invoke(endpoint_ls, as_json=False, network=None, node=None)
+    click.echo("Try: xoverlay lab exec node1-a -- ping 10.10.1.1 ; xoverlay lab down removes it all.")
 
 
 @lab.command("down")

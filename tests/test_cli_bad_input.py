@@ -1,0 +1,134 @@
+"""Every bad input: one line that names the problem, a non-zero exit, and the store and
+the kernel exactly as they were."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+
+import pytest
+
+from conftest import PY, run_xo
+
+pytestmark = pytest.mark.lab
+
+
+def snapshot(lab) -> tuple:
+    from ctl.datapath import open_maps
+    from ctl.desired import RECONCILED_MAPS
+    db = sqlite3.connect(lab.state)
+    rows = sorted(db.execute("SELECT kind, name, body FROM objects"))
+    gen = db.execute("SELECT value FROM meta").fetchall()
+    db.close()
+    kernel = {}
+    for node in lab.nodes():
+        maps = open_maps(node)
+        kernel[node] = {m: sorted(bytes(k) + bytes(v) for k, v in maps[m].items().items()) for m in RECONCILED_MAPS}
+        for m in maps.values():
+            m.close()
+    netns = sorted(os.listdir("/run/netns"))
+    links = {n: subprocess.run(["ip", "-n", f"xo-{n}", "-o", "link"], capture_output=True, text=True).stdout
+             for n in lab.nodes()}
+    return rows, gen, kernel, netns, links
+
+
+def one_line_error(r, *words):
+    assert r.code != 0
+    lines = r.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xoverlay: error: "), r.err
+    for w in words:
+        assert w in lines[0], f"{w!r} not in {lines[0]!r}"
+
+
+CASES = [
+    ("overlapping subnet", ["network", "create", "x", "--subnet", "10.10.128.0/17"], ["overlaps network demo"]),
+    ("duplicate VNI", ["network", "create", "x", "--subnet", "10.50.0.0/16", "--vni", "4096"], ["VNI 4096", "demo"]),
+    ("VNI too large", ["network", "create", "x", "--subnet", "10.50.0.0/16", "--vni", "16777216"], ["out of range"]),
+    ("VNI zero", ["network", "create", "x", "--subnet", "10.50.0.0/16", "--vni", "0"], ["out of range"]),
+    ("duplicate network", ["network", "create", "demo", "--subnet", "10.50.0.0/16"], ["already exists"]),
+    ("bad subnet", ["network", "create", "x", "--subnet", "10.50.0.1/16"], ["not an IPv4 network"]),
+    ("IP outside the network", ["endpoint", "add", "x", "--network", "demo", "--ip", "10.99.0.1", "--node", "{n1}"],
+     ["10.99.0.1", "not a usable address"]),
+    ("IP taken", ["endpoint", "add", "x", "--network", "demo", "--ip", "{ip_n1a}", "--node", "{n1}"],
+     ["already used by endpoint {n1}-a"]),
+    ("unknown network", ["endpoint", "add", "x", "--network", "nope", "--node", "{n1}"], ["network nope does not exist"]),
+    ("unknown node", ["endpoint", "add", "x", "--network", "demo", "--node", "nope"], ["node nope does not exist"]),
+    ("unknown endpoint", ["endpoint", "rm", "nope"], ["endpoint nope does not exist"]),
+    ("duplicate endpoint", ["endpoint", "add", "{n1}-a", "--network", "demo", "--node", "{n1}", "--netns", "{n1}-b"],
+     ["already exists"]),
+    ("netns path missing", ["endpoint", "add", "x", "--network", "demo", "--node", "{n1}", "--netns",
+                            "/proc/999999999/ns/net"], ["does not exist"]),
+    ("netns name missing", ["endpoint", "add", "x", "--network", "demo", "--node", "{n1}", "--netns", "no-such-ns"],
+     ["netns no-such-ns does not exist"]),
+    ("network in use", ["network", "rm", "demo"], ["still has endpoints"]),
+    ("unknown network rm", ["network", "rm", "nope"], ["network nope does not exist"]),
+    ("bad endpoint name", ["endpoint", "add", "-bad", "--network", "demo", "--node", "{n1}"], []),
+    ("unknown node down", ["down", "--node", "nope"], ["node nope does not exist"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_changes_nothing(lab, case):
+    _, args, words = case
+    n1 = lab.nodes()[0]
+    fill = {"n1": n1, "ip_n1a": lab.ep(f"{n1}-a")["ip"]}
+    args = [a.format(**fill) for a in args]
+    words = [w.format(**fill) for w in words]
+    before = snapshot(lab)
+    r = lab.xo(*args, check=False)
+    if case[0] == "bad endpoint name":   # click sees an option: its own usage error
+        assert r.code != 0 and "Error" in r.err
+    else:
+        one_line_error(r, *words)
+    assert snapshot(lab) == before
+
+
+def test_second_agent_for_a_node_is_refused(lab):
+    n1 = lab.nodes()[0]
+    before = snapshot(lab)
+    r = subprocess.run(["nsenter", f"--net=/run/netns/xo-{n1}", "--", PY, "-m", "ctl.cli", "--state", lab.state,
+                        "up", "--node", n1, "--underlay", "eth1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [
+        r.stderr.strip().splitlines()[0]] and "already running" in r.stderr
+    assert snapshot(lab) == before
+
+
+def test_missing_underlay_device(lab, tmp_path):
+    before = snapshot(lab)
+    r = lab.xo("up", "--node", "lonely", "--underlay", "nosuchdev0", check=False)
+    one_line_error(r, "underlay device nosuchdev0 does not exist")
+    assert snapshot(lab) == before
+    assert not os.path.exists("/run/xoverlay/lonely.pid")
+
+
+def test_without_bpffs(lab, tmp_path):
+    """In a mount namespace of its own, bpffs unmounted: `up` refuses before doing anything."""
+    n1 = lab.nodes()[0]
+    before = snapshot(lab)
+    script = (f"umount /sys/fs/bpf && nsenter --net=/run/netns/xo-{n1} -- {PY} -m ctl.cli --state {lab.state} "
+              f"up --node nobpffs --underlay eth1")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["xoverlay: error: bpffs is not mounted at /sys/fs/bpf: run "
+                                             "`mount -t bpf bpf /sys/fs/bpf` (setup.sh does it)"]
+    assert snapshot(lab) == before
+
+
+def test_without_root(tmp_path):
+    state = tmp_path / "state.db"
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "ctl.cli",
+                        "--state", str(state), "network", "ls"], capture_output=True, text=True, timeout=30,
+                       cwd="/")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == ["xoverlay: error: xoverlay must run as root (it loads BPF programs "
+                                             "and changes network namespaces)"]
+    assert not state.exists()
+
+
+def test_corrupt_store_is_a_clear_error(tmp_path):
+    state = tmp_path / "state.db"
+    state.write_bytes(b"this is not a database" * 100)
+    r = run_xo(str(state), "network", "ls", check=False)
+    assert r.code != 0
+    assert r.err.strip().startswith("xoverlay: error: state store") and len(r.err.strip().splitlines()) == 1
