@@ -17,7 +17,9 @@ int xo_underlay_xdp(struct xdp_md *ctx)
         return XDP_PASS;
     struct xo_tunnel t = {};
     int verdict = xo_classify_underlay(data, data_end, cfg, &t);
+    /* The whole frame, as tc counts skb->len: a multi-buffer (jumbo) frame is longer
+     * than its first buffer, data_end - data. */
     if (verdict > 0)
-        return xo_drop(verdict, data_end - data, XDP_DROP);
+        return xo_drop(verdict, bpf_xdp_get_buff_len(ctx), XDP_DROP);
     return XDP_PASS;
 }

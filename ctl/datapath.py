@@ -146,11 +146,17 @@ def prog_id(fd: int) -> int:
 
 def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> str:
     """tc ingress decap always; XDP filter natively if the driver can, else generic.
-    Returns the XDP mode attached ('native', 'generic' or 'off')."""
-    bpf.tc_attach(ifindex, progs.fds["prog_underlay_tc"])
+    Returns the XDP mode attached ('native', 'generic' or 'off'). What is attached already
+    is left alone: adopting a running node must not disturb its traffic."""
+    tc_prog = progs.fds["prog_underlay_tc"]
+    if bpf.tc_query(ifindex) != prog_id(tc_prog):
+        bpf.tc_attach(ifindex, tc_prog)
     if not xdp:
         detach_xdp(ifindex)
         return "off"
+    mode, attached = bpf.xdp_query(ifindex)
+    if attached and attached == prog_id(progs.fds["prog_underlay_xdp"]):
+        return {bpf.XDP_ATTACHED_DRV: "native", bpf.XDP_ATTACHED_SKB: "generic"}.get(mode, "other")
     try:
         bpf.xdp_attach(ifindex, progs.fds["prog_underlay_xdp"], bpf.XDP_FLAGS_DRV_MODE)
         return "native"

@@ -15,6 +15,11 @@ Rules of BPF_PROG_TEST_RUN worth knowing (net/bpf/test_run.c, bpf_prog_test_run_
     ifindex is fine, which is what lets us play any endpoint's veth.
   - ifindex, by contrast, must be 0/1 (loopback) or a device that exists (else ENODEV):
     leave it 0. skb->dev is then loopback.
+  - On this kernel (6.18) a tc run is also refused (EINVAL) when the ethertype is IPv4
+    and the frame is shorter than 14 + 20 bytes, or IPv6 and shorter than 14 + 40:
+    a truncated IPv4 header can only be shown to tc as an IHL that runs past the frame.
+    XDP runs take any frame of 14 bytes or more, and frames longer than a page minus
+    headroom arrive in several buffers (only for frags-aware programs, which ours is).
   - Redirect helpers (bpf_redirect_peer, bpf_redirect_neigh) only record the target and
     return TC_ACT_REDIRECT: nothing is transmitted.
 

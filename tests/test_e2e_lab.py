@@ -184,3 +184,55 @@ def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path):
     os.unlink(lab.registry)
     run_xo(state, "lab", "down", timeout=120)
     assert leftovers(lab.prefix) == []
+
+
+def test_new_build_replaces_programs_in_place_without_loss(lab):
+    """An agent of another build (faked: the pinned build id changed) loads its programs
+    and swaps them in with tc/XDP replace while traffic runs: nothing lost."""
+    from ctl.agent import running_pid
+    from ctl.datapath import open_maps
+    from maps import bpf
+    from maps.layout import U32
+    n1, n2, _ = names(lab)
+    os.kill(running_pid(n1), signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while running_pid(n1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cfg_map = open_maps(n1)["xo_config"]
+    cfg = cfg_map.get(U32(0))
+    cfg.build_id = 1
+    cfg_map.set(U32(0), cfg)
+    old = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
+    ping = _ping_stream(lab, f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
+    time.sleep(0.5)
+    run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
+    assert ping.poll() is None, "the replacement finished after the ping: it was not covered"
+    sent, received = _loss(ping)
+    assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
+    new = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
+    old_id = old.split("prog/xdp id ")[1].split()[0]
+    new_id = new.split("prog/xdp id ")[1].split()[0]
+    assert old_id != new_id
+    assert cfg_map.get(U32(0)).build_id != 1
+    last_start = [l for l in open(f"/run/xoverlay/{n1}.log") if "programs (build" in l][-1]
+    assert "loaded programs" in last_start
+
+
+def test_endpoint_in_a_process_netns(lab):
+    """--netns /proc/PID/ns/net: a container made by someone else (here: unshare)."""
+    n1, n2, _ = names(lab)
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        time.sleep(0.2)
+        lab.xo("endpoint", "add", "procns", "--network", "demo", "--node", n2, "--netns", f"/proc/{proc.pid}/ns/net")
+        ep = lab.ep("procns")
+        assert ep["netns"] == f"/proc/{proc.pid}/ns/net"
+        r = in_netns(f"/proc/{proc.pid}/ns/net", "ping", "-c", "2", "-i", "0.2", "-W", "1", lab.ep(f"{n1}-a")["ip"])
+        assert r.returncode == 0
+        lab.xo("endpoint", "rm", "procns")
+        # Not ours to delete: the netns lives on with its process, without our veth.
+        links = in_netns(f"/proc/{proc.pid}/ns/net", "ip", "-o", "link").stdout
+        assert "eth0" not in links and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()

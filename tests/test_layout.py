@@ -62,7 +62,7 @@ def bcc_module():
     module = None
     try:
         cflags = [f"-I{datapath.BPF_DIR}", f'-DXO_PIN_DIR="{pin}"', "-Wno-macro-redefined"]
-        module = bcc.BPF(text=datapath.bundle_source(), cflags=cflags)
+        module = bcc.BPF(text=datapath.bundle_source().encode(), cflags=cflags)
         yield module, pin
     finally:
         if module is not None:
