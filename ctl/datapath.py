@@ -81,7 +81,7 @@ def compile_programs(pin: str) -> dict[str, int]:
     text = bundle_source()
     cflags = [f"-I{BPF_DIR}", f'-DXO_PIN_DIR="{pin}"', "-Wno-macro-redefined"]
     try:
-        module = BPF(text=text, cflags=cflags)
+        module = BPF(text=text.encode(), cflags=cflags)
     except Exception as e:
         raise XoError(f"compiling the BPF programs failed: {e}") from None
     fds = {}
@@ -94,7 +94,7 @@ def compile_programs(pin: str) -> dict[str, int]:
                 insns = ctypes.string_at(start, size)
                 fds[pin_name] = bpf.prog_load(prog_type, func, insns, bpf.BPF_F_XDP_HAS_FRAGS)
             else:
-                fn = module.load_func(func, BPF.SCHED_CLS)
+                fn = module.load_func(func.encode(), BPF.SCHED_CLS)
                 fds[pin_name] = os.dup(fn.fd)
     finally:
         module.cleanup()

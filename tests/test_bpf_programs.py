@@ -262,6 +262,7 @@ BAD_TUNNEL = [
     ("VXLAN flags without valid-VNI", vxlan(flags=0x00), "BAD_VXLAN_FLAGS"),
     ("outer first fragment (MF)", vxlan(ip_kw={"flags": "MF"}), "OUTER_FRAGMENT"),
     ("outer IP options", vxlan(ip_kw={"options": [IPOption_NOP()] * 4}), "OUTER_IP_OPTIONS"),
+    ("outer IP header checksum wrong", vxlan(ip_kw={"chksum": 0x1234}), "OUTER_CHECKSUM"),
 ]
 
 # Valid tunnel frames the tc program still refuses (the XDP filter passes them).

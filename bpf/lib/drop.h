@@ -22,7 +22,8 @@
     XO_DROP(OUTER_IP_OPTIONS, 15, "VXLAN packet with IP options (we never send them)") \
     XO_DROP(INNER_NOT_IPV4, 16, "tunnelled frame is not IPv4") \
     XO_DROP(INNER_SPOOFED, 17, "tunnelled source is not an endpoint of the sending peer") \
-    XO_DROP(DECAP_FAILED, 18, "could not remove the VXLAN headers")
+    XO_DROP(DECAP_FAILED, 18, "could not remove the VXLAN headers") \
+    XO_DROP(OUTER_CHECKSUM, 19, "VXLAN packet whose outer IPv4 header checksum is wrong")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

@@ -35,6 +35,20 @@ enum xo_verdict_kind {
     /* > 0: an enum xo_drop_reason */
 };
 
+/* One's complement sum of a 20-byte header: the checksum to write when its field is
+ * zero, and 0 when checking a header whose checksum is right. */
+static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
+{
+    __u32 sum = 0;
+    const __u16 *p = (const __u16 *)ip;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+        sum += p[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
 /* Classify a frame arriving on the underlay. Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills
  * *t), or the drop reason. Malformed IPv4 and UDP are dropped whatever the port: the
  * stack would drop them too, and we cannot tell a truncated VXLAN packet apart. */
@@ -67,6 +81,10 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end,
         return XO_DROP_OUTER_FRAGMENT;
     if (ip->ihl != 5)
         return XO_DROP_OUTER_IP_OPTIONS;
+    /* Decap hands the inner packet to the container past ip_rcv(), which would have
+     * checked this: a corrupted outer header must not be believed. */
+    if (xo_ipv4_csum(ip))
+        return XO_DROP_OUTER_CHECKSUM;
     if (bpf_ntohs(udp->len) < sizeof(*udp) + XO_VXLAN_HLEN + ETH_HLEN ||
         bpf_ntohs(ip->tot_len) < sizeof(*ip) + bpf_ntohs(udp->len))
         return XO_DROP_TRUNCATED_UDP;
@@ -92,18 +110,6 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end,
     t->vni = vni;
     t->inner_eth = inner;
     return XO_VXLAN_OK;
-}
-
-static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
-{
-    __u32 sum = 0;
-    const __u16 *p = (const __u16 *)ip;
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
-        sum += p[i];
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    return ~sum;
 }
 
 /* RFC 7348: the source port is a hash of the inner flow, so the underlay can spread
