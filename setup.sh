@@ -13,7 +13,7 @@ say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 
 packages=(
   python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 bpftool   # BCC, libbpf, headers BCC compiles against
-  python3-venv iproute2 iputils-ping ethtool kmod util-linux      # venv, ip/tc/nsenter, ping
+  python3-venv iproute2 iputils-ping ethtool kmod util-linux procps # venv, ip/tc/nsenter, ping, sysctl
   iperf3 sockperf nftables tmux curl                               # benchmarks, baselines, TUI checks
 )
 missing=()
