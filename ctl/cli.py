@@ -289,6 +289,69 @@ def peer_ls(ctx, node, as_json):
                    r["rx_packets"], r["rx_bytes"]] for r in rows], as_json, rows)
 
 
+# --- status -------------------------------------------------------------------------
+
+def _render_status(snap: dict):
+    from rich.console import Group
+    from rich.text import Text
+    n = snap["node"]
+    agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
+    build = "no pinned programs" if not n["pinned"] else (
+        f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
+    head = Text(f"node {n['name']}  underlay {n['underlay_ip']}:{n['vxlan_port']}  {agent}  {build}", style="bold")
+
+    def table(title, cols, rows):
+        t = Table(title=title, title_justify="left")
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        return t
+    traffic = ["TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"]
+
+    def counts(r):
+        return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
+    parts = [head,
+             table("peers", ["NODE", "UNDERLAY IP", "SUBNETS", *traffic],
+                   [[p["node"], p["underlay_ip"], " ".join(p["subnets"]) or "-", *counts(p)] for p in snap["peers"]]),
+             table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
+                   [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
+             table("drops", ["REASON", "PACKETS", "BYTES", "WHAT HAPPENED"],
+                   [[d["reason"], d["packets"], d["bytes"], d["text"]] for d in snap["drops"]] or [["none", "", "", ""]]),
+             table("maps", ["MAP", "ENTRIES", "MAX"],
+                   [[m["name"], m["entries"], m["max_entries"]] for m in snap["maps"]])]
+    drift = snap["drift"]
+    parts.append(Text(f"drift: {len(drift)} entries differ between store and kernel" if drift
+                      else "drift: none (the kernel holds exactly what the store wants)",
+                      style="red" if drift else "green"))
+    for d in drift[:10]:
+        parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
+    return Group(*parts)
+
+
+@cli.command()
+@click.option("--node", default=None)
+@click.option("--once", is_flag=True, help="print one snapshot and exit")
+@click.option("--json", "as_json", is_flag=True, help="one machine-readable snapshot")
+@click.pass_context
+def status(ctx, node, once, as_json):
+    """What a node's data path is doing, from its pinned maps."""
+    from . import status as status_mod
+    store = _store(ctx)
+    node = _default_node(store.read(), node)
+    if as_json:
+        click.echo(json.dumps(status_mod.snapshot(store.read(), node), indent=2))
+        return
+    if once or not sys.stdout.isatty():
+        console.print(_render_status(status_mod.snapshot(store.read(), node)))
+        return
+    from rich.live import Live
+    with Live(_render_status(status_mod.snapshot(store.read(), node)), console=console, screen=True) as live:
+        while True:
+            time.sleep(1)
+            live.update(_render_status(status_mod.snapshot(store.read(), node)))
+
+
 # --- lab ----------------------------------------------------------------------------
 
 @cli.group()
@@ -322,8 +385,9 @@ def lab_demo(ctx):
     if ping.returncode != 0:
         raise XoError(f"cross-node ping from {src} to {dst} failed")
     console.rule("the overlay, as the CLI shows it")
-    ctx.invoke(peer_ls, node=nodes[0], as_json=False)
     ctx.invoke(endpoint_ls, as_json=False, network=None, node=None)
+    console.rule(f"xoverlay status --node {nodes[0]} --once")
+    ctx.invoke(status, node=nodes[0], once=True, as_json=False)
     click.echo("Try: xoverlay lab exec node1-a -- ping 10.10.1.1 ; xoverlay lab down removes it all.")
 
 

@@ -1,10 +1,11 @@
-"""Reading what the data path counted, from the pinned maps (no agent, no compiler)."""
+"""What a node's data path is doing, read from its pinned maps (no agent, no compiler):
+counters, drops by reason, map fill, and drift between the store and the kernel."""
 from __future__ import annotations
 
-import os
+from maps.drops import REASONS
+from maps.layout import MAPS, EndpointKey, PinnedMap, ip_be, pin_dir, sum_percpu, U32
 
-from maps.layout import MAPS, PinnedMap, ip_be, pin_dir, sum_percpu, U32
-
+from . import agent, desired
 from .model import State, peers_of
 
 
@@ -17,24 +18,96 @@ def read_counters(node: str, map_name: str) -> dict:
         return {}
 
 
+def _traffic(t) -> dict:
+    return {"tx_packets": t.tx_packets if t else 0, "tx_bytes": t.tx_bytes if t else 0,
+            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0}
+
+
 def peer_rows(state: State, node: str) -> list[dict]:
     stats = read_counters(node, "xo_peer_stats")
+    return [{"node": peer.name, "underlay_ip": peer.underlay_ip,
+             "subnets": sorted(s.subnet for s in state.slices.values() if s.node == peer.name),
+             **_traffic(stats.get(U32(ip_be(peer.underlay_ip))))}
+            for peer in peers_of(state, node)]
+
+
+def endpoint_rows(state: State, node: str) -> list[dict]:
+    stats = read_counters(node, "xo_endpoint_stats")
     rows = []
-    for peer in peers_of(state, node):
-        t = stats.get(U32(ip_be(peer.underlay_ip)))
-        rows.append({
-            "node": peer.name, "underlay_ip": peer.underlay_ip,
-            "subnets": sorted(s.subnet for s in state.slices.values() if s.node == peer.name),
-            "tx_packets": t.tx_packets if t else 0, "tx_bytes": t.tx_bytes if t else 0,
-            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0,
-        })
+    for ep in sorted(state.endpoints.values(), key=lambda e: e.name):
+        if ep.node != node or ep.network not in state.networks:
+            continue
+        key = EndpointKey(vni=state.networks[ep.network].vni, ip=ip_be(ep.ip))
+        rows.append({"name": ep.name, "network": ep.network, "ip": ep.ip, "netns": ep.netns,
+                     "state": "removing" if ep.removing else ("ready" if ep.ready else "pending"),
+                     **_traffic(stats.get(key))})
     return rows
 
 
 def drop_counts(node: str) -> dict[int, tuple[int, int]]:
     """reason code -> (packets, bytes), only the non-zero ones."""
+    return {key.value: (c.packets, c.bytes) for key, c in read_counters(node, "xo_drops").items() if c.packets}
+
+
+def drop_rows(node: str) -> list[dict]:
+    return [{"reason": REASONS[code].name if code in REASONS else str(code), "code": code,
+             "text": REASONS[code].text if code in REASONS else "unknown reason",
+             "packets": packets, "bytes": nbytes}
+            for code, (packets, nbytes) in sorted(drop_counts(node).items())]
+
+
+def read_maps(node: str) -> dict[str, dict]:
     out = {}
-    for key, c in read_counters(node, "xo_drops").items():
-        if c.packets:
-            out[key.value] = (c.packets, c.bytes)
+    for name in MAPS:
+        try:
+            with PinnedMap(pin_dir(node), MAPS[name]) as m:
+                out[name] = m.items() if name in desired.RECONCILED_MAPS else dict.fromkeys(m.keys())
+        except OSError:
+            out[name] = {}
     return out
+
+
+def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
+    """Entries the store wants and the kernel lacks (or holds differently), and entries
+    the kernel has that the store does not want. Local endpoints are matched to their
+    veth through the kernel's own xo_local_endpoints, so an endpoint not yet plumbed is
+    not drift."""
+    ifindex_of = {(v.vni, v.ip): k.value for k, v in actual.get("xo_local_endpoints", {}).items()}
+    ifindexes = {}
+    for ep in state.endpoints.values():
+        if ep.node == node and ep.network in state.networks:
+            found = ifindex_of.get((state.networks[ep.network].vni, ip_be(ep.ip)))
+            if found:
+                ifindexes[ep.name] = found
+    cfg = actual.get("xo_config", {}).get(U32(0))
+    if node not in state.nodes:
+        return []
+    want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
+                                cfg.build_id if cfg else 0)
+    rows = []
+    for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
+        kind = "unexpected" if op.value is None else (
+            "different" if op.key in actual.get(op.map, {}) else "missing")
+        rows.append({"map": op.map, "kind": kind, "key": repr(op.key)})
+    return rows
+
+
+def snapshot(state: State, node: str) -> dict:
+    """Everything `status` shows for a node, as plain data (the --json schema)."""
+    maps = read_maps(node)
+    me = state.nodes.get(node)
+    pid = agent.running_pid(node)
+    cfg = maps["xo_config"].get(U32(0))
+    from .datapath import build_id
+    return {
+        "node": {"name": node, "underlay_ip": me.underlay_ip if me else None,
+                 "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
+                 "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
+                 "build_current": bool(cfg) and cfg.build_id == build_id()},
+        "peers": peer_rows(state, node),
+        "endpoints": endpoint_rows(state, node),
+        "drops": drop_rows(node),
+        "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
+                 for name, spec in MAPS.items()],
+        "drift": drift(state, node, maps) if cfg else [],
+    }

@@ -1,0 +1,656 @@
+"""Shared pieces of the benchmarks: the namespace topologies each path runs on (always
+removed again), the traffic tools and their parsers, statistics, and the per-packet cost
+of the BPF programs through BPF_PROG_TEST_RUN.
+
+Everything a benchmark creates is named so that it can be found and removed after a
+crash, and never touches anything else: network namespaces start with PREFIX, the
+xoverlay labs keep their state (and so their names) under STATE_ROOT, and the BPF
+programs of the cost measurement are pinned under a node name of their own."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+PREFIX = "xbench-"                       # every netns we create
+STATE_ROOT = "/tmp/xoverlay-bench"       # state stores of our xoverlay labs
+LOCK_PATH = "/run/xoverlay-bench.lock"   # one benchmark at a time
+BPF_NODE = "xbench-bpf"                  # pin directory of the cost measurement
+CONTAINER_MTU = 1450                     # underlay 1500 less VXLAN's 50, on every path
+GW_IP = "169.254.1.1"                    # the containers' next hop on the routed paths
+
+TCP_PORT = 5201
+UDP_PORT = 5301                          # and up, one iperf3 server per stream
+RR_PORT = 11111
+UDP_PAYLOAD = 64
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def sh(*cmd: str, timeout: float = 60, check: bool = True, input: str | None = None) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, input=input)
+    if check and r.returncode != 0:
+        raise BenchError(f"`{' '.join(cmd)}` failed ({r.returncode}): {(r.stderr or r.stdout).strip()}")
+    return r.stdout
+
+
+def in_ns(path: str, *cmd: str) -> list[str]:
+    """A command run in the network namespace at `path`. nsenter, not `ip netns exec`,
+    which remounts /sys and hides bpffs."""
+    return ["nsenter", f"--net={path}", "--", *cmd]
+
+
+def ns_path(name: str) -> str:
+    return f"/run/netns/{name}"
+
+
+def ns_add(name: str) -> str:
+    sh("ip", "netns", "add", name)
+    # No IPv6 chatter (router solicitations, DAD) in the measurements.
+    sh("ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+       "net.ipv6.conf.default.disable_ipv6=1")
+    sh("ip", "-n", name, "link", "set", "lo", "up")
+    return ns_path(name)
+
+
+def ns_del_prefix(prefix: str) -> list[str]:
+    """Remove every netns whose name starts with `prefix` (their veths go with them)."""
+    gone = []
+    if os.path.isdir("/run/netns"):
+        for name in sorted(os.listdir("/run/netns")):
+            if name.startswith(prefix):
+                sh("ip", "netns", "delete", name, check=False)
+                gone.append(name)
+    return gone
+
+
+def ip_batch(ns: str, lines: list[str]) -> None:
+    sh("ip", "-n", ns, "-batch", "-", input="\n".join(lines) + "\n")
+
+
+class Lock:
+    """Refuse to run two benchmarks at once: they would share names and CPUs."""
+
+    def __enter__(self):
+        self.fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise BenchError(f"another benchmark holds {LOCK_PATH}; wait for it to finish") from None
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.unlink(LOCK_PATH)      # leave nothing behind; we still hold the lock
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+
+
+def signals_raise() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so every `finally` runs."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGHUP, handler)
+
+
+def signals_ignore() -> None:
+    """While cleaning up: a second Ctrl-C must not leave half the topology behind."""
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"kernel": platform.release(), "cpus": os.cpu_count(), "cpu_model": cpu,
+            "hostname": platform.node(), "iperf3": sh("iperf3", "--version", check=False).split("\n")[0],
+            "sockperf": sh("sockperf", "--version", check=False).split("\n")[0].strip()}
+
+
+# --- topologies ---------------------------------------------------------------------
+
+@dataclass
+class Path:
+    """One way of carrying container traffic from a client on node 1 to a server on node
+    2. up() builds it, down() removes all of it (also after a failed or partial up())."""
+    key: str
+    label: str
+    client: str = ""          # netns path of the client container
+    server: str = ""          # netns path of the server container
+    server_ip: str = ""
+    info: dict = field(default_factory=dict)
+
+    def up(self) -> None:
+        raise NotImplementedError
+
+    def down(self) -> None:
+        raise NotImplementedError
+
+    def counters(self) -> dict:
+        """Counters whose change over the measurements says something went wrong."""
+        return {}
+
+
+class _Underlay:
+    """Nodes joined by veths to a bridge in a netns of its own: the switch. Built the way
+    ctl/lab.py builds the xoverlay lab's underlay, so that every path crosses the same
+    devices."""
+
+    def __init__(self, tag: str, net: str):
+        self.tag = tag
+        self.net = net                       # e.g. "198.51.100" (a /24)
+        self.switch = f"{PREFIX}{tag}-ul"
+
+    def node_ns(self, i: int) -> str:
+        return f"{PREFIX}{self.tag}-n{i}"
+
+    def node_ip(self, i: int) -> str:
+        return f"{self.net}.{10 + i}"
+
+    def build(self, nodes: int) -> None:
+        ns_add(self.switch)
+        ip_batch(self.switch, ["link add br0 type bridge", "link set br0 up"])
+        for i in range(1, nodes + 1):
+            ns = self.node_ns(i)
+            ns_add(ns)
+            ip_batch(self.switch, [f"link add p{i} type veth peer name eth1 netns {ns}",
+                                   f"link set p{i} master br0 up"])
+            ip_batch(ns, [f"addr add {self.node_ip(i)}/24 dev eth1", "link set eth1 up"])
+
+    def remove(self) -> None:
+        ns_del_prefix(f"{PREFIX}{self.tag}-")
+
+
+def _veth_to_container(node: str, container: str, host_if: str, host_mac: str, ctr_mac: str) -> None:
+    ip_batch(node, [f"link add {host_if} address {host_mac} mtu {CONTAINER_MTU} type veth peer name eth0 "
+                    f"address {ctr_mac} mtu {CONTAINER_MTU} netns {container}",
+                    f"link set {host_if} up"])
+    ip_batch(container, ["link set eth0 up"])
+
+
+class PlainRouting(Path):
+    """No overlay: containers with /32 addresses routed by the nodes (Calico without
+    IPIP). Container: default route via 169.254.1.1 onlink, a permanent neighbour entry
+    for it with the host-side veth's MAC. Node: a /32 route per local container, a /32
+    route per remote container via the other node's underlay address."""
+
+    def __init__(self):
+        super().__init__("plain", "plain routing, no overlay (the ceiling)")
+        self.u = _Underlay("plain", "198.51.100")
+
+    def _ctr_ip(self, i: int) -> str:
+        return f"10.201.{i}.2"
+
+    def up(self) -> None:
+        self.u.build(2)
+        for i in (1, 2):
+            node, ctr = self.u.node_ns(i), f"{PREFIX}plain-c{i}"
+            ns_add(ctr)
+            host_mac, ctr_mac = f"02:b1:00:00:0{i}:01", f"02:b1:00:00:0{i}:02"
+            sh("ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+            _veth_to_container(node, ctr, "ctr", host_mac, ctr_mac)
+            other = 3 - i
+            ip_batch(node, [f"route add {self._ctr_ip(i)}/32 dev ctr",
+                            f"neigh replace {self._ctr_ip(i)} lladdr {ctr_mac} dev ctr nud permanent",
+                            f"route add {self._ctr_ip(other)}/32 via {self.u.node_ip(other)} dev eth1"])
+            ip_batch(ctr, [f"addr add {self._ctr_ip(i)}/32 dev eth0",
+                           f"neigh replace {GW_IP} lladdr {host_mac} dev eth0 nud permanent",
+                           f"route add default via {GW_IP} dev eth0 onlink"])
+        self.client, self.server = ns_path(f"{PREFIX}plain-c1"), ns_path(f"{PREFIX}plain-c2")
+        self.server_ip = self._ctr_ip(2)
+        self.info = {"underlay": f"{self.u.net}.0/24", "containers": [self._ctr_ip(1), self._ctr_ip(2)],
+                     "mtu": CONTAINER_MTU}
+
+    def down(self) -> None:
+        self.u.remove()
+
+
+class KernelVxlan(Path):
+    """The kernel's vxlan device, as Docker's overlay driver (and Flannel's vxlan backend)
+    use it: per node a bridge with the vxlan device and the containers' veths as ports,
+    learning off, static entries: the remote container's MAC in the vxlan fdb (-> its
+    node) and in the bridge fdb, its address in the container's neighbour table."""
+    VNI = 42
+
+    def __init__(self):
+        super().__init__("kernel-vxlan", "kernel vxlan device + bridge, static fdb/neigh (Docker, Flannel)")
+        self.u = _Underlay("vxlan", "203.0.113")
+
+    @staticmethod
+    def _ctr(i: int) -> tuple[str, str]:
+        return f"10.202.0.{i}", f"02:b2:00:00:00:0{i}"
+
+    def up(self) -> None:
+        self.u.build(2)
+        for i in (1, 2):
+            node, ctr = self.u.node_ns(i), f"{PREFIX}vxlan-c{i}"
+            ns_add(ctr)
+            ip, mac = self._ctr(i)
+            other = 3 - i
+            oip, omac = self._ctr(other)
+            ip_batch(node, [
+                f"link add vx0 type vxlan id {self.VNI} dstport 4789 local {self.u.node_ip(i)} dev eth1 "
+                "nolearning",
+                "link add br0 type bridge",
+                "link set vx0 master br0",
+                "link set br0 up", "link set vx0 up"])
+            _veth_to_container(node, ctr, "ctr", f"02:b2:00:00:0{i}:ff", mac)
+            ip_batch(node, ["link set ctr master br0",
+                            f"link set br0 mtu {CONTAINER_MTU}"])
+            sh("bridge", "-n", node, "fdb", "append", omac, "dev", "vx0", "dst", self.u.node_ip(other),
+               "self", "permanent")
+            sh("bridge", "-n", node, "fdb", "replace", omac, "dev", "vx0", "master", "static")
+            ip_batch(ctr, [f"addr add {ip}/24 dev eth0",
+                           f"neigh replace {oip} lladdr {omac} dev eth0 nud permanent"])
+        self.client, self.server = ns_path(f"{PREFIX}vxlan-c1"), ns_path(f"{PREFIX}vxlan-c2")
+        self.server_ip = self._ctr(2)[0]
+        self.info = {"underlay": f"{self.u.net}.0/24", "containers": [self._ctr(1)[0], self._ctr(2)[0]],
+                     "vni": self.VNI, "mtu": CONTAINER_MTU}
+
+    def down(self) -> None:
+        self.u.remove()
+
+
+def xoverlay_cmd() -> list[str]:
+    """The installed CLI next to this interpreter (the venv's), else the one on PATH."""
+    mine = os.path.join(os.path.dirname(sys.executable), "xoverlay")
+    if os.access(mine, os.X_OK):
+        return [mine]
+    found = shutil.which("xoverlay")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "ctl.cli"]
+
+
+class XoverlayLab(Path):
+    """The real thing: `xoverlay lab up --nodes 2` with a state store of its own (so its
+    names never meet the user's lab), client node1-a, server node2-a."""
+
+    def __init__(self, xdp: bool):
+        key = "xoverlay-xdp" if xdp else "xoverlay-noxdp"
+        label = ("xoverlay, XDP filter on the underlay (default)" if xdp
+                 else "xoverlay --no-xdp (tc only)")
+        super().__init__(key, label)
+        self.xdp = xdp
+        self.state = os.path.join(STATE_ROOT, key, "state.db")
+        self.nodes: list[str] = []
+
+    def cli(self, *args: str, timeout: float = 120, check: bool = True) -> str:
+        return sh(*xoverlay_cmd(), "--state", self.state, *args, timeout=timeout, check=check)
+
+    def up(self) -> None:
+        os.makedirs(os.path.dirname(self.state), exist_ok=True)
+        self.cli("lab", "up", "--nodes", "2", *([] if self.xdp else ["--no-xdp"]))
+        eps = {e["name"]: e for e in json.loads(self.cli("endpoint", "ls", "--json"))}
+        self.nodes = sorted({e["node"] for e in eps.values()}, key=lambda n: int(n.rsplit("node", 1)[1]))
+        client, server = eps[f"{self.nodes[0]}-a"], eps[f"{self.nodes[1]}-a"]
+        self.client, self.server, self.server_ip = client["netns"], server["netns"], server["ip"]
+        links = json.loads(self.cli("lab", "exec", self.nodes[1], "--", "ip", "-d", "-j", "link", "show", "eth1"))
+        xdp = links[0].get("xdp", {})
+        mode = {1: "native", 2: "generic", 3: "offload"}.get(xdp.get("mode"), "off")
+        self.info = {"state": self.state, "client": f"{client['name']} {client['ip']}",
+                     "server": f"{server['name']} {server['ip']}", "underlay_xdp": mode,
+                     "xdp_prog": xdp.get("prog", {}).get("name")}
+        if (mode == "native") != self.xdp:
+            raise BenchError(f"{self.key}: XDP on {self.nodes[1]}'s eth1 is {mode}, expected "
+                             f"{'native' if self.xdp else 'off'}")
+
+    def counters(self) -> dict:
+        from ctl.status import drop_counts
+        from maps.drops import REASONS
+        out = {}
+        for node in self.nodes:
+            for code, (packets, _bytes) in drop_counts(node).items():
+                name = REASONS[code].name if code in REASONS else str(code)
+                out[f"{node} drop {name}"] = packets
+        return out
+
+    def down(self) -> None:
+        if os.path.exists(self.state):
+            self.cli("lab", "down", check=False)
+        shutil.rmtree(os.path.dirname(self.state), ignore_errors=True)
+
+
+def all_paths() -> list[Path]:
+    return [PlainRouting(), KernelVxlan(), XoverlayLab(xdp=False), XoverlayLab(xdp=True)]
+
+
+def clean_leftovers(paths: list[Path]) -> list[str]:
+    """What an interrupted earlier run may have left: our netns, labs and pins."""
+    found = []
+    for p in paths:
+        if isinstance(p, XoverlayLab) and os.path.exists(p.state):
+            found.append(f"lab {p.state}")
+            p.down()
+    found += ns_del_prefix(PREFIX)
+    from ctl import datapath
+    from maps.layout import pin_dir
+    if os.path.isdir(pin_dir(BPF_NODE)):
+        found.append(pin_dir(BPF_NODE))
+        datapath.unpin(BPF_NODE)
+    return found
+
+
+# --- traffic ------------------------------------------------------------------------
+
+class Servers:
+    """The servers of one path, in its server container, for the whole run: iperf3 for
+    TCP, one iperf3 per UDP stream (iperf3 3.12 runs a test in one thread), sockperf."""
+
+    def __init__(self, path: Path, udp_streams: int):
+        self.path = path
+        self.udp_streams = udp_streams
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        cmds = [["iperf3", "-s", "-p", str(TCP_PORT)]]
+        cmds += [["iperf3", "-s", "-p", str(UDP_PORT + i)] for i in range(self.udp_streams)]
+        cmds += [["sockperf", "sr", "-i", self.path.server_ip, "-p", str(RR_PORT)]]
+        for cmd in cmds:
+            # nsenter execs the server (no fork for a net namespace): the pid is the server's.
+            self.procs.append(subprocess.Popen(in_ns(self.path.server, *cmd), stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 5.0) -> None:
+        want_tcp = {TCP_PORT} | {UDP_PORT + i for i in range(self.udp_streams)}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = sh(*in_ns(self.path.server, "ss", "-Hlntu"), check=False)
+            ports = {int(m) for m in re.findall(r":(\d+)\s", out)}
+            if want_tcp <= ports and RR_PORT in ports:
+                return
+            for p in self.procs:
+                if p.poll() is not None:
+                    raise BenchError(f"{self.path.key}: server {p.args[3:]} exited ({p.returncode})")
+            time.sleep(0.1)
+        raise BenchError(f"{self.path.key}: servers not listening after {timeout} s")
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+
+def _iperf3_client(path: Path, args: list[str], secs: float, tries: int = 3) -> dict:
+    cmd = in_ns(path.client, "iperf3", "-c", path.server_ip, "-t", str(secs), "-J", *args)
+    last = ""
+    for _ in range(tries):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        try:
+            out = json.loads(r.stdout)
+        except ValueError:
+            out = {"error": r.stderr.strip() or r.stdout.strip()}
+        if r.returncode == 0 and "error" not in out:
+            return out
+        last = out.get("error", "")
+        time.sleep(1)           # "the server is busy" right after a previous test
+    raise BenchError(f"{path.key}: iperf3 {' '.join(args)} failed: {last}")
+
+
+def tcp(path: Path, secs: float) -> dict:
+    """One TCP stream, client -> server."""
+    out = _iperf3_client(path, ["-p", str(TCP_PORT)], secs)["end"]
+    return {"tcp_gbps": out["sum_received"]["bits_per_second"] / 1e9,
+            "tcp_retransmits": out["sum_sent"].get("retransmits", 0)}
+
+
+def udp(path: Path, secs: float, streams: int) -> dict:
+    """`streams` iperf3 clients at once, each unlimited (-b 0) with 64-byte payloads.
+    The rate that arrives is what counts; the senders are the bottleneck, so this is a
+    measure of per-packet cost along the path."""
+    cmds = [in_ns(path.client, "iperf3", "-c", path.server_ip, "-p", str(UDP_PORT + i), "-u", "-b", "0",
+                  "-l", str(UDP_PAYLOAD), "-t", str(secs), "-J") for i in range(streams)]
+    for attempt in range(3):
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        outs = []
+        for p in procs:
+            try:
+                stdout, stderr = p.communicate(timeout=secs + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                stdout, stderr = p.communicate()
+            try:
+                outs.append(json.loads(stdout))
+            except ValueError:
+                outs.append({"error": stderr.strip() or "no output"})
+        errors = [o["error"] for o in outs if "error" in o]
+        if not errors:
+            break
+        time.sleep(1)
+    else:
+        raise BenchError(f"{path.key}: iperf3 UDP failed: {errors[0]}")
+    received = sum(o["end"]["sum_received"]["bytes"] for o in outs) / UDP_PAYLOAD
+    sent = sum(o["end"]["sum"]["packets"] for o in outs)
+    seconds = max(o["end"]["sum_received"]["seconds"] for o in outs)
+    return {"udp_kpps": received / seconds / 1e3, "udp_sent_kpps": sent / seconds / 1e3,
+            "udp_loss_pct": 100.0 * (sent - received) / sent if sent else 0.0}
+
+
+_RTT_AVG = re.compile(r"avg-rtt=\s*([\d.]+)")
+_RTT_PCT = re.compile(r"percentile (\d+\.\d+) =\s*([\d.]+)")
+
+
+def rr(path: Path, secs: float) -> dict:
+    """UDP request/response with 64-byte messages, one at a time: round-trip times."""
+    cmd = in_ns(path.client, "sockperf", "ping-pong", "-i", path.server_ip, "-p", str(RR_PORT), "-t",
+                str(secs), "-m", "64", "--full-rtt")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    avg = _RTT_AVG.search(text)
+    pct = {float(p): float(v) for p, v in _RTT_PCT.findall(text)}
+    if r.returncode != 0 or not avg or 50.0 not in pct:
+        raise BenchError(f"{path.key}: sockperf ping-pong failed: {text.strip()[-300:]}")
+    return {"rr_avg_us": float(avg.group(1)), "rr_p50_us": pct[50.0], "rr_p99_us": pct.get(99.0)}
+
+
+# --- statistics ---------------------------------------------------------------------
+
+def summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"min": None, "median": None, "max": None, "n": 0}
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+# --- per-packet cost of the BPF programs --------------------------------------------
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+XDP_PASS = 2
+# struct __sk_buff up to ingress_ifindex (offset 36): the only field we set. The kernel
+# reads a shorter ctx_in as if the rest were zero.
+_SKB_CTX_LEN = 40
+_INSN_MOV_R0 = 0xb7               # BPF_ALU64 | BPF_MOV | BPF_K, dst r0
+_INSN_EXIT = 0x95
+
+
+def _return_prog(prog_type: int, value: int, flags: int = 0) -> int:
+    """A program that only returns `value`: what a run costs with nothing to do."""
+    from maps import bpf
+    insns = bytes([_INSN_MOV_R0, 0, 0, 0]) + value.to_bytes(4, "little") + bytes([_INSN_EXIT]) + bytes(7)
+    return bpf.prog_load(prog_type, "xbench_empty", insns, flags)
+
+
+def _skb_ctx(ingress_ifindex: int) -> bytes:
+    ctx = bytearray(_SKB_CTX_LEN)
+    ctx[36:40] = ingress_ifindex.to_bytes(4, "little")
+    return bytes(ctx)
+
+
+class BpfCostCluster:
+    """Node A of a two-node cluster, built with the control plane's own functions
+    (ctl.model, then ctl.desired.desired_maps): local endpoints a1, a2 on A, b1 on node
+    B. The maps hold exactly what A's agent would write."""
+    NET, SUBNET, VNI = "bench", "10.99.0.0/16", 4242
+    A_IP, B_IP = "198.18.0.1", "198.18.0.2"
+    A_MAC, B_MAC = "52:54:00:18:00:01", "52:54:00:18:00:02"
+    IFINDEX = {"a1": 1001, "a2": 1002}
+    UNDERLAY_IFINDEX = 77
+
+    def __init__(self):
+        from ctl import model
+        s = model.State()
+        s = model.create_network(s, self.NET, self.SUBNET, vni=self.VNI)
+        s = model.join_node(s, "A", self.A_IP)
+        s = model.join_node(s, "B", self.B_IP)
+        for name, node in (("a1", "A"), ("a2", "A"), ("b1", "B")):
+            s = model.add_endpoint(s, name, self.NET, node, f"/run/netns/{PREFIX}{name}", True)
+        self.state = s
+        self.ep = s.endpoints
+
+    def fill(self, maps: dict, build_id: int) -> None:
+        from ctl import desired
+        want = desired.desired_maps(self.state, "A", self.IFINDEX, self.UNDERLAY_IFINDEX, build_id)
+        for name, entries in want.items():
+            for key, value in entries.items():
+                maps[name].set(key, value)
+
+    def packets(self) -> dict:
+        from scapy.layers.inet import IP, UDP
+        from scapy.layers.l2 import Ether
+        from scapy.layers.vxlan import VXLAN
+        a1, a2, b1 = self.ep["a1"], self.ep["a2"], self.ep["b1"]
+        gw = "ee:ee:ee:ee:ee:ee"
+        payload = b"x" * UDP_PAYLOAD
+
+        def inner(src, dst, smac, dmac):
+            return Ether(src=smac, dst=dmac) / IP(src=src.ip, dst=dst.ip) / UDP(sport=40000, dport=5301) / payload
+        vxlan = (Ether(src=self.B_MAC, dst=self.A_MAC) / IP(src=self.B_IP, dst=self.A_IP, flags="DF") /
+                 UDP(sport=50000, dport=4789, chksum=0) / VXLAN(vni=self.VNI, flags=0x08) /
+                 inner(b1, a1, b1.mac, a1.mac))
+        return {"encap": bytes(inner(a1, b1, a1.mac, gw)), "local": bytes(inner(a1, a2, a1.mac, gw)),
+                "vxlan": bytes(vxlan)}
+
+
+def _check_encap(inp: bytes, out: bytes, c: BpfCostCluster) -> str | None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    if len(out) != len(inp) + 50:
+        return f"output is {len(out)} bytes, expected {len(inp) + 50}"
+    p = Ether(out)
+    if not (p.haslayer(UDP) and p[IP].dst == c.B_IP and p[UDP].dport == 4789):
+        return "output is not VXLAN to node B"
+    return None
+
+
+def _check_local(inp: bytes, out: bytes, c: BpfCostCluster) -> str | None:
+    if out[:6] != bytes.fromhex(c.ep["a2"].mac.replace(":", "")) or out[14:] != inp[14:]:
+        return "output is not the same packet addressed to a2's MAC"
+    return None
+
+
+def _check_decap(inp: bytes, out: bytes, c: BpfCostCluster) -> str | None:
+    if len(out) != len(inp) - 50 or out[14:] != inp[64:]:
+        return "output is not the inner packet"
+    if out[:6] != bytes.fromhex(c.ep["a1"].mac.replace(":", "")):
+        return "inner frame not addressed to a1's MAC"
+    return None
+
+
+def bpf_costs(samples: int, repeat: int) -> list[dict]:
+    """ns per packet of each program on its main path, two ways:
+
+    single: `samples` runs of one packet each (repeat=1), the kernel's own timing of each
+      run, median, less the median of a program that only returns (the timer's cost).
+      Every run gets a fresh skb, so every run takes the path we mean.
+    loop: one BPF_PROG_TEST_RUN with repeat=`repeat`. The kernel runs the program that
+      many times on the SAME skb/buffer, so a program that rewrites its packet sees its
+      own output from the second run on (encap would wrap the wrapped packet, decap
+      would see a plain packet, local delivery a rewritten source MAC that fails the
+      source check). The loop number is reported only where the program leaves the
+      packet as it was (the XDP filter); elsewhere it measures another path."""
+    from ctl import datapath
+    from maps import bpf
+    from maps.layout import U32, sum_percpu
+
+    c = BpfCostCluster()
+    pk = c.packets()
+    rows = [
+        # name, program, packet, ingress_ifindex, expected verdict, output check
+        ("endpoint: VXLAN encap (to a remote endpoint)", "prog_endpoint", pk["encap"], c.IFINDEX["a1"],
+         TC_ACT_REDIRECT, _check_encap),
+        ("endpoint: local delivery (same node)", "prog_endpoint", pk["local"], c.IFINDEX["a1"],
+         TC_ACT_REDIRECT, _check_local),
+        ("underlay tc: VXLAN decap", "prog_underlay_tc", pk["vxlan"], None, TC_ACT_REDIRECT, _check_decap),
+        ("underlay XDP: valid VXLAN, pass", "prog_underlay_xdp", pk["vxlan"], None, XDP_PASS,
+         lambda i, o, c: None if o == i else "XDP changed the packet"),
+    ]
+    progs, maps, empty = None, {}, {}
+    try:
+        progs = datapath.load(BPF_NODE, force=True)
+        maps = datapath.open_maps(BPF_NODE)
+        c.fill(maps, progs.build)
+        empty = {"tc": _return_prog(bpf.BPF_PROG_TYPE_SCHED_CLS, TC_ACT_OK),
+                 "xdp": _return_prog(bpf.BPF_PROG_TYPE_XDP, XDP_PASS, bpf.BPF_F_XDP_HAS_FRAGS)}
+
+        def drops() -> int:
+            return sum(sum_percpu(maps["xo_drops"].get(U32(i))).packets for i in range(32))
+
+        def single(fd: int, packet: bytes, ctx: bytes | None) -> float:
+            runs = [bpf.prog_test_run(fd, packet, ctx, 1)[2] for _ in range(samples)]
+            return statistics.median(runs)
+
+        base = {"tc": single(empty["tc"], pk["local"], _skb_ctx(0)), "xdp": single(empty["xdp"], pk["vxlan"], None)}
+        out = []
+        for name, prog, packet, ifindex, want, check in rows:
+            kind = "xdp" if prog == "prog_underlay_xdp" else "tc"
+            ctx = _skb_ctx(ifindex or 0) if kind == "tc" else None
+            fd = progs.fds[prog]
+            d0 = drops()
+            verdict, result, _ = bpf.prog_test_run(fd, packet, ctx, 1)
+            problem = (f"verdict {verdict}, expected {want}" if verdict != want else check(packet, result, c))
+            ns = single(fd, packet, ctx)
+            if drops() != d0:
+                problem = problem or "the drop counters moved during the single runs"
+            row = {"name": name, "program": prog, "packet_bytes": len(packet), "verdict": verdict,
+                   "ns_single": round(ns - base[kind], 1), "ns_single_raw": ns, "ns_timer": base[kind],
+                   "ns_loop": None, "loop_note": "", "problem": problem}
+            # The loop: valid only if the last run still took the path (same verdict, the
+            # packet as one run leaves it, no drop counted).
+            d0 = drops()
+            lv, lout, lns = bpf.prog_test_run(fd, packet, ctx, repeat)
+            if lv == want and lout == result and drops() == d0:
+                row["ns_loop"] = lns
+            else:
+                row["loop_note"] = (f"not valid: repeated runs reuse the rewritten packet "
+                                    f"(last verdict {lv}, {drops() - d0} drops counted, "
+                                    f"{len(lout)} bytes out)")
+            out.append(row)
+        return out
+    finally:
+        for fd in empty.values():
+            os.close(fd)
+        for m in maps.values():
+            m.close()
+        if progs is not None:
+            progs.close()
+        datapath.unpin(BPF_NODE)

@@ -1,0 +1,88 @@
+"""status: drift is a pure function of store and kernel maps; on a live lab the counters
+move in the right rows and drift made behind the agent's back is seen, then repaired."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from ctl import desired, model, status
+from ctl.model import State
+from maps.layout import EndpointKey, Endpoint, U32, ip_be
+
+
+def cluster():
+    s = State()
+    s = model.join_node(s, "n1", "192.0.2.1")
+    s = model.join_node(s, "n2", "192.0.2.2")
+    s = model.create_network(s, "app", "10.10.0.0/16")
+    s = model.add_endpoint(s, "a", "app", "n1", "/run/netns/a", True)
+    return model.add_endpoint(s, "b", "app", "n2", "/run/netns/b", True)
+
+
+def kernel_as_agent_left_it(s):
+    return desired.desired_maps(s, "n1", {"a": 7}, 2, 5)
+
+
+def test_no_drift_when_kernel_matches():
+    s = cluster()
+    assert status.drift(s, "n1", kernel_as_agent_left_it(s)) == []
+
+
+def test_missing_unexpected_and_different_entries():
+    s = cluster()
+    actual = {k: dict(v) for k, v in kernel_as_agent_left_it(s).items()}
+    b_key = EndpointKey(vni=4096, ip=ip_be(s.endpoints["b"].ip))
+    del actual["xo_endpoints"][b_key]
+    actual["xo_peers"][U32(ip_be("192.0.2.99"))] = next(iter(actual["xo_peers"].values()))
+    a_key = EndpointKey(vni=4096, ip=ip_be(s.endpoints["a"].ip))
+    actual["xo_endpoints"][a_key] = Endpoint(node_ip=ip_be("192.0.2.1"), ifindex=99)
+    kinds = sorted((d["map"], d["kind"]) for d in status.drift(s, "n1", actual))
+    assert kinds == [("xo_endpoints", "different"), ("xo_endpoints", "missing"), ("xo_peers", "unexpected")]
+
+
+def test_unplumbed_local_endpoint_is_not_drift():
+    s = cluster()
+    actual = desired.desired_maps(s, "n1", {}, 2, 5)      # a not plumbed yet
+    assert status.drift(s, "n1", actual) == []
+
+
+@pytest.mark.lab
+def test_status_json_counts_traffic_and_sees_drift(lab):
+    from ctl.datapath import open_maps
+    n1, n2, _ = lab.nodes()
+    snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
+    assert snap["node"]["agent_alive"] and snap["node"]["build_current"] and snap["drift"] == []
+    peer_before = {p["node"]: p for p in snap["peers"]}[n2]
+    ep_before = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
+    assert lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=5)
+    snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
+    peer = {p["node"]: p for p in snap["peers"]}[n2]
+    ep = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
+    assert peer["tx_packets"] - peer_before["tx_packets"] >= 5
+    assert peer["rx_packets"] - peer_before["rx_packets"] >= 5
+    assert ep["tx_packets"] - ep_before["tx_packets"] >= 5 and ep["rx_packets"] - ep_before["rx_packets"] >= 5
+    assert {m["name"]: m["entries"] for m in snap["maps"]}["xo_peers"] == 2
+
+    # Behind a stopped agent's back: status shows it; the agent, back, repairs it.
+    from ctl.teardown import stop_agent
+    stop_agent(n1)
+    endpoints = open_maps(n1)["xo_endpoints"]
+    key = EndpointKey(vni=4096, ip=ip_be(lab.ep(f"{n2}-b")["ip"]))
+    assert endpoints.delete(key)
+    snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
+    assert not snap["node"]["agent_alive"]
+    assert [(d["map"], d["kind"]) for d in snap["drift"]] == [("xo_endpoints", "missing")]
+    assert not lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=1)
+    lab.xo("lab", "up", "--nodes", "3", timeout=120)
+    assert endpoints.get(key) is not None, "the agent did not repair the deleted entry"
+    assert json.loads(lab.xo("status", "--node", n1, "--json").out)["drift"] == []
+    assert lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=1)
+
+
+@pytest.mark.lab
+def test_status_once_prints_tables(lab):
+    out = lab.xo("status", "--node", lab.nodes()[0], "--once").out
+    for title in ("peers", "endpoints", "drops", "maps", "drift"):
+        assert title in out
