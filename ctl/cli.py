@@ -345,11 +345,9 @@ def status(ctx, node, once, as_json):
     if once or not sys.stdout.isatty():
         console.print(_render_status(status_mod.snapshot(store.read(), node)))
         return
-    from rich.live import Live
-    with Live(_render_status(status_mod.snapshot(store.read(), node)), console=console, screen=True) as live:
-        while True:
-            time.sleep(1)
-            live.update(_render_status(status_mod.snapshot(store.read(), node)))
+    from .tui import StatusApp, StoreSource
+    source = StoreSource(getattr(store, "path", ctx.obj["state"]))
+    StatusApp(source.snapshot, node, source.nodes).run()
 
 
 # --- lab ----------------------------------------------------------------------------

@@ -111,3 +111,36 @@ def snapshot(state: State, node: str) -> dict:
                  for name, spec in MAPS.items()],
         "drift": drift(state, node, maps) if cfg else [],
     }
+
+
+# --- extras for the live dashboard (not in the --json schema) -------------------------
+
+def endpoints_by_peer(state: State, node: str) -> dict[str, list[dict]]:
+    """The endpoints each peer of `node` hosts, as the store has them: what the dashboard
+    shows when you drill into a peer."""
+    def ep_state(ep):
+        return "removing" if ep.removing else ("ready" if ep.ready else "pending")
+    out = {peer.name: [] for peer in peers_of(state, node)}
+    for ep in sorted(state.endpoints.values(), key=lambda e: e.name):
+        if ep.node in out:
+            out[ep.node].append({"name": ep.name, "network": ep.network, "ip": ep.ip, "state": ep_state(ep)})
+    return out
+
+
+# Kernel map types whose every slot always exists (linux/bpf.h: ARRAY, PERCPU_ARRAY).
+_ARRAY_TYPES = {2: "array", 6: "percpu_array"}
+
+
+def array_maps(node: str) -> list[str]:
+    """Pinned maps of `node` that are arrays, asked of the kernel: they always hold
+    max_entries entries, so a full one is not under pressure."""
+    from maps import bpf
+    names = []
+    for name, spec in MAPS.items():
+        try:
+            with PinnedMap(pin_dir(node), spec) as m:
+                if bpf.map_info(m.fd).type in _ARRAY_TYPES:
+                    names.append(name)
+        except OSError:
+            pass
+    return names
