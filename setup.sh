@@ -51,7 +51,7 @@ if ! "$venv/bin/python" -c "import ctl, maps, pyroute2, click, rich, pytest, sca
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
   say "installing xoverlay into $venv"
   log=$(mktemp)
-  if ! { "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e "$here[test]"; } >"$log" 2>&1; then
+  if ! { "$venv/bin/pip" install -q --upgrade pip && "$venv/bin/pip" install -q -e "$here[test,bench]"; } >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"; echo "setup.sh: pip install failed" >&2; exit 1
   fi
   rm -f "$log"
