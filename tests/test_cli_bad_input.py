@@ -3,6 +3,7 @@ the kernel exactly as they were."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 
@@ -26,7 +27,10 @@ def snapshot(lab) -> tuple:
         kernel[node] = {m: sorted(bytes(k) + bytes(v) for k, v in maps[m].items().items()) for m in RECONCILED_MAPS}
         for m in maps.values():
             m.close()
-    netns = sorted(os.listdir("/run/netns"))
+    # Other labs (other test runs, benchmarks) may come and go meanwhile: ignore theirs.
+    mine = lab.nodes()[0].split("-")[0] + "-"
+    netns = sorted(n for n in os.listdir("/run/netns")
+                   if mine in n or not re.match(r"(xo-)?(x[0-9a-f]{4}|xbench)-", n))
     links = {n: subprocess.run(["ip", "-n", f"xo-{n}", "-o", "link"], capture_output=True, text=True).stdout
              for n in lab.nodes()}
     return rows, gen, kernel, netns, links
