@@ -196,7 +196,10 @@ class _Underlay:
         return f"{self.net}.{10 + i}"
 
     def build(self, nodes: int) -> None:
+        from ctl.lab import SWITCH_NO_NETFILTER
         ns_add(self.switch)
+        # Like the lab's switch: no iptables on bridged frames, as on a physical switch.
+        sh("ip", "netns", "exec", self.switch, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
         ip_batch(self.switch, ["link add br0 type bridge", "link set br0 up"])
         for i in range(1, nodes + 1):
             ns = self.node_ns(i)

@@ -25,6 +25,10 @@ DEMO_SUBNET = "10.10.0.0/16"
 READY_SECONDS = 20
 
 
+SWITCH_NO_NETFILTER = ("net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
+                       "net.bridge.bridge-nf-call-arptables=0")
+
+
 def _run(*cmd: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -125,6 +129,9 @@ class Lab:
             return
         _run("ip", "netns", "add", ns)
         self._quiet(ns)
+        # A physical switch runs no firewall: bridged frames skip iptables here. (This
+        # kernel has br_netfilter built in and on in every new netns.)
+        _run("ip", "netns", "exec", ns, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
         _run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", ns, "link", "set", "br0", "up")
 
