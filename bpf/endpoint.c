@@ -63,10 +63,11 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     if (!cfg)
         return xo_drop(XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
     __be32 node_ip = dst->node_ip;
+    __u32 hash = xo_flow_hash(ip, data_end);
     __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
     xo_mac_copy(inner_src, self->mac);
     xo_mac_copy(inner_dst, dst->mac);
-    int reason = xo_vxlan_encap(skb, cfg, node_ip, self->vni, inner_src, inner_dst);
+    int reason = xo_vxlan_encap(skb, cfg, node_ip, self->vni, hash, inner_src, inner_dst);
     if (reason)
         return xo_drop(reason, len, TC_ACT_SHOT);
     xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);

@@ -115,6 +115,7 @@ class Agent:
         self.progs = datapath.load(self.node)
         self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
         self.maps = datapath.open_maps(self.node)
+        self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
         self.store.update(join)
         verb = "loaded" if self.progs.replaced else "adopted"
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
@@ -169,7 +170,8 @@ class Agent:
                 changes.append(f"removed stray veth {ifname}")
         for ifname, ep in wanted.items():
             try:
-                ifindexes[ep.name] = links.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"])
+                ifindexes[ep.name] = links.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"],
+                                                self.headroom_bridge)
             except XoError as e:
                 log.error("%s", e)
                 continue

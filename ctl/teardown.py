@@ -52,6 +52,7 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
                     links.remove_endpoint(ipr, ep)
             for ifname in links.our_veths(ipr):
                 links.unplumb(ipr, ifname)
+            links.remove_headroom_bridge(ipr)
             ifindex = _pinned_underlay(node)
             if ifindex:
                 datapath.detach_underlay(ifindex)

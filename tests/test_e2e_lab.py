@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 
@@ -236,3 +237,30 @@ def test_endpoint_in_a_process_netns(lab):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_containers_reserve_room_for_the_vxlan_headers(lab):
+    """Encap must not reallocate every small packet: a container's eth0 asks its sockets
+    for the VXLAN headroom, because the host end of its veth is a port of the node's
+    (down) headroom bridge. Off the bridge it asks for nothing; the agent puts it back."""
+    from ctl import netns
+    from ctl.links import ENCAP_HEADROOM, HEADROOM_BRIDGE, host_ifname, needed_headroom
+    n1, _, _ = names(lab)
+    ep = f"{n1}-a"
+    host, node_ns = host_ifname(ep), lab.node_netns(n1)
+
+    def container_headroom() -> int:
+        with netns.entered(lab.ep(ep)["netns"]):
+            return needed_headroom(socket.if_nametoindex("eth0"))
+
+    try:
+        assert container_headroom() >= ENCAP_HEADROOM
+        in_netns(node_ns, "ip", "link", "set", host, "nomaster")
+        assert container_headroom() < ENCAP_HEADROOM
+        deadline = time.monotonic() + 5
+        while container_headroom() < ENCAP_HEADROOM:
+            assert time.monotonic() < deadline, "the agent did not put the veth back on the headroom bridge"
+            time.sleep(0.2)
+        assert f"master {HEADROOM_BRIDGE}" in in_netns(node_ns, "ip", "-o", "link", "show", host).stdout
+    finally:
+        in_netns(node_ns, "ip", "link", "set", host, "master", HEADROOM_BRIDGE, check=False)

@@ -119,15 +119,15 @@ static __always_inline __be16 xo_flow_sport(__u32 hash)
     return bpf_htons((((__u64)hash * (XO_SPORT_MAX - XO_SPORT_MIN)) >> 32) + XO_SPORT_MIN);
 }
 
-/* Wrap the frame at skb->data in Ethernet/IPv4/UDP/VXLAN to dst_node. The original
- * Ethernet header stays in front as the outer one (the neighbour code rewrites it on
- * transmit); the inner one is rebuilt from the arguments. Returns 0 or a drop reason. */
+/* Wrap the frame at skb->data in Ethernet/IPv4/UDP/VXLAN to dst_node, the source port
+ * from `hash` (xo_flow_hash of the inner packet). The original Ethernet header stays in
+ * front as the outer one (the neighbour code rewrites it on transmit); the inner one is
+ * rebuilt from the arguments. Returns 0 or a drop reason. */
 static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo_config *cfg,
-                                          __be32 dst_node, __u32 vni,
+                                          __be32 dst_node, __u32 vni, __u32 hash,
                                           const __u8 *inner_src, const __u8 *inner_dst)
 {
     __u32 inner_len = skb->len - ETH_HLEN;    /* inner IP packet */
-    __u32 hash = bpf_get_hash_recalc(skb);
     /* FIXED_GSO keeps the container's MSS (its MTU already leaves room); the ENCAP flags
      * tell GSO how to segment what is now a UDP tunnel packet with an inner Ethernet. */
     __u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
