@@ -268,6 +268,84 @@ def endpoint_rm(ctx, name, wait):
     click.echo(f"endpoint {name} removed")
 
 
+# --- services -----------------------------------------------------------------------
+
+@cli.group()
+def service():
+    """Services: a virtual IP load-balanced over endpoints (Maglev, in the kernel)."""
+
+
+@service.command("create")
+@click.argument("name")
+@click.option("--network", required=True)
+@click.option("--port", "ports", multiple=True, required=True, help="PORT[/tcp|udp], repeatable (default tcp)")
+@click.option("--backend", "backends", multiple=True,
+              help="ENDPOINT[:TARGET_PORT][@WEIGHT], repeatable (target port: only with one --port)")
+@click.option("--vip", default="auto", show_default=True, help="an address of the network's subnet, or auto")
+@click.option("--publish", "publish", multiple=True, help="NODE_PORT:SERVICE_PORT, on every node's underlay IP")
+@click.option("--affinity", type=click.Choice(model.AFFINITIES), default="none", show_default=True)
+@click.pass_context
+def service_create(ctx, name, network, ports, backends, vip, publish, affinity):
+    st = _store(ctx).update(lambda s: model.create_service(s, name, network, list(ports), list(backends), vip,
+                                                           list(publish), affinity))
+    svc = st.services[name]
+    click.echo(f"service {name}: {svc.vip} {' '.join(svc.ports)} in {network}, "
+               f"{len(svc.backends)} backend{'s' * (len(svc.backends) != 1)}")
+
+
+@service.command("update")
+@click.argument("name")
+@click.option("--add-backend", "add", multiple=True, help="ENDPOINT[:PORT][@WEIGHT] (also ends draining)")
+@click.option("--rm-backend", "rm", multiple=True, help="its connections are reset")
+@click.option("--drain", "drain", multiple=True, help="keeps its connections, gets no new ones")
+@click.pass_context
+def service_update(ctx, name, add, rm, drain):
+    st = _store(ctx).update(lambda s: model.update_service(s, name, list(add), list(rm), list(drain)))
+    svc = st.services[name]
+    click.echo(f"service {name}: {len(svc.active)} active, {len(svc.backends) - len(svc.active)} draining")
+
+
+@service.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def service_ls(ctx, as_json):
+    from . import services
+    rows = services.rows(_store(ctx).read())
+    _print_table("services", ["NAME", "NETWORK", "VIP", "PORTS", "BACKENDS", "PUBLISH", "AFFINITY"],
+                 [[r["name"], r["network"], r["vip"], " ".join(r["ports"]), f"{r['active']}/{r['backends']}",
+                   " ".join(r["publish"]) or "-", r["affinity"]] for r in rows], as_json, rows)
+
+
+@service.command("inspect")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def service_inspect(ctx, name, as_json):
+    from . import services
+    st = _store(ctx).read()
+    info = services.inspect(st, name, services.read_counters(st, name))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    c = info["counters"]
+    click.echo(f"service {info['name']} (id {info['id']}): {info['vip']} {' '.join(info['ports'])} in "
+               f"{info['network']}; publish {' '.join(info['publish']) or '-'}; affinity {info['affinity']}; "
+               f"Maglev table {info['table_size']} slots")
+    click.echo(f"  {c['connections']} connections, {c['packets']} packets, {c['bytes']} bytes")
+    _print_table("backends", ["ENDPOINT", "ID", "IP", "NODE", "PORT", "WEIGHT", "STATE", "CONNS", "PKTS", "BYTES"],
+                 [[b["endpoint"], b["id"], b["ip"], b["node"], b["port"] or "-", b["weight"], b["state"],
+                   b["counters"]["connections"], b["counters"]["packets"], b["counters"]["bytes"]]
+                  for b in info["backends"]], False, [])
+
+
+@service.command("rm")
+@click.argument("name")
+@click.pass_context
+def service_rm(ctx, name):
+    _store(ctx).update(lambda s: model.remove_service(s, name))
+    click.echo(f"service {name} removed")
+
+
 # --- peers --------------------------------------------------------------------------
 
 @cli.group()

@@ -70,7 +70,9 @@ class SqliteStore(Store):
         tables = {kind: {} for kind in KINDS}
         for kind, name, body in self._db.execute("SELECT kind, name, body FROM objects"):
             if kind in KINDS:
-                tables[kind][name] = KINDS[kind](**json.loads(body))
+                cls = KINDS[kind]
+                fields = json.loads(body)
+                tables[kind][name] = cls.from_dict(fields) if hasattr(cls, "from_dict") else cls(**fields)
         return State(**{kind + "s": t for kind, t in tables.items()})
 
     def read(self) -> State:

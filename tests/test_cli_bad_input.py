@@ -2,6 +2,7 @@
 the kernel exactly as they were."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -71,11 +72,72 @@ CASES = [
 ]
 
 
+SVC = ["service", "create", "x", "--network", "demo"]
+SERVICE_CASES = [
+    ("service: unknown network", ["service", "create", "x", "--network", "nope", "--port", "80"],
+     ["network nope does not exist"]),
+    ("service: unknown backend", [*SVC, "--port", "80", "--backend", "ghost"],
+     ["backend ghost: endpoint ghost does not exist"]),
+    ("service: backend in another network", [*SVC, "--port", "80", "--backend", "{n1}-o"],
+     ["endpoint {n1}-o is in network badother"]),
+    ("service: VIP outside the subnet", [*SVC, "--port", "80", "--vip", "10.99.0.1"],
+     ["VIP 10.99.0.1 is not a usable address of network demo"]),
+    ("service: VIP taken by an endpoint", [*SVC, "--port", "80", "--vip", "{ip_n1a}"],
+     ["VIP {ip_n1a} is already used by endpoint {n1}-a"]),
+    ("service: VIP taken by a service", [*SVC, "--port", "80", "--vip", "{vip}"],
+     ["VIP {vip} is already used by service badsvc"]),
+    ("service: duplicate service", ["service", "create", "badsvc", "--network", "demo", "--port", "80"],
+     ["service badsvc already exists"]),
+    ("service: duplicate port", [*SVC, "--port", "80/tcp", "--port", "80"], ["port 80/tcp is given twice"]),
+    ("service: publish port collision", [*SVC, "--port", "80", "--publish", "18080:80"],
+     ["published port 18080/tcp is already used by service badsvc"]),
+    ("service: invalid port", [*SVC, "--port", "65536/tcp"], ["must be 1..65535"]),
+    ("service: invalid protocol", [*SVC, "--port", "80/icmp"], ["protocol must be tcp or udp"]),
+    ("service: target port with two ports", [*SVC, "--port", "80", "--port", "81", "--backend", "{n1}-a:8080"],
+     ["a target port needs a service with one port"]),
+    ("service: update unknown service", ["service", "update", "nope", "--add-backend", "{n1}-a"],
+     ["service nope does not exist"]),
+    ("service: remove a backend it does not have", ["service", "update", "badsvc", "--rm-backend", "{n1}-b"],
+     ["{n1}-b is not a backend of service badsvc"]),
+    ("service: add a backend twice", ["service", "update", "badsvc", "--add-backend", "{n1}-a"],
+     ["{n1}-a is already a backend of service badsvc"]),
+    ("service: rm unknown", ["service", "rm", "nope"], ["service nope does not exist"]),
+    ("service: inspect unknown", ["service", "inspect", "nope"], ["service nope does not exist"]),
+    ("endpoint: fixed IP is a VIP", ["endpoint", "add", "x", "--network", "demo", "--ip", "{vip}", "--node", "{n1}"],
+     ["{vip} is the virtual IP of service badsvc"]),
+    ("network with a service", ["network", "rm", "badother"], ["still has"]),
+]
+
+
+@pytest.fixture(scope="module")
+def service_setup(lab):
+    """A service (badsvc) to collide with, and an endpoint of another network; removed
+    afterwards (the lab is shared with other test modules)."""
+    n1 = lab.nodes()[0]
+    lab.xo("network", "create", "badother", "--subnet", "10.77.0.0/16")
+    try:
+        lab.xo("endpoint", "add", f"{n1}-o", "--network", "badother", "--node", n1)
+        lab.xo("service", "create", "badsvc", "--network", "demo", "--port", "80", "--backend", f"{n1}-a",
+               "--publish", "18080:80")
+        lab.xo("service", "create", "othersvc", "--network", "badother", "--port", "80")
+        yield json.loads(lab.xo("service", "inspect", "badsvc", "--json").out)["vip"]
+    finally:
+        lab.xo("service", "rm", "badsvc", check=False)
+        lab.xo("service", "rm", "othersvc", check=False)
+        lab.xo("endpoint", "rm", f"{n1}-o", check=False)
+        lab.xo("network", "rm", "badother", check=False)
+
+
+@pytest.mark.parametrize("case", SERVICE_CASES, ids=[c[0] for c in SERVICE_CASES])
+def test_bad_service_input_changes_nothing(lab, service_setup, case):
+    test_bad_input_changes_nothing(lab, case, vip=service_setup)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_changes_nothing(lab, case):
+def test_bad_input_changes_nothing(lab, case, vip=None):
     _, args, words = case
     n1 = lab.nodes()[0]
-    fill = {"n1": n1, "ip_n1a": lab.ep(f"{n1}-a")["ip"]}
+    fill = {"n1": n1, "ip_n1a": lab.ep(f"{n1}-a")["ip"], "vip": vip}
     args = [a.format(**fill) for a in args]
     words = [w.format(**fill) for w in words]
     before = snapshot(lab)
