@@ -1,6 +1,8 @@
 /* tc ingress on each endpoint's host-side veth: every packet a container sends.
  *
- *   same network, this node   -> straight into the other container (redirect_peer)
+ *   to a service (VIP:port)   -> DNAT to a backend (lib/lb.h), then as below
+ *   same network, this node   -> straight into the other container (redirect_peer),
+ *                                with the VIP put back if it is a service's reply
  *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
  *   anything else             -> dropped, counted by reason
  */
@@ -8,6 +10,7 @@
 #include "lib/maps.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
+#include "lib/lb.h"
 
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
 {
@@ -40,34 +43,74 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     if (ip->saddr != self->ip || !xo_mac_equal(eth->h_source, self->mac))
         return xo_drop(XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
+    __u32 vni = self->vni;
+    __be32 daddr = ip->daddr;
 
-    struct xo_endpoint_key src_key = { .vni = self->vni, .ip = self->ip };
-    struct xo_endpoint_key dst_key = { .vni = self->vni, .ip = ip->daddr };
+    /* Services first: a VIP is no endpoint. The packet may be rewritten (and every packet
+     * pointer with it): from here on, only the values saved above and in f. */
+    struct xo_flow f = {};
+    int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
+    int lb = XO_LB_NOT_SERVICE;
+    if (has_flow) {
+        lb = xo_lb_client(skb, vni, &f);
+        if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
+            __u8 mac[ETH_ALEN];
+            xo_mac_copy(mac, self->mac);
+            return xo_drop(lb, len, xo_lb_reset(skb, &f, mac, ifindex));
+        }
+        if (lb > 0)
+            return xo_drop(lb, len, TC_ACT_SHOT);
+        daddr = f.daddr;
+    }
+
+    struct xo_endpoint_key src_key = { .vni = vni, .ip = self->ip };
+    struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     if (!dst)
-        return xo_drop(xo_unroutable(self->vni, ip->daddr), len, TC_ACT_SHOT);
+        return xo_drop(xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
 
     struct xo_traffic zero = {};
     xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
 
     if (dst->ifindex) {
         /* Local: hand it to the other container as if it came from its gateway. */
+        __u32 dst_ifindex = dst->ifindex;
+        __u8 dst_mac[ETH_ALEN];
+        xo_mac_copy(dst_mac, dst->mac);
+        if (has_flow && lb == XO_LB_NOT_SERVICE) {
+            int reason = xo_lb_reply(skb, &f);
+            if (reason)
+                return xo_drop(reason, len, TC_ACT_SHOT);
+        }
+        data = (void *)(long)skb->data;
+        data_end = (void *)(long)skb->data_end;
+        eth = data;
+        if ((void *)(eth + 1) > data_end)
+            return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
         __u8 gw[ETH_ALEN] = XO_GW_MAC;
-        xo_mac_copy(eth->h_dest, dst->mac);
+        xo_mac_copy(eth->h_dest, dst_mac);
         xo_mac_copy(eth->h_source, gw);
         xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), len);
-        return bpf_redirect_peer(dst->ifindex, 0);
+        return bpf_redirect_peer(dst_ifindex, 0);
     }
 
     struct xo_config *cfg = xo_get_config();
     if (!cfg)
         return xo_drop(XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
     __be32 node_ip = dst->node_ip;
+    /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
+    data = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    struct xo_cursor sent = { .pos = data, .end = data_end };
+    xo_parse_eth(&sent);
+    ip = xo_parse_ipv4(&sent);
+    if (!ip)
+        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     __u32 hash = xo_flow_hash(ip, data_end);
     __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
     xo_mac_copy(inner_src, self->mac);
     xo_mac_copy(inner_dst, dst->mac);
-    int reason = xo_vxlan_encap(skb, cfg, node_ip, self->vni, hash, inner_src, inner_dst);
+    int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, inner_src, inner_dst);
     if (reason)
         return xo_drop(reason, len, TC_ACT_SHOT);
     xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);

@@ -1,11 +1,13 @@
 /* tc ingress on the underlay device: decapsulate VXLAN for local endpoints and deliver
- * it into the container (redirect_peer skips the host stack and a second veth hop).
+ * it into the container (redirect_peer skips the host stack and a second veth hop),
+ * reverse-NATing replies of service backends on the way (lib/lb.h).
  * Does the same checks as the XDP program, which may be off (up --no-xdp), and more:
  * the inner source must be an endpoint of the peer that sent it. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
+#include "lib/lb.h"
 
 int xo_underlay_ingress(struct __sk_buff *skb)
 {
@@ -61,6 +63,18 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     xo_mac_copy(eth->h_dest, dst_mac);
     xo_mac_copy(eth->h_source, gw);
     eth->h_proto = bpf_htons(ETH_P_IP);
+
+    /* A reply from a service backend on another node, for a client here: the client
+     * must see the VIP it talked to. */
+    struct xo_cursor ic = { .pos = eth, .end = data_end };
+    xo_parse_eth(&ic);
+    struct iphdr *ip = xo_parse_ipv4(&ic);
+    struct xo_flow f = {};
+    if (ip && xo_flow_parse(data, data_end, ip, ic.pos, &f)) {
+        int reason = xo_lb_reply(skb, &f);
+        if (reason)
+            return xo_drop(reason, len, TC_ACT_SHOT);
+    }
 
     xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), skb->len);
     return bpf_redirect_peer(ifindex, 0);

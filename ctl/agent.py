@@ -15,6 +15,7 @@ from pyroute2 import IPRoute
 
 from . import datapath, desired, links, model
 from .errors import XoError
+from .lbmaps import MaglevTables
 from .store import Store
 
 log = logging.getLogger("xoverlay.agent")
@@ -116,6 +117,7 @@ class Agent:
         self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
         self.maps = datapath.open_maps(self.node)
         self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
+        self.tables = MaglevTables(self.maps[desired.MAGLEV])
         self.store.update(join)
         verb = "loaded" if self.progs.replaced else "adopted"
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
@@ -132,10 +134,20 @@ class Agent:
         ifindexes, ready, gone = self._plumb(state, changes)
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
-        ops = desired.diff(want, actual)
+        ops = desired.plan(want, actual, desired.desired_tables(state), self.tables.read())
         ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),
-                                      self.maps["xo_endpoint_stats"].keys())
+                                      self.maps["xo_endpoint_stats"].keys(),
+                                      self.maps["xo_lb_service_stats"].keys(),
+                                      self.maps["xo_lb_backend_stats"].keys())
         for op in ops:
+            if op.map == desired.MAGLEV:
+                if op.value is None:
+                    self.tables.delete(op.key)
+                    changes.append(f"delete Maglev table of service id {op.key}")
+                else:
+                    self.tables.set(op.key, op.value)
+                    changes.append(f"set Maglev table of service id {op.key} ({op.value[0]} slots)")
+                continue
             if op.value is None:
                 self.maps[op.map].delete(op.key)
             else:

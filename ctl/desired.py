@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from functools import lru_cache
 
-from maps.layout import (Config, Endpoint, EndpointKey, LocalEndpoint, Peer, U32, Vni,
-                         ip_be, mac_bytes, subnet_key, Subnet)
+from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, Config, Endpoint, EndpointKey,
+                         LbBackend, LbBackendKey, LbService, LbServiceKey, LocalEndpoint, Peer, U32, Vni,
+                         ip_be, mac_bytes, port_be, subnet_key, Subnet)
 
-from .model import State
+from . import maglev
+from .model import State, parse_port
 
-# Maps the agent owns entirely: every entry comes from the store.
+# Maps the agent owns entirely: every entry comes from the store. (The Maglev tables,
+# xo_lb_maglev, too, but they are maps of maps: see desired_tables and plan.)
 RECONCILED_MAPS = ("xo_config", "xo_peers", "xo_vnis", "xo_subnets", "xo_endpoints",
-                   "xo_local_endpoints")
+                   "xo_local_endpoints", "xo_lb_backends", "xo_lb_services")
+MAGLEV = "xo_lb_maglev"
 
 
 def _mac(mac: str):
@@ -51,7 +56,54 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
         else:
             maps["xo_endpoints"][key] = Endpoint(node_ip=ip_be(state.nodes[ep.node].underlay_ip),
                                                  mac=_mac(ep.mac))
+    _services(state, maps)
     return maps
+
+
+def _live_backends(state: State, svc):
+    for b in svc.backends:
+        ep = state.endpoints.get(b.endpoint)
+        if ep is not None and not ep.removing and ep.network == svc.network:
+            yield b, ep
+
+
+def _services(state: State, maps: dict) -> None:
+    """The same on every node: a client anywhere may use any service of its network."""
+    for svc in state.services.values():
+        net = state.networks.get(svc.network)
+        if net is None:
+            continue
+        value = LbService(id=svc.id, flags=LB_AFFINITY if svc.affinity == "client-ip" else 0)
+        for p in svc.ports:
+            port, proto = parse_port(p)
+            key = LbServiceKey(vni=net.vni, vip=ip_be(svc.vip), port=port_be(port), proto=IPPROTO[proto])
+            maps["xo_lb_services"][key] = value
+        for b, ep in _live_backends(state, svc):
+            maps["xo_lb_backends"][LbBackendKey(service=svc.id, index=b.index)] = LbBackend(
+                ip=ip_be(ep.ip), port=port_be(b.port) if b.port else 0,
+                state=LB_DRAINING if b.draining else LB_ACTIVE)
+
+
+@lru_cache(maxsize=32768)
+def _table(backends: tuple, m: int) -> tuple:
+    """(M, index of slot 1, ..., index of slot M) for backends ((name, weight, index), ...)."""
+    owners = maglev.build([maglev.Weighted(name, weight) for name, weight, _ in backends], m)
+    return (m, *(backends[i][2] for i in owners))
+
+
+def desired_tables(state: State) -> dict[int, tuple]:
+    """The Maglev table of every service id with at least one active backend (as stored
+    in the kernel: slot 0 = M). Draining backends are in none: no new connection goes
+    to them. Cached: 10,000 unchanged services cost nothing."""
+    out = {}
+    for svc in state.services.values():
+        if svc.network not in state.networks:
+            continue
+        active = tuple(sorted((ep.name, b.weight, b.index) for b, ep in _live_backends(state, svc)
+                              if not b.draining))
+        if active:
+            out[svc.id] = _table(active, svc.table_size or maglev.size_for(len(active)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -79,12 +131,37 @@ def diff(desired: dict[str, dict], actual: dict[str, dict]) -> list[MapOp]:
     return sets + deletes
 
 
-def stale_counters(desired: dict[str, dict], peer_keys, endpoint_keys) -> list[MapOp]:
-    """Counter entries of peers and endpoints that are gone (the data path creates them)."""
+def plan(desired: dict[str, dict], actual: dict[str, dict], want_tables: dict[int, tuple],
+         have_tables: dict[int, tuple]) -> list[MapOp]:
+    """diff(), with the Maglev tables (MapOp on MAGLEV: key service id, value the table)
+    put where no packet can find a half-made service: backends before the tables that
+    name them, tables before the services that use them; and on the way out the other
+    way round: services, then tables, then backends."""
+    ops = diff(desired, actual)
+    sets = [o for o in ops if o.value is not None]
+    deletes = [o for o in ops if o.value is None]
+    table_sets = [MapOp(MAGLEV, sid, t) for sid, t in sorted(want_tables.items()) if have_tables.get(sid) != t]
+    table_deletes = [MapOp(MAGLEV, sid, None) for sid in sorted(have_tables.keys() - want_tables.keys())]
+
+    def first(ops, names):
+        return [o for o in ops if o.map not in names], [o for o in ops if o.map in names]
+    sets, service_sets = first(sets, {"xo_lb_services"})
+    deletes, backend_deletes = first(deletes, {"xo_lb_backends"})
+    return sets + table_sets + service_sets + deletes + table_deletes + backend_deletes
+
+
+def stale_counters(desired: dict[str, dict], peer_keys, endpoint_keys, service_keys=(),
+                   backend_keys=()) -> list[MapOp]:
+    """Counter entries of peers, endpoints, services and backends that are gone (the data
+    path creates them)."""
     peers = set(desired["xo_peers"])
     endpoints = set(desired["xo_endpoints"])
+    services = {U32(v.id) for v in desired["xo_lb_services"].values()}
+    backends = set(desired["xo_lb_backends"])
     return ([MapOp("xo_peer_stats", k, None) for k in peer_keys if k not in peers] +
-            [MapOp("xo_endpoint_stats", k, None) for k in endpoint_keys if k not in endpoints])
+            [MapOp("xo_endpoint_stats", k, None) for k in endpoint_keys if k not in endpoints] +
+            [MapOp("xo_lb_service_stats", k, None) for k in service_keys if k not in services] +
+            [MapOp("xo_lb_backend_stats", k, None) for k in backend_keys if k not in backends])
 
 
 def in_network(ip: str, subnet: str) -> bool:

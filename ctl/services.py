@@ -45,6 +45,38 @@ def inspect(state: State, name: str, counters: dict | None = None) -> dict:
 
 def read_counters(state: State, name: str) -> dict:
     """Per-service and per-backend counters, summed over every node whose pinned maps
-    this machine has (all of them in the namespace lab, the local one on a real node).
-    Empty until the data path has counted anything."""
-    return {}
+    this machine has (all of them in the namespace lab, the local one on a real node):
+    {"service": {...}, "backends": {index: {...}}}. Zeros until anything was counted."""
+    import os
+
+    from maps.layout import MAPS, LbBackendKey, PinnedMap, U32, pin_dir, sum_percpu
+
+    svc = state.services.get(name)
+    if svc is None:
+        return {}
+
+    def empty():
+        return {"packets": 0, "bytes": 0, "connections": 0}
+
+    def add(total, s):
+        total["packets"] += s.packets
+        total["bytes"] += s.bytes
+        total["connections"] += s.connections
+
+    out = {"service": empty(), "backends": {b.index: empty() for b in svc.backends}}
+    for node in state.nodes:
+        if not os.path.isdir(pin_dir(node)):
+            continue
+        try:
+            with PinnedMap(pin_dir(node), MAPS["xo_lb_service_stats"]) as m:
+                values = m.get(U32(svc.id))
+                if values:
+                    add(out["service"], sum_percpu(values))
+            with PinnedMap(pin_dir(node), MAPS["xo_lb_backend_stats"]) as m:
+                for b in svc.backends:
+                    values = m.get(LbBackendKey(service=svc.id, index=b.index))
+                    if values:
+                        add(out["backends"][b.index], sum_percpu(values))
+        except OSError:
+            continue
+    return out

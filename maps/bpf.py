@@ -126,6 +126,96 @@ def map_info(fd: int) -> BpfMapInfo:
     return info
 
 
+# --- map creation, batches, map-in-map ------------------------------------------------
+
+BPF_MAP_TYPE_ARRAY = 2
+BPF_F_INNER_MAP = 1 << 12     # inner maps of one outer map may then differ in max_entries
+
+
+class _MapCreateOpts(ctypes.Structure):
+    # struct bpf_map_create_opts (libbpf 1.1)
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32),
+                ("map_extra", ctypes.c_uint64), ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+class _BatchOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("elem_flags", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+_lib.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                                ctypes.c_uint32, ctypes.POINTER(_MapCreateOpts)]
+_lib.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_lib.bpf_map_update_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(_BatchOpts)]
+_lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                      ctypes.POINTER(_BatchOpts)]
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               flags: int = 0) -> int:
+    """A new, unpinned map; returns its fd (the caller closes it)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
+                                      ctypes.byref(opts)), f"create map {name}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _check(_lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+def array_update_batch(fd: int, values: list[int]) -> None:
+    """Set entries 0..len(values)-1 of a u32 -> u32 array in one syscall."""
+    n = len(values)
+    keys = (ctypes.c_uint32 * n)(*range(n))
+    vals = (ctypes.c_uint32 * n)(*values)
+    count = ctypes.c_uint32(n)
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    _check(_lib.bpf_map_update_batch(fd, keys, vals, ctypes.byref(count), ctypes.byref(opts)),
+           "batch update")
+    if count.value != n:
+        raise BpfError(5, f"batch update: {count.value} of {n} entries written")
+
+
+def lookup_batch(fd: int, key_size: int, value_size: int, max_entries: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a map in as few syscalls as the kernel allows (empty slots of
+    an array of maps are skipped)."""
+    chunk = max(1, min(max_entries, 4096))
+    keys = ctypes.create_string_buffer(chunk * key_size)
+    vals = ctypes.create_string_buffer(chunk * value_size)
+    token = ctypes.create_string_buffer(max(key_size, 8))
+    out: list[tuple[bytes, bytes]] = []
+    first = True
+    while True:
+        count = ctypes.c_uint32(chunk)
+        opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+        ret = _lib.bpf_map_lookup_batch(fd, None if first else token, token, keys, vals, ctypes.byref(count),
+                                        ctypes.byref(opts))
+        first = False
+        k, v = keys.raw, vals.raw
+        out.extend((k[i * key_size:(i + 1) * key_size], v[i * value_size:(i + 1) * value_size])
+                   for i in range(count.value))
+        if ret < 0:
+            if ret == -2 or ctypes.get_errno() == 2:   # ENOENT: that was the last batch
+                return out
+            _check(ret, "batch lookup")
+        if count.value == 0:
+            return out
+
+
+def array_lookup_batch(fd: int, n: int) -> list[int]:
+    """Entries 0..n-1 of a u32 -> u32 array."""
+    pairs = lookup_batch(fd, 4, 4, n)
+    values = [0] * n
+    for k, v in pairs:
+        i = int.from_bytes(k, "little")
+        if i < n:
+            values[i] = int.from_bytes(v, "little")
+    return values
+
+
 # --- program load -------------------------------------------------------------------
 
 BPF_PROG_TYPE_SCHED_CLS = 3

@@ -100,6 +100,52 @@ class DropCount(Struct):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
+class LbServiceKey(Struct):
+    _fields_ = [("vni", ctypes.c_uint32), ("vip", ctypes.c_uint32), ("port", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class LbService(Struct):
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class LbBackendKey(Struct):
+    _fields_ = [("service", ctypes.c_uint32), ("index", ctypes.c_uint32)]
+
+
+class LbBackend(Struct):
+    _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class CtKey(Struct):
+    _fields_ = [("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("dir", ctypes.c_uint8),
+                ("pad", ctypes.c_uint16)]
+
+
+class Ct(Struct):
+    _fields_ = [("service", ctypes.c_uint32), ("backend", ctypes.c_uint32), ("vip", ctypes.c_uint32),
+                ("vport", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class LbStats(Struct):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("connections", ctypes.c_uint64)]
+
+
+# Constants of bpf/lib/maps.h
+LB_AFFINITY = 1
+LB_ACTIVE, LB_DRAINING = 1, 2
+CT_SERVICE, CT_REPLY = 1, 2
+LB_MAX_SERVICES = 16384
+IPPROTO = {"tcp": 6, "udp": 17}
+
+
+def port_be(port: int) -> int:
+    """A port as the integer whose in-memory bytes are in network order."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
 class U32(Struct):
     _fields_ = [("value", ctypes.c_uint32)]
 
@@ -125,6 +171,15 @@ MAPS = {spec.name: spec for spec in [
     MapSpec("xo_peer_stats", U32, Traffic, 1024, percpu=True, desired=False),
     MapSpec("xo_endpoint_stats", EndpointKey, Traffic, 65536, percpu=True, desired=False),
     MapSpec("xo_drops", U32, DropCount, 32, percpu=True, desired=False),
+    MapSpec("xo_lb_services", LbServiceKey, LbService, 65536),
+    MapSpec("xo_lb_backends", LbBackendKey, LbBackend, 65536),
+    # The template of the Maglev tables (never written) and the tables by service id: a
+    # lookup gives the inner map's id, an update takes an inner map's fd (ctl/lbmaps.py).
+    MapSpec("xo_lb_maglev_inner", U32, U32, 1, desired=False),
+    MapSpec("xo_lb_maglev", U32, U32, LB_MAX_SERVICES, desired=False),
+    MapSpec("xo_lb_ct", CtKey, Ct, 131072, desired=False),
+    MapSpec("xo_lb_service_stats", U32, LbStats, LB_MAX_SERVICES, percpu=True, desired=False),
+    MapSpec("xo_lb_backend_stats", LbBackendKey, LbStats, 65536, percpu=True, desired=False),
 ]}
 
 
@@ -173,6 +228,9 @@ class PinnedMap:
 
     def delete(self, key) -> bool:
         return self._bpf.map_delete(self.fd, bytes(key))
+
+    def delete_raw(self, key: bytes) -> bool:
+        return self._bpf.map_delete(self.fd, key)
 
     def keys(self) -> list:
         return [self.spec.key.from_buffer_copy(k) for k in self._bpf.map_keys(self.fd, self._ksize)]

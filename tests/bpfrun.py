@@ -71,6 +71,18 @@ class Ep:
         return "02:58:" + ":".join(f"{int(b):02x}" for b in self.ip.split("."))
 
 
+@dataclass(frozen=True)
+class Svc:
+    """A service as the agent writes it: id, VNI, VIP, ports, backends (Ep, index,
+    target port or 0)."""
+    id: int
+    vni: int
+    vip: str
+    ports: tuple            # ((80, "tcp"), ...)
+    backends: tuple         # ((Ep, index, target port), ...)
+    affinity: bool = False
+
+
 class Topology:
     """This node (A) and two peers (B, C) on the underlay; two networks. Names, not
     numbers, in the fixtures."""
@@ -94,9 +106,48 @@ class Topology:
     RED2 = Ep("red2", RED_VNI, "10.20.2.2", PEER_B)      # on B
 
     ENDPOINTS = (WEB1, WEB2, RED1, API1, DB1, RED2)
+
+    # Services of the blue network, VIPs from the top of its subnet. ONE: a single remote
+    # backend (api1 on B), TCP 80 and UDP 53, for exact output bytes. LOCAL: web2 on this
+    # node, target port 8080. MANY and STICKY: web2, api1 and db1 (the same three, without
+    # and with client-IP affinity). EMPTY: no backend at all.
+    ONE = Svc(1, BLUE_VNI, "10.10.255.254", ((80, "tcp"), (53, "udp")), ((API1, 1, 0),))
+    LOCAL = Svc(2, BLUE_VNI, "10.10.255.253", ((80, "tcp"),), ((WEB2, 1, 8080),))
+    MANY = Svc(3, BLUE_VNI, "10.10.255.252", ((80, "tcp"), (53, "udp")),
+               ((WEB2, 1, 0), (API1, 2, 0), (DB1, 3, 0)))
+    STICKY = Svc(4, BLUE_VNI, "10.10.255.251", ((80, "tcp"),),
+                 ((WEB2, 1, 0), (API1, 2, 0), (DB1, 3, 0)), affinity=True)
+    EMPTY = Svc(5, BLUE_VNI, "10.10.255.250", ((80, "tcp"),), ())
+    SERVICES = (ONE, LOCAL, MANY, STICKY, EMPTY)
     PEERS = (PEER_B, PEER_C)
     SUBNETS = ((BLUE_SUBNET, BLUE_VNI), (RED_SUBNET, RED_VNI))
     UNKNOWN_IFINDEX = 4242            # a veth that belongs to no endpoint
+
+
+def service_table(svc: Svc, backends=None) -> tuple:
+    """The Maglev table the agent would push for `svc` (its active backends, or the
+    (Ep, index, port) triples given)."""
+    from ctl import maglev
+    backends = svc.backends if backends is None else backends
+    m = maglev.size_for(max(len(svc.backends), 1))
+    owners = maglev.build([ep.name for ep, _, _ in backends], m)
+    return (m, *(backends[i][1] for i in owners))
+
+
+def write_service(maps: dict, svc: Svc, tables=None) -> None:
+    from ctl.lbmaps import MaglevTables
+    from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LbBackend, LbBackendKey, LbService,
+                             LbServiceKey, port_be)
+    for ep, index, port in svc.backends:
+        maps["xo_lb_backends"].set(LbBackendKey(service=svc.id, index=index), LbBackend(
+            ip=ip_be(ep.ip), port=port_be(port) if port else 0, state=LB_ACTIVE))
+    tables = tables or MaglevTables(maps["xo_lb_maglev"])
+    if svc.backends:
+        tables.set(svc.id, service_table(svc))
+    for port, proto in svc.ports:
+        maps["xo_lb_services"].set(
+            LbServiceKey(vni=svc.vni, vip=ip_be(svc.vip), port=port_be(port), proto=IPPROTO[proto]),
+            LbService(id=svc.id, flags=LB_AFFINITY if svc.affinity else 0))
 
 
 def _mac(mac: str):
@@ -120,6 +171,8 @@ def fill_maps(maps: dict, topo=Topology) -> None:
             maps["xo_local_endpoints"].set(U32(ep.ifindex), LocalEndpoint(
                 vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac)))
             maps["xo_vnis"].set(U32(ep.vni), Vni())
+    for svc in topo.SERVICES:
+        write_service(maps, svc)
 
 
 # --- running ----------------------------------------------------------------------------

@@ -79,3 +79,117 @@ def test_stale_counters_pruned():
     live_peer = next(iter(want["xo_peers"]))
     ops = desired.stale_counters(want, [gone_peer, live_peer], [gone_ep])
     assert [(o.map, o.key) for o in ops] == [("xo_peer_stats", gone_peer), ("xo_endpoint_stats", gone_ep)]
+
+
+# --- services ----------------------------------------------------------------------------
+
+from ctl import maglev                                                  # noqa: E402
+from ctl.desired import MAGLEV                                          # noqa: E402
+from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING,  # noqa: E402
+                         LbBackendKey, LbServiceKey, port_be)
+
+
+def with_service(**kw):
+    s = state()
+    s = model.add_endpoint(s, "d", "app", "n2", "/run/netns/d", True)
+    args = dict(ports=["80/tcp", "53/udp"], backends=["a", "b:8080@2"] if "ports" in kw else ["a", "b@2"])
+    args.update(kw)
+    return model.create_service(s, "web", "app", **args)
+
+
+def test_service_entries_same_on_every_node():
+    s = with_service(affinity="client-ip")
+    svc = s.services["web"]
+    for node in ("n1", "n2"):
+        m = desired.desired_maps(s, node, {}, 2, 1)
+        key = LbServiceKey(vni=4096, vip=ip_be(svc.vip), port=port_be(53), proto=IPPROTO["udp"])
+        assert m["xo_lb_services"][key].id == svc.id and m["xo_lb_services"][key].flags == LB_AFFINITY
+        assert len(m["xo_lb_services"]) == 2
+        b = m["xo_lb_backends"][LbBackendKey(service=svc.id, index=2)]
+        assert ip_str(b.ip) == s.endpoints["b"].ip and b.port == 0 and b.state == LB_ACTIVE
+
+
+def test_backend_target_port_in_network_order():
+    s = with_service(ports=["80/tcp"])
+    m = desired.desired_maps(s, "n1", {}, 2, 1)
+    b = m["xo_lb_backends"][LbBackendKey(service=1, index=2)]
+    assert bytes(b)[4:6] == (8080).to_bytes(2, "big")
+
+
+def test_table_holds_active_backends_by_weight():
+    s = with_service()
+    t = desired.desired_tables(s)[1]
+    m = s.services["web"].table_size
+    assert t[0] == m and len(t) == m + 1
+    assert abs(t[1:].count(2) - 2 * m / 3) <= 2 and abs(t[1:].count(1) - m / 3) <= 2
+
+
+def test_draining_backend_keeps_its_entry_but_leaves_the_table():
+    s = model.update_service(with_service(), "web", drain=["a"])
+    m = desired.desired_maps(s, "n1", {}, 2, 1)
+    assert m["xo_lb_backends"][LbBackendKey(service=1, index=1)].state == LB_DRAINING
+    assert set(desired.desired_tables(s)[1][1:]) == {2}
+
+
+def test_removed_backend_leaves_everything_and_table_changes_little():
+    s = with_service(backends=["a", "b", "d"])
+    before = desired.desired_tables(s)[1]
+    s2 = model.update_service(s, "web", rm=["b"])
+    after = desired.desired_tables(s2)[1]
+    assert before[0] == after[0], "M stays when a backend goes"
+    assert LbBackendKey(service=1, index=2) not in desired.desired_maps(s2, "n1", {}, 2, 1)["xo_lb_backends"]
+    moved = sum(x != y for x, y in zip(before[1:], after[1:]))
+    assert moved <= 1.25 * before[1:].count(2)
+
+
+def test_no_active_backend_no_table():
+    s = model.update_service(with_service(backends=["a"]), "web", drain=["a"])
+    assert desired.desired_tables(s) == {}
+    s = model.mark_endpoint_removing(with_service(backends=["a"]), "a")
+    assert desired.desired_tables(s) == {}
+
+
+def test_plan_orders_backends_tables_services_then_the_reverse():
+    s = with_service()
+    want = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)
+    empty = {k: {} for k in want}
+    ops = desired.plan(want, empty, desired.desired_tables(s), {})
+    order = [o.map for o in ops]
+    assert order.index(MAGLEV) > max(i for i, m in enumerate(order) if m == "xo_lb_backends")
+    assert order.index(MAGLEV) < min(i for i, m in enumerate(order) if m == "xo_lb_services")
+    # And out: services, table, backends.
+    gone = desired.desired_maps(model.remove_service(s, "web"), "n1", {"a": 7}, 2, 1)
+    ops = [o for o in desired.plan(gone, want, {}, desired.desired_tables(s)) if o.map.startswith("xo_lb")]
+    assert [o.map for o in ops] == ["xo_lb_services"] * 2 + [MAGLEV] + ["xo_lb_backends"] * 2
+    assert all(o.value is None for o in ops)
+    # Nothing to do when the kernel has it all.
+    assert desired.plan(want, want, desired.desired_tables(s), desired.desired_tables(s)) == []
+
+
+def test_plan_replaces_a_changed_table():
+    s = with_service()
+    have = desired.desired_tables(s)
+    s2 = model.update_service(s, "web", add=["d"])
+    ops = desired.plan({}, {}, desired.desired_tables(s2), have)
+    assert [(o.map, o.key) for o in ops] == [(MAGLEV, 1)] and o_table_ok(ops[0].value, s2)
+
+
+def o_table_ok(table, s):
+    return table[0] == s.services["web"].table_size and set(table[1:]) == {1, 2, 3}
+
+
+def test_stale_service_counters_pruned():
+    s = with_service()
+    want = desired.desired_maps(s, "n1", {}, 2, 1)
+    ops = desired.stale_counters(want, [], [], [U32(1), U32(9)],
+                                 [LbBackendKey(service=1, index=1), LbBackendKey(service=1, index=7)])
+    assert [(o.map, o.key) for o in ops] == [("xo_lb_service_stats", U32(9)),
+                                             ("xo_lb_backend_stats", LbBackendKey(service=1, index=7))]
+
+
+def test_tables_are_what_maglev_builds():
+    s = with_service(backends=["a", "b", "d"])
+    t = desired.desired_tables(s)[1]
+    names = ["a", "b", "d"]
+    owners = maglev.build(names, t[0])
+    assert t[1:] == tuple(s.services["web"].backend(names[i]).index for i in owners)

@@ -73,6 +73,67 @@ struct xo_drop_count {
     __u64 bytes;
 };
 
+/* --- services (bpf/lib/lb.h) --- */
+
+/* A service port: VIP:port/protocol in the network of the client (VNI). */
+struct xo_lb_service_key {
+    __u32 vni;
+    __be32 vip;
+    __be16 port;
+    __u8 proto;               /* IPPROTO_TCP or IPPROTO_UDP */
+    __u8 pad;
+};
+#define XO_LB_AFFINITY 1      /* pick the backend from the client IP alone */
+struct xo_lb_service {
+    __u32 id;                 /* slot in xo_lb_maglev, and the first half of a backend key */
+    __u32 flags;              /* XO_LB_* */
+};
+
+/* A backend of a service: (service id, backend index), never reused within a service. */
+struct xo_lb_backend_key {
+    __u32 service;
+    __u32 index;
+};
+#define XO_LB_ACTIVE 1
+#define XO_LB_DRAINING 2      /* keeps its connections, is in no Maglev table */
+struct xo_lb_backend {
+    __be32 ip;
+    __be16 port;              /* target port; 0: the port the client asked for */
+    __u8 state;               /* XO_LB_ACTIVE or XO_LB_DRAINING */
+    __u8 pad;
+};
+
+/* Connection table. Two entries per connection, both on the client's node:
+ *   XO_CT_SERVICE  client -> VIP:vport       : which backend (service, index)
+ *   XO_CT_REPLY    backend:port -> client    : the VIP:vport to put back (reverse NAT) */
+#define XO_CT_SERVICE 1
+#define XO_CT_REPLY 2
+struct xo_ct_key {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 dir;                 /* XO_CT_SERVICE or XO_CT_REPLY */
+    __u16 pad;
+};
+struct xo_ct {
+    __u32 service;
+    __u32 backend;
+    __be32 vip;               /* XO_CT_REPLY: source to restore */
+    __be16 vport;
+    __u16 pad;
+};
+
+/* Per-CPU counters per service and per backend, counted on the client's node. */
+struct xo_lb_stats {
+    __u64 packets;            /* client -> service */
+    __u64 bytes;
+    __u64 connections;        /* new connections (backend choices) */
+};
+
+#define XO_LB_MAX_SERVICES 16384
+
 #define XO_MAP(type, key, value, name, max) \
     BPF_TABLE_PINNED(type, key, value, name, max, XO_PIN_DIR "/" #name)
 #define XO_MAP_F(type, key, value, name, max, flags) \
@@ -95,6 +156,24 @@ XO_MAP("percpu_hash", __be32, struct xo_traffic, xo_peer_stats, 1024);
 XO_MAP("percpu_hash", struct xo_endpoint_key, struct xo_traffic, xo_endpoint_stats, 65536);
 /* Drops per reason. */
 XO_MAP("percpu_array", __u32, struct xo_drop_count, xo_drops, XO_DROP_MAX);
+
+/* Services by (VNI, VIP, port, protocol). */
+XO_MAP("hash", struct xo_lb_service_key, struct xo_lb_service, xo_lb_services, 65536);
+/* Backends by (service id, index). */
+XO_MAP("hash", struct xo_lb_backend_key, struct xo_lb_backend, xo_lb_backends, 65536);
+/* The shape of a Maglev table, for the verifier: u32 slot -> u32 backend index. Slot 0
+ * holds M, slots 1..M the table; each service's table is its own map (created by the
+ * agent, of its own size: BPF_F_INNER_MAP lets them differ) so that a new table replaces
+ * the old one, M and all, in one update of xo_lb_maglev. */
+XO_MAP_F("array", __u32, __u32, xo_lb_maglev_inner, 1, BPF_F_INNER_MAP);
+/* Maglev tables by service id. */
+BPF_TABLE_PINNED("array_of_maps$xo_lb_maglev_inner", __u32, int, xo_lb_maglev, XO_LB_MAX_SERVICES,
+                 XO_PIN_DIR "/xo_lb_maglev");
+/* Connections to services (both directions), least recently used evicted first. */
+XO_MAP("lru_hash", struct xo_ct_key, struct xo_ct, xo_lb_ct, 131072);
+/* Counters per service id and per backend. */
+XO_MAP("percpu_hash", __u32, struct xo_lb_stats, xo_lb_service_stats, XO_LB_MAX_SERVICES);
+XO_MAP("percpu_hash", struct xo_lb_backend_key, struct xo_lb_stats, xo_lb_backend_stats, 65536);
 
 static __always_inline int xo_drop(enum xo_drop_reason reason, __u32 bytes, int verdict)
 {

@@ -1,0 +1,304 @@
+/* Services: east-west load balancing. A packet a container sends to VIP:port/proto of its
+ * network is DNATed to a backend chosen by Maglev (or kept on the backend the connection
+ * table remembers), and replies get the VIP back where they are handed to the client:
+ * local delivery (endpoint.c) or decap (underlay_tc.c). Both directions' entries live on
+ * the client's node, so no other node needs to know about the connection.
+ *
+ * Checksums are updated incrementally. A container's TCP/UDP packet is usually
+ * CHECKSUM_PARTIAL (its checksum field holds only the pseudo-header sum, the rest is left
+ * to offload): BPF_F_PSEUDO_HDR on the address change updates exactly that, and a port
+ * change then needs nothing, which bpf_l4_csum_replace knows. */
+#ifndef XO_LB_H
+#define XO_LB_H
+
+#include <uapi/linux/tcp.h>
+
+#include "common.h"
+#include "maps.h"
+#include "parsing.h"
+#include "vxlan.h"
+
+#define XO_TCP_FIN 0x01
+#define XO_TCP_SYN 0x02
+#define XO_TCP_RST 0x04
+#define XO_TCP_ACK 0x10
+
+/* Offsets in the frame (Ethernet, then IPv4, in both places we rewrite). */
+#define XO_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define XO_IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define XO_IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+
+/* What xo_lb_client did with a packet; positive values are drop reasons. */
+#define XO_LB_NOT_SERVICE 0
+#define XO_LB_DNAT (-1)
+
+/* A TCP or UDP packet's flow, and what a reset needs. */
+struct xo_flow {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u16 l4_off;             /* from the start of the frame */
+    __be32 seq;               /* TCP */
+    __be32 ack_seq;
+    __u32 seg_len;            /* TCP payload length */
+};
+
+/* Fills *f for an unfragmented TCP or UDP packet whose ports are in the frame. */
+static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphdr *ip, void *l4,
+                                         struct xo_flow *f)
+{
+    if (xo_ipv4_is_fragment(ip))
+        return 0;
+    f->saddr = ip->saddr;
+    f->daddr = ip->daddr;
+    f->proto = ip->protocol;
+    f->l4_off = l4 - data;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *th = l4;
+        if ((void *)(th + 1) > data_end)
+            return 0;
+        f->sport = th->source;
+        f->dport = th->dest;
+        f->tcp_flags = ((__u8 *)th)[13];
+        f->seq = th->seq;
+        f->ack_seq = th->ack_seq;
+        __u32 headers = ip->ihl * 4 + th->doff * 4;
+        __u32 total = bpf_ntohs(ip->tot_len);
+        f->seg_len = total > headers ? total - headers : 0;
+        return 1;
+    }
+    if (ip->protocol == IPPROTO_UDP) {
+        struct udphdr *uh = l4;
+        if ((void *)(uh + 1) > data_end)
+            return 0;
+        f->sport = uh->source;
+        f->dport = uh->dest;
+        return 1;
+    }
+    return 0;
+}
+
+/* murmur3's finalizer: every input bit moves every output bit. */
+static __always_inline __u32 xo_mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
+/* The flow's hash for Maglev: the 5-tuple, or the client address alone with affinity.
+ * (ctl/lbmaps.py has the same function, for tests that predict the choice.) */
+static __always_inline __u32 xo_lb_hash(const struct xo_flow *f, __u32 flags)
+{
+    __u32 h = xo_mix32(f->saddr ^ 0x9e3779b9);
+    if (flags & XO_LB_AFFINITY)
+        return h;
+    h = xo_mix32(h ^ f->daddr);
+    h = xo_mix32(h ^ (((__u32)f->sport << 16) | f->dport));
+    return xo_mix32(h ^ f->proto);
+}
+
+/* Maglev: the backend index at slot hash % M of the service's table (0: no table). */
+static __always_inline __u32 xo_lb_pick(__u32 service, __u32 hash)
+{
+    void *table = xo_lb_maglev.lookup(&service);
+    if (!table)
+        return 0;
+    __u32 zero = 0;
+    __u32 *m = bpf_map_lookup_elem(table, &zero);
+    if (!m || !*m)
+        return 0;
+    __u32 slot = hash % *m + 1;
+    __u32 *index = bpf_map_lookup_elem(table, &slot);
+    return index ? *index : 0;
+}
+
+/* Rewrite one address and one port of the packet, checksums included. */
+static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_flow *f,
+                                         __u32 addr_off, __be32 old_addr, __be32 new_addr,
+                                         __u32 port_off, __be16 old_port, __be16 new_port)
+{
+    __u32 csum_off = f->l4_off + (f->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
+                                                           : offsetof(struct udphdr, check));
+    /* UDP: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
+    __u64 udp = f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+    if (old_addr != new_addr) {
+        if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | udp | sizeof(new_addr)))
+            return -1;
+        if (bpf_l3_csum_replace(skb, XO_IP_CSUM_OFF, old_addr, new_addr, sizeof(new_addr)))
+            return -1;
+        if (bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0))
+            return -1;
+    }
+    if (old_port != new_port) {
+        if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, udp | sizeof(new_port)))
+            return -1;
+        if (bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0))
+            return -1;
+    }
+    return 0;
+}
+
+static __always_inline void xo_lb_count(struct xo_lb_stats *s, __u32 bytes, int fresh)
+{
+    if (s) {
+        s->packets++;
+        s->bytes += bytes;
+        s->connections += fresh;
+    }
+}
+
+/* A packet from a container (vni): if it is for a service, DNAT it to a backend and
+ * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
+static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f)
+{
+    struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
+    struct xo_lb_service *svc = xo_lb_services.lookup(&sk);
+    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
+    if (!svc) {
+        if (syn) {
+            /* A direct connection: a reply entry left from an old service connection
+             * with the same 5-tuple must not rewrite its replies. */
+            struct xo_ct_key stale = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
+                                       .dport = f->sport, .proto = f->proto, .dir = XO_CT_REPLY };
+            xo_lb_ct.delete(&stale);
+        }
+        return XO_LB_NOT_SERVICE;
+    }
+    __u32 sid = svc->id;
+    __u32 flags = svc->flags;
+
+    struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+                            .proto = f->proto, .dir = XO_CT_SERVICE };
+    struct xo_lb_backend_key bk = { .service = sid };
+    struct xo_lb_backend *be;
+    int fresh = 0;
+    /* A SYN opens a new connection whatever the table remembers of this 5-tuple: new
+     * connections never go to a draining backend. */
+    struct xo_ct *ct = syn ? NULL : xo_lb_ct.lookup(&ck);
+    if (ct && ct->service == sid) {
+        bk.index = ct->backend;
+        be = xo_lb_backends.lookup(&bk);
+        if (!be) {
+            /* Its backend was removed: this connection is over. Forget it, so the next
+             * packet of the 5-tuple (UDP) starts a new one. */
+            xo_lb_ct.delete(&ck);
+            return XO_DROP_LB_BACKEND_GONE;
+        }
+    } else {
+        bk.index = xo_lb_pick(sid, xo_lb_hash(f, flags));
+        be = bk.index ? xo_lb_backends.lookup(&bk) : NULL;
+        if (!be)
+            return XO_DROP_LB_NO_BACKEND;
+        fresh = 1;
+    }
+    __be32 ip = be->ip;
+    __be16 port = be->port ? be->port : f->dport;
+
+    if (fresh) {
+        struct xo_ct fwd = { .service = sid, .backend = bk.index };
+        xo_lb_ct.update(&ck, &fwd);
+        struct xo_ct_key rk = { .saddr = ip, .daddr = f->saddr, .sport = port, .dport = f->sport,
+                                .proto = f->proto, .dir = XO_CT_REPLY };
+        struct xo_ct rev = { .service = sid, .backend = bk.index, .vip = f->daddr, .vport = f->dport };
+        xo_lb_ct.update(&rk, &rev);
+    }
+    struct xo_lb_stats zero = {};
+    xo_lb_count(xo_lb_service_stats.lookup_or_try_init(&sid, &zero), skb->len, fresh);
+    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&bk, &zero), skb->len, fresh);
+
+    if (xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, ip, f->l4_off + offsetof(struct tcphdr, dest),
+                      f->dport, port))
+        return XO_DROP_LB_NAT_FAILED;
+    f->daddr = ip;
+    f->dport = port;
+    return XO_LB_DNAT;
+}
+
+/* A packet about to be handed to a container: if it is a reply from a service backend,
+ * give it the VIP:port the client talked to. Returns 0 or a drop reason. */
+static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_flow *f)
+{
+    struct xo_ct_key rk = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+                            .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct *ct = xo_lb_ct.lookup(&rk);
+    if (!ct)
+        return 0;
+    __be32 vip = ct->vip;
+    __be16 vport = ct->vport;
+    if (xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
+                      f->sport, vport))
+        return XO_DROP_LB_NAT_FAILED;
+    return 0;
+}
+
+/* --- telling a client its connection is gone ------------------------------------------- */
+
+struct xo_reset_frame {
+    struct ethhdr eth;
+    struct iphdr ip;
+    struct tcphdr tcp;
+} __attribute__((packed));
+
+static __always_inline __u16 xo_tcp_csum(const struct iphdr *ip, const struct tcphdr *th)
+{
+    /* Ones' complement sums do not care about byte order (RFC 1071): words are added as
+     * they lie in memory, the pseudo-header's too. */
+    __u32 sum = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) + (ip->daddr >> 16) +
+                bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(*th));
+    const __u16 *p = (const __u16 *)th;
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(*th) / 2); i++)
+        sum += p[i];
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return ~sum;
+}
+
+/* Turn the client's TCP packet into a reset from the VIP (RFC 793's reply to a segment
+ * for no connection) and send it back into the client, so that a connection whose
+ * backend was removed ends at once instead of retransmitting into a black hole. */
+static __always_inline int xo_lb_reset(struct __sk_buff *skb, const struct xo_flow *f,
+                                       const __u8 *client_mac, __u32 client_ifindex)
+{
+    struct xo_reset_frame r = {};
+    __u8 gw[ETH_ALEN] = XO_GW_MAC;
+    xo_mac_copy(r.eth.h_dest, client_mac);
+    xo_mac_copy(r.eth.h_source, gw);
+    r.eth.h_proto = bpf_htons(ETH_P_IP);
+    r.ip.version = 4;
+    r.ip.ihl = 5;
+    r.ip.ttl = 64;
+    r.ip.protocol = IPPROTO_TCP;
+    r.ip.frag_off = bpf_htons(XO_IP_DF);
+    r.ip.tot_len = bpf_htons(sizeof(r.ip) + sizeof(r.tcp));
+    r.ip.saddr = f->daddr;
+    r.ip.daddr = f->saddr;
+    r.ip.check = xo_ipv4_csum(&r.ip);
+    r.tcp.source = f->dport;
+    r.tcp.dest = f->sport;
+    __u8 *raw = (__u8 *)&r.tcp;
+    raw[12] = 5 << 4;                               /* data offset: 20 bytes */
+    if (f->tcp_flags & XO_TCP_ACK) {
+        r.tcp.seq = f->ack_seq;
+        raw[13] = XO_TCP_RST;
+    } else {
+        __u32 len = f->seg_len + !!(f->tcp_flags & XO_TCP_SYN) + !!(f->tcp_flags & XO_TCP_FIN);
+        r.tcp.ack_seq = bpf_htonl(bpf_ntohl(f->seq) + len);
+        raw[13] = XO_TCP_RST | XO_TCP_ACK;
+    }
+    r.tcp.check = xo_tcp_csum(&r.ip, &r.tcp);
+    if (bpf_skb_change_tail(skb, sizeof(r), 0))
+        return TC_ACT_SHOT;
+    if (bpf_skb_store_bytes(skb, 0, &r, sizeof(r), 0))
+        return TC_ACT_SHOT;
+    return bpf_redirect_peer(client_ifindex, 0);
+}
+
+#endif

@@ -1,0 +1,84 @@
+"""The Maglev tables in the kernel: one array map per service (slot 0 = M, slots 1..M =
+backend index), created here and swapped into the pinned array of maps xo_lb_maglev in
+one update, so a packet sees either the old table or the new one, never a mix, and M
+always matches its table. Also the Python twin of the data path's flow hash."""
+from __future__ import annotations
+
+import os
+
+from maps import bpf
+from maps.layout import LB_MAX_SERVICES, PinnedMap
+
+
+def _mix32(h: int) -> int:
+    h &= 0xffffffff
+    h ^= h >> 16
+    h = (h * 0x85ebca6b) & 0xffffffff
+    h ^= h >> 13
+    h = (h * 0xc2b2ae35) & 0xffffffff
+    h ^= h >> 16
+    return h
+
+
+def flow_hash(saddr_be: int, daddr_be: int, sport_be: int, dport_be: int, proto: int, affinity: bool) -> int:
+    """bpf/lib/lb.h xo_lb_hash(), on the same in-memory (network order) integers."""
+    h = _mix32(saddr_be ^ 0x9e3779b9)
+    if affinity:
+        return h
+    h = _mix32(h ^ daddr_be)
+    h = _mix32(h ^ ((sport_be << 16) | dport_be))
+    return _mix32(h ^ proto)
+
+
+def slot_of(hash_: int, m: int) -> int:
+    """The table slot (1..M) the data path reads for a hash."""
+    return hash_ % m + 1
+
+
+def to_values(table: tuple) -> list[int]:
+    """(M, idx_1..idx_M) as stored: the same tuple, as a list."""
+    return list(table)
+
+
+class MaglevTables:
+    """Reads and replaces the tables of one node. Remembers the id of each inner map it
+    wrote, so that a reconcile pass costs one batch lookup of the outer map, and a table
+    is read back only when its map is not the one we wrote (a restarted agent, or drift)."""
+
+    def __init__(self, outer: PinnedMap):
+        self.outer = outer
+        self._known: dict[int, tuple[int, tuple]] = {}    # service id -> (inner map id, table)
+
+    def read(self) -> dict[int, tuple]:
+        out = {}
+        for k, v in bpf.lookup_batch(self.outer.fd, 4, 4, LB_MAX_SERVICES):
+            sid, map_id = int.from_bytes(k, "little"), int.from_bytes(v, "little")
+            known = self._known.get(sid)
+            if known and known[0] == map_id:
+                out[sid] = known[1]
+                continue
+            try:
+                fd = bpf.map_fd_by_id(map_id)
+            except bpf.BpfError:
+                continue            # replaced under us: the next pass sees the new one
+            try:
+                n = bpf.map_info(fd).max_entries
+                table = tuple(bpf.array_lookup_batch(fd, n))
+            finally:
+                os.close(fd)
+            self._known[sid] = (map_id, table)
+            out[sid] = table
+        return out
+
+    def set(self, sid: int, table: tuple) -> None:
+        fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, f"xo_maglev_{sid}", 4, 4, len(table), bpf.BPF_F_INNER_MAP)
+        try:
+            bpf.array_update_batch(fd, to_values(table))
+            bpf.map_update(self.outer.fd, sid.to_bytes(4, "little"), fd.to_bytes(4, "little"))
+            self._known[sid] = (bpf.map_info(fd).id, tuple(table))
+        finally:
+            os.close(fd)
+
+    def delete(self, sid: int) -> None:
+        self.outer.delete_raw(sid.to_bytes(4, "little"))
+        self._known.pop(sid, None)
