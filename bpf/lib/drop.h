@@ -25,7 +25,7 @@
     XO_DROP(DECAP_FAILED, 18, "could not remove the VXLAN headers") \
     XO_DROP(OUTER_CHECKSUM, 19, "VXLAN packet whose outer IPv4 header checksum is wrong") \
     XO_DROP(LB_BACKEND_GONE, 20, "service connection whose backend was removed (TCP: client gets a reset)") \
-    XO_DROP(LB_NO_BACKEND, 21, "new connection to a service with no active backend") \
+    XO_DROP(LB_NO_BACKEND, 21, "new connection to a service with no active backend (other than the client itself)") \
     XO_DROP(LB_NAT_FAILED, 22, "could not rewrite a service packet's address (kernel refused)")
 
 enum xo_drop_reason {

@@ -28,6 +28,9 @@
 #define XO_IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define XO_IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 
+/* Another pick when Maglev hands a client itself: 4 tries miss with 1/N^4. */
+#define XO_LB_SELF_RETRIES 3
+
 /* What xo_lb_client did with a packet; positive values are drop reasons. */
 #define XO_LB_NOT_SERVICE 0
 #define XO_LB_DNAT (-1)
@@ -192,9 +195,20 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
             return XO_DROP_LB_BACKEND_GONE;
         }
     } else {
-        bk.index = xo_lb_pick(sid, xo_lb_hash(f, flags));
+        __u32 hash = xo_lb_hash(f, flags);
+        bk.index = xo_lb_pick(sid, hash);
         be = bk.index ? xo_lb_backends.lookup(&bk) : NULL;
-        if (!be)
+        /* A client that is itself a backend cannot be its own (the packet would come
+         * back to it from its own address, which the stack drops as martian): look
+         * further along, a few times, for another backend. */
+#pragma unroll
+        for (int i = 1; i <= XO_LB_SELF_RETRIES; i++) {
+            if (!be || be->ip != f->saddr)
+                break;
+            bk.index = xo_lb_pick(sid, xo_mix32(hash + i));
+            be = bk.index ? xo_lb_backends.lookup(&bk) : NULL;
+        }
+        if (!be || be->ip == f->saddr)
             return XO_DROP_LB_NO_BACKEND;
         fresh = 1;
     }
