@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import time
+from itertools import groupby
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -139,21 +140,17 @@ class Agent:
                                       self.maps["xo_endpoint_stats"].keys(),
                                       self.maps["xo_lb_service_stats"].keys(),
                                       self.maps["xo_lb_backend_stats"].keys())
-        for op in ops:
-            if op.map == desired.MAGLEV:
-                if op.value is None:
-                    self.tables.delete(op.key)
-                    changes.append(f"delete Maglev table of service id {op.key}")
-                else:
-                    self.tables.set(op.key, op.value)
-                    changes.append(f"set Maglev table of service id {op.key} ({op.value[0]} slots)")
+        # Runs of table operations are applied together (one kernel wait per batch).
+        for (is_table, deleting), run in groupby(ops, lambda o: (o.map == desired.MAGLEV, o.value is None)):
+            if not is_table:
+                self._apply(run, changes)
                 continue
-            if op.value is None:
-                self.maps[op.map].delete(op.key)
+            run = list(run)
+            if deleting:
+                self.tables.apply({}, [o.key for o in run])
             else:
-                self.maps[op.map].set(op.key, op.value)
-            if not op.map.endswith("_stats"):
-                changes.append(str(op))
+                self.tables.apply({o.key: o.value for o in run}, [])
+            changes += [f"{'delete' if deleting else 'set'} Maglev table of service id {o.key}" for o in run]
         # Tell the store after the maps are in place: `endpoint add` waits for this.
         if ready or gone:
             def record(s):
@@ -165,6 +162,15 @@ class Agent:
                 return s
             self.store.update(record)
         return changes
+
+    def _apply(self, ops, changes) -> None:
+        for op in ops:
+            if op.value is None:
+                self.maps[op.map].delete(op.key)
+            else:
+                self.maps[op.map].set(op.key, op.value)
+            if not op.map.endswith("_stats"):
+                changes.append(str(op))
 
     def _plumb(self, state, changes):
         """Create the veths of this node's endpoints, remove those of endpoints gone."""

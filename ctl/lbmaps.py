@@ -68,17 +68,50 @@ class MaglevTables:
                 os.close(fd)
             self._known[sid] = (map_id, table)
             out[sid] = table
-        return out
+        # An emptied slot (see apply) holds no table.
+        return {sid: t for sid, t in out.items() if t and t[0]}
 
     def set(self, sid: int, table: tuple) -> None:
-        fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, f"xo_maglev_{sid}", 4, 4, len(table), bpf.BPF_F_INNER_MAP)
-        try:
-            bpf.array_update_batch(fd, to_values(table))
-            bpf.map_update(self.outer.fd, sid.to_bytes(4, "little"), fd.to_bytes(4, "little"))
-            self._known[sid] = (bpf.map_info(fd).id, tuple(table))
-        finally:
-            os.close(fd)
+        self.apply({sid: table}, [])
 
     def delete(self, sid: int) -> None:
-        self.outer.delete_raw(sid.to_bytes(4, "little"))
-        self._known.pop(sid, None)
+        self.apply({}, [sid])
+
+    # Open fds at a time: well under the default limit of 1024.
+    CHUNK = 256
+
+    def apply(self, sets: dict[int, tuple], deletes: list[int]) -> None:
+        """Swap in new tables (each built in a map of its own first) and drop old ones,
+        a chunk of services per syscall."""
+        items = sorted(sets.items())
+        for start in range(0, len(items), self.CHUNK):
+            chunk = items[start:start + self.CHUNK]
+            fds = []
+            try:
+                for sid, table in chunk:
+                    fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, f"xo_maglev_{sid}", 4, 4, len(table),
+                                        bpf.BPF_F_INNER_MAP)
+                    fds.append(fd)
+                    bpf.array_update_batch(fd, to_values(table))
+                bpf.u32_update_batch(self.outer.fd, [sid for sid, _ in chunk], fds)
+                for (sid, table), fd in zip(chunk, fds):
+                    self._known[sid] = (bpf.map_info(fd).id, tuple(table))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        if deletes:
+            # A slot is emptied by pointing it at an empty table (M = 0: the data path
+            # finds no backend), because an array of maps has no batch delete and each
+            # single delete waits for an RCU grace period (~10 ms here): 10,000 services
+            # removed at once would block the agent for minutes.
+            fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, "xo_maglev_none", 4, 4, 1, bpf.BPF_F_INNER_MAP)
+            try:
+                deletes = sorted(deletes)
+                for start in range(0, len(deletes), self.CHUNK):
+                    chunk = deletes[start:start + self.CHUNK]
+                    bpf.u32_update_batch(self.outer.fd, chunk, [fd] * len(chunk))
+                empty_id = bpf.map_info(fd).id
+            finally:
+                os.close(fd)
+            for sid in deletes:
+                self._known[sid] = (empty_id, (0,))

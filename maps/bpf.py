@@ -154,16 +154,55 @@ _lib.bpf_map_lookup_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_vo
                                       ctypes.POINTER(_BatchOpts)]
 
 
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+
+
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
-               flags: int = 0) -> int:
+               flags: int = 0, inner_map_fd: int = 0) -> int:
     """A new, unpinned map; returns its fd (the caller closes it)."""
-    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags)
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=flags, inner_map_fd=inner_map_fd)
     return _check(_lib.bpf_map_create(map_type, name.encode()[:15], key_size, value_size, max_entries,
                                       ctypes.byref(opts)), f"create map {name}")
 
 
 def map_fd_by_id(map_id: int) -> int:
     return _check(_lib.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
+
+
+_lib.bpf_map_delete_batch.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                                      ctypes.POINTER(_BatchOpts)]
+
+
+def u32_update_batch(fd: int, keys: list[int], values: list[int]) -> None:
+    """Set u32 keys to u32 values in one syscall. On an array of maps the values are
+    inner map fds, and the kernel waits for running programs once per batch, not once
+    per entry (since 6.8): 10,000 tables swap in a fraction of a second, not minutes."""
+    n = len(keys)
+    if not n:
+        return
+    k = (ctypes.c_uint32 * n)(*keys)
+    v = (ctypes.c_uint32 * n)(*values)
+    count = ctypes.c_uint32(n)
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    _check(_lib.bpf_map_update_batch(fd, k, v, ctypes.byref(count), ctypes.byref(opts)), "batch update")
+    if count.value != n:
+        raise BpfError(5, f"batch update: {count.value} of {n} entries written")
+
+
+def u32_delete_batch(fd: int, keys: list[int]) -> None:
+    n = len(keys)
+    if not n:
+        return
+    k = (ctypes.c_uint32 * n)(*keys)
+    count = ctypes.c_uint32(n)
+    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
+    ret = _lib.bpf_map_delete_batch(fd, k, ctypes.byref(count), ctypes.byref(opts))
+    if ret in (-524, -95):
+        # Arrays (of maps, too) have no batch delete: one at a time (one kernel wait each).
+        for key in keys:
+            map_delete(fd, key.to_bytes(4, "little"))
+    elif ret < 0 and ret != -2 and ctypes.get_errno() != 2:     # ENOENT: some were gone already
+        _check(ret, "batch delete")
 
 
 def array_update_batch(fd: int, values: list[int]) -> None:
