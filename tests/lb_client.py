@@ -5,6 +5,7 @@ line (and, for `stream`, progress lines before it).
     udp VIP PORT N         N datagrams from N sockets: the answers
     stream VIP PORT SECS   one TCP connection, a 64-byte ping-pong every 20 ms for SECS:
                            its backend first ("backend NAME"), then how it went
+    bulk VIP PORT MIB      MIB megabytes through the echo port and back, checked
 """
 from __future__ import annotations
 
@@ -44,6 +45,22 @@ def udp(vip: str, port: int, n: int) -> dict:
     return {"answers": seen, "errors": errors}
 
 
+def bulk(vip: str, port: int, mib: int) -> dict:
+    """MIB megabytes to the echo port and back, full-size segments both ways: every byte
+    must come back intact through DNAT and reverse NAT."""
+    import hashlib
+    import os
+    import threading
+    data = os.urandom(1 << 20) * mib
+    c = socket.create_connection((vip, port), timeout=30)
+    f = c.makefile("rb")
+    backend = f.readline().decode().strip()
+    threading.Thread(target=c.sendall, args=(data,), daemon=True).start()
+    got = f.read(len(data))
+    return {"backend": backend, "sent": len(data), "received": len(got),
+            "intact": hashlib.sha256(got).digest() == hashlib.sha256(data).digest()}
+
+
 def stream(vip: str, port: int, seconds: float) -> dict:
     start = time.monotonic()
     c = socket.create_connection((vip, port), timeout=5)
@@ -74,5 +91,5 @@ def stream(vip: str, port: int, seconds: float) -> dict:
 if __name__ == "__main__":
     cmd, vip, port, arg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     fn = {"http": lambda: http(vip, port, int(arg)), "udp": lambda: udp(vip, port, int(arg)),
-          "stream": lambda: stream(vip, port, float(arg))}[cmd]
+          "stream": lambda: stream(vip, port, float(arg)), "bulk": lambda: bulk(vip, port, int(arg))}[cmd]
     print(json.dumps(fn()), flush=True)
