@@ -4,6 +4,7 @@
  *   same network, this node   -> straight into the other container (redirect_peer),
  *                                with the VIP put back if it is a service's reply
  *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
+ *   DNS to the gateway address -> the node's own stack (its DNS responder, docs/DNS.md)
  *   anything else             -> dropped, counted by reason
  */
 #include "lib/common.h"
@@ -21,6 +22,19 @@ static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
     if (subnet->vni != vni)
         return XO_DROP_OTHER_NETWORK;
     return XO_DROP_UNKNOWN_DESTINATION;
+}
+
+/* A DNS query (UDP or TCP port 53, not a fragment) to the gateway address. The reply
+ * comes back through the node's stack: a route and a permanent neighbour entry per
+ * endpoint on its veth (ctl/links.py), since the container's ARP would be dropped here. */
+static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct iphdr *ip)
+{
+    if (ip->daddr != bpf_htonl(XO_GW_IP) || xo_ipv4_is_fragment(ip))
+        return 0;
+    if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
+        return 0;
+    struct xo_ports *ports = xo_parse_ports(c);
+    return ports && ports->dest == bpf_htons(XO_DNS_PORT);
 }
 
 int xo_endpoint_ingress(struct __sk_buff *skb)
@@ -45,6 +59,14 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         return xo_drop(XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
     __u32 vni = self->vni;
     __be32 daddr = ip->daddr;
+
+    /* DNS for the node's responder, before anything else: 169.254.1.1 is never a VIP. */
+    if (xo_is_gateway_dns(&c, ip)) {
+        struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
+        struct xo_traffic none = {};
+        xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&asker, &none), len);
+        return TC_ACT_OK;
+    }
 
     /* Services first: a VIP is no endpoint. The packet may be rewritten (and every packet
      * pointer with it): from here on, only the values saved above and in f. */

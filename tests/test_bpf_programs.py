@@ -39,6 +39,7 @@ pytestmark = [
 ]
 
 ETH, IPH, UDPH, VXH = 14, 20, 8, 8
+GW_IP = "169.254.1.1"                  # ctl.model.GATEWAY_IP: the node's DNS responder
 ENCAP = IPH + UDPH + VXH + ETH          # what encap adds after the outer Ethernet header
 
 
@@ -170,6 +171,7 @@ _web1_to_web2 = container(T.WEB1, T.WEB2.ip)
 _web1_to_api1 = container(T.WEB1, T.API1.ip)
 _web1_to_db1 = container(T.WEB1, T.DB1.ip, l4=TCP(sport=40001, dport=443, flags="S"))
 _red1_to_red2 = container(T.RED1, T.RED2.ip, l4=ICMP() / PAYLOAD)
+_dns_udp = container(T.WEB1, GW_IP, l4=UDP(sport=40000, dport=53) / PAYLOAD)
 _truncated_ip = bad_ihl(container(T.WEB1, T.WEB2.ip)[:ETH + IPH], 6)
 
 ENDPOINT = [
@@ -204,6 +206,48 @@ ENDPOINT = [
                   container(T.WEB1, "8.8.8.8"), TC_ACT_SHOT, drop="NO_ROUTE"),
     endpoint_case("drop: no route (the gateway address itself)",
                   container(T.WEB1, "169.254.1.1"), TC_ACT_SHOT, drop="NO_ROUTE"),
+    # DNS: the node's responder listens on the gateway address (docs/DNS.md). Only port
+    # 53, UDP or TCP, whole packets, after the source check, go up the node's stack.
+    endpoint_case("to the node: DNS over UDP to the gateway address",
+                  _dns_udp, TC_ACT_OK),
+    endpoint_case("to the node: DNS over TCP to the gateway address (SYN)",
+                  container(T.WEB1, GW_IP, l4=TCP(sport=40002, dport=53, flags="S")), TC_ACT_OK),
+    endpoint_case("to the node: DNS over TCP, a data segment",
+                  container(T.WEB1, GW_IP, l4=TCP(sport=40002, dport=53, flags="PA") / b"\x00\x1d" / PAYLOAD),
+                  TC_ACT_OK),
+    endpoint_case("to the node: DNS from another network's endpoint",
+                  container(T.RED1, GW_IP, l4=UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_OK, ep=T.RED1),
+    endpoint_case("to the node: DNS with IP options",
+                  bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=GW_IP, options=[IPOption_NOP()] * 4) /
+                        UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_OK),
+    endpoint_case("drop: DNS to the gateway with a spoofed source IP",
+                  container(T.WEB1, GW_IP, src_ip="10.10.1.99", l4=UDP(sport=40000, dport=53) / PAYLOAD),
+                  TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: DNS to the gateway with a spoofed source MAC",
+                  container(T.WEB1, GW_IP, src_mac="02:58:0a:0a:01:63", l4=UDP(sport=40000, dport=53) / PAYLOAD),
+                  TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: another UDP port of the gateway",
+                  container(T.WEB1, GW_IP, l4=UDP(sport=40000, dport=54) / PAYLOAD), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: another TCP port of the gateway (ssh)",
+                  container(T.WEB1, GW_IP, l4=TCP(sport=40000, dport=22, flags="S")), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: UDP from port 53 to the gateway (not a query)",
+                  container(T.WEB1, GW_IP, l4=UDP(sport=53, dport=40000) / PAYLOAD), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: ICMP to the gateway",
+                  container(T.WEB1, GW_IP, l4=ICMP() / PAYLOAD), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: DNS port, other protocol (SCTP-numbered payload)",
+                  bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=GW_IP, proto=132) /
+                        bytes(UDP(sport=40000, dport=53) / PAYLOAD)), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: DNS to the gateway, first fragment",
+                  bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=GW_IP, flags="MF") /
+                        UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: to the gateway, a later fragment",
+                  bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=GW_IP, proto=17, frag=185) /
+                        bytes(UDP(sport=40000, dport=53) / PAYLOAD)), TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: UDP to the gateway cut after 2 bytes of its header",
+                  _dns_udp[:ETH + IPH + 2], TC_ACT_SHOT, drop="NO_ROUTE"),
+    endpoint_case("drop: DNS to a resolver outside the overlay",
+                  container(T.WEB1, "8.8.8.8", l4=UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_SHOT,
+                  drop="NO_ROUTE"),
     endpoint_case("drop: ARP",
                   bytes(Ether(src=T.WEB1.mac, dst="ff:ff:ff:ff:ff:ff") /
                         ARP(hwsrc=T.WEB1.mac, psrc=T.WEB1.ip, pdst=T.WEB2.ip)),
@@ -407,9 +451,10 @@ def test_traffic_counters(dp):
     before = snap()
     dp.run("prog_endpoint", _web1_to_web2, T.WEB1.ifindex)
     dp.run("prog_endpoint", _web1_to_api1, T.WEB1.ifindex)
+    dp.run("prog_endpoint", _dns_udp, T.WEB1.ifindex)      # a query to the node: sent too
     dp.run("prog_underlay_tc", _ok)
     after = snap()
     diff = {k: tuple(a - b for a, b in zip(after[k], before[k])) for k in after}
-    assert diff["web1"] == (2, len(_web1_to_web2) + len(_web1_to_api1), 1, len(_ok) - ENCAP)
+    assert diff["web1"] == (3, len(_web1_to_web2) + len(_web1_to_api1) + len(_dns_udp), 1, len(_ok) - ENCAP)
     assert diff["web2"] == (0, 0, 1, len(_web1_to_web2))
     assert diff["B"] == (1, len(_web1_to_api1) + ENCAP, 1, len(_ok))

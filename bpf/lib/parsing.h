@@ -44,6 +44,20 @@ static __always_inline struct udphdr *xo_parse_udp(struct xo_cursor *c)
     return udp;
 }
 
+/* The ports of a TCP or UDP header: the first 4 bytes of both. */
+struct xo_ports {
+    __be16 source;
+    __be16 dest;
+};
+
+static __always_inline struct xo_ports *xo_parse_ports(struct xo_cursor *c)
+{
+    struct xo_ports *ports = c->pos;
+    if ((void *)(ports + 1) > c->end)
+        return NULL;
+    return ports;
+}
+
 static __always_inline int xo_ipv4_is_fragment(const struct iphdr *ip)
 {
     return ip->frag_off & bpf_htons(XO_IP_MF | XO_IP_OFFSET);
