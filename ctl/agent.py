@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 
-from . import datapath, desired, links, model
+from . import datapath, desired, dnsd, links, model
 from .errors import XoError
 from .lbmaps import MaglevTables
 from .store import Store
@@ -104,6 +104,10 @@ class Agent:
     vxlan_port: int = model.DEFAULT_VXLAN_PORT
     ipr: IPRoute = field(default_factory=IPRoute)
     stopping: bool = False
+    dns: bool = True                   # run the DNS responder (docs/DNS.md)
+    dns_forward: bool = True           # forward names that are not ours; else REFUSED
+    dns_upstreams: list | None = None  # (address, port) to forward to; None: /etc/resolv.conf
+    dns_server: dnsd.DnsServer | None = None
 
     def start(self) -> None:
         """Join the cluster and bring the data path up (adopting what is pinned)."""
@@ -114,25 +118,48 @@ class Agent:
         def join(s):
             return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
         join(self.store.read())
-        self.progs = datapath.load(self.node)
-        self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
-        self.maps = datapath.open_maps(self.node)
-        self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
-        self.tables = MaglevTables(self.maps[desired.MAGLEV])
-        self.store.update(join)
+        if self.dns:     # bound now (IP_FREEBIND: before the address exists), served later
+            self.dns_server = dnsd.DnsServer(self.node, forward=self.dns_forward, upstreams=self.dns_upstreams)
+        try:
+            self.progs = datapath.load(self.node)
+            self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
+            self.maps = datapath.open_maps(self.node)
+            self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
+            self.tables = MaglevTables(self.maps[desired.MAGLEV])
+            self.store.update(join)
+            # The gateway address exists whether or not our responder runs: DNS that
+            # endpoint.c passes up must end on this node, never be routed onwards.
+            for change in links.ensure_gateway(self.ipr):
+                log.info("%s", change)
+        except BaseException:
+            if self.dns_server:
+                self.dns_server.close()
+            raise
         verb = "loaded" if self.progs.replaced else "adopted"
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
                  self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)
+        if self.dns_server:
+            self.dns_server.set_state(self.store.read())
+            self.dns_server.start()
+
+    def stop_dns(self) -> None:
+        if self.dns_server:
+            self.dns_server.stop()
+            self.dns_server = None
 
     # --- one reconcile pass ------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
         """Make the kernel match the store once. Returns what it changed, for the log."""
+        generation = self.store.generation()
         state = self.store.read()
         if self.node not in state.nodes:
             raise XoError(f"node {self.node} was removed from the store")
+        if self.dns_server:
+            self.dns_server.set_state(state, generation)
         changes = []
         ifindexes, ready, gone = self._plumb(state, changes)
+        changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
         ops = desired.plan(want, actual, desired.desired_tables(state), self.tables.read())
@@ -203,6 +230,13 @@ class Agent:
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
+        try:
+            self._loop()
+        finally:
+            self.stop_dns()
+        log.info("agent for node %s stopping; the data path keeps forwarding (DNS does not)", self.node)
+
+    def _loop(self) -> None:
         gen = -1
         last_full = 0.0
         while not self.stopping:
@@ -227,4 +261,3 @@ class Agent:
                 if changes:
                     log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
             self.store.wait(gen, timeout=0.5)
-        log.info("agent for node %s stopping; the data path keeps forwarding", self.node)

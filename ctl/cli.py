@@ -83,10 +83,18 @@ def cli(ctx, state):
               help="drop bad tunnel traffic in XDP before the stack sees it")
 @click.option("--vxlan-port", default=model.DEFAULT_VXLAN_PORT, show_default=True, type=int)
 @click.option("--detach", is_flag=True, help="run the agent in the background (pid file and log in /run/xoverlay)")
+@click.option("--dns/--no-dns", default=True, show_default=True,
+              help=f"answer the endpoints' DNS on {model.GATEWAY_IP}:53 (docs/DNS.md)")
+@click.option("--dns-forward/--dns-refuse", default=True, show_default=True,
+              help="names that are not the network's: forward them to the node's resolvers, or answer REFUSED")
+@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR[:PORT]",
+              help="where to forward (repeatable; default: the nameservers of /etc/resolv.conf)")
 @click.pass_context
-def up(ctx, node, underlay, xdp, vxlan_port, detach):
+def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
+    from . import dnsd
     model.check_name("node", node)
+    upstreams = [dnsd.parse_upstream(u) for u in dns_upstreams] or None
     pid = agent_mod.running_pid(node)
     if pid:
         raise XoError(f"an agent for node {node} is already running (pid {pid})")
@@ -95,13 +103,16 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach):
         return
     ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    lock = None
+    lock = a = None
     try:
         lock = agent_mod.take_pid_lock(node)
-        a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port)
+        a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port, dns=dns,
+                            dns_forward=dns_forward, dns_upstreams=upstreams)
         a.start()
         a.reconcile()
     except XoError as e:
+        if a is not None:
+            a.stop_dns()
         if lock is not None:
             agent_mod.release_pid_lock(node, lock)
         if ready_fd >= 0:
@@ -225,6 +236,10 @@ def endpoint_add(ctx, name, network, ns, ip, node, wait):
                    f"yet (is `xoverlay up --node {node}` running?)", err=True)
         return
     click.echo(f"endpoint {name}: {ep.ip} ({ep.mac}) on {node}, netns {ep.netns}")
+    from . import resolvconf
+    if resolvconf.netns_name(ep.netns) is None:
+        click.echo(f"endpoint {name}: DNS is {model.GATEWAY_IP}; {ep.netns} has no name, so write "
+                   f"`nameserver {model.GATEWAY_IP}` into its container's resolv.conf yourself (docs/DNS.md)")
 
 
 def _wait_for(store, done, timeout=WAIT_SECONDS) -> bool:

@@ -166,3 +166,48 @@ def stale_counters(desired: dict[str, dict], peer_keys, endpoint_keys, service_k
 
 def in_network(ip: str, subnet: str) -> bool:
     return ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(subnet)
+
+
+# --- the way back from the gateway address (DNS replies) ---------------------------------
+
+def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str, tuple[int, str]]:
+    """Endpoint IP -> (host-side veth ifindex, endpoint MAC) for this node's plumbed endpoints:
+    where the node sends what leaves from the gateway address (ctl/links.py)."""
+    out = {}
+    for ep in state.endpoints.values():
+        if ep.node == node and not ep.removing and ifindexes.get(ep.name):
+            out[ep.ip] = (ifindexes[ep.name], ep.mac)
+    return out
+
+
+@dataclass(frozen=True)
+class PathOp:
+    kind: str                 # "route" (key: ip, value: oif) or "neigh" (key: (ip, ifindex), value: mac)
+    key: object
+    value: object | None      # None: delete
+
+    def __str__(self):
+        what = "return route" if self.kind == "route" else "permanent neighbour"
+        if self.value is None:
+            return f"delete {what} {self.key}"
+        return f"set {what} {self.key} -> {self.value}"
+
+
+def return_path_ops(want: dict[str, tuple[int, str]], routes: dict[str, int],
+                    neighbours: dict[tuple[str, int], tuple[str, bool]]) -> list[PathOp]:
+    """From the routes of the return table (ip -> oif) and the neighbour entries on our
+    veths ((ip, ifindex) -> (mac, permanent)) to `want`: sets first, then deletes."""
+    sets, deletes = [], []
+    want_neigh = {(ip, ifindex): mac.lower() for ip, (ifindex, mac) in want.items()}
+    for ip, (ifindex, _) in want.items():
+        if routes.get(ip) != ifindex:
+            sets.append(PathOp("route", ip, ifindex))
+    for key, mac in want_neigh.items():
+        have = neighbours.get(key)
+        if have is None or (have[0] or "").lower() != mac or not have[1]:
+            sets.append(PathOp("neigh", key, mac))
+    for ip in routes.keys() - want.keys():
+        deletes.append(PathOp("route", ip, None))
+    for key in neighbours.keys() - want_neigh.keys():
+        deletes.append(PathOp("neigh", key, None))
+    return sets + deletes

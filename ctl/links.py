@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import logging
 import os
 import socket
 import struct
 
 from maps import bpf
 
-from . import netns
+from . import desired, netns, resolvconf
 from .errors import XoError
 from .model import GATEWAY_IP, Endpoint, State
+
+log = logging.getLogger("xoverlay.links")
 
 GW_MAC = "ee:ee:ee:ee:ee:ee"      # same as XO_GW_MAC in bpf/lib/common.h
 CONTAINER_IFNAME = "eth0"
@@ -23,6 +26,14 @@ HOST_PREFIX = "xo"
 IFA_F_NOPREFIXROUTE = 0x200
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+# The node's side of the gateway: GATEWAY_IP on the node's loopback (where the DNS
+# responder listens; this kernel has no dummy devices), and a routing table, used only
+# for what leaves from GATEWAY_IP, with a route to each local endpoint through its veth
+# (docs/DNS.md).
+GATEWAY_DEV = "lo"
+RETURN_TABLE = 30831            # 0x786f, "xo"
+RETURN_RULE_PRIORITY = 30831
 
 # Encap puts 50 bytes in front of every packet a container sends. A socket reserves in
 # front of its packets what the device asks for (LL_RESERVED_SPACE), and a veth asks for
@@ -151,7 +162,13 @@ def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) ->
             os.close(fd)
         prefixlen = ipaddress.IPv4Network(state.networks[ep.network].subnet).prefixlen
         _configure_container(ep, tmp, prefixlen)
-        ipr.link("set", index=ifindex, state="up")
+        wrote = resolvconf.write(ep)
+        try:
+            ipr.link("set", index=ifindex, state="up")
+        except Exception:
+            if wrote:
+                resolvconf.remove(ep)
+            raise
     except Exception:
         ipr.link("del", index=ifindex)
         raise
@@ -185,5 +202,75 @@ def unplumb(ipr, ifname: str) -> None:
 
 def remove_endpoint(ipr, ep: Endpoint) -> None:
     unplumb(ipr, host_ifname(ep.name))
+    resolvconf.remove(ep)
     if ep.owns_netns:
         netns.remove(ep.netns)
+
+
+# --- the gateway address on the node ------------------------------------------------------
+
+def _return_rules(ipr) -> list:
+    return [r for r in ipr.get_rules(family=socket.AF_INET)
+            if r.get_attr("FRA_TABLE") == RETURN_TABLE or r["table"] == RETURN_TABLE]
+
+
+def ensure_gateway(ipr) -> list[str]:
+    """GATEWAY_IP/32 on the node's loopback (scope link: never picked as the source of
+    anything else), and the rule that routes what leaves from it by RETURN_TABLE.
+    Without the address, the DNS that endpoint.c passes up would be routed onwards."""
+    changes = []
+    index = ipr.link_lookup(ifname=GATEWAY_DEV)[0]
+    if not ipr.get_links(index)[0]["flags"] & 1:       # IFF_UP
+        ipr.link("set", index=index, state="up")
+    addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)]
+    if GATEWAY_IP not in addrs:
+        ipr.addr("add", index=index, address=GATEWAY_IP, prefixlen=32, scope=RT_SCOPE_LINK)
+        changes.append(f"added {GATEWAY_IP}/32 to {GATEWAY_DEV}")
+    rules = _return_rules(ipr)
+    good = [r for r in rules if r.get_attr("FRA_SRC") == GATEWAY_IP and r["src_len"] == 32
+            and r.get_attr("FRA_PRIORITY") == RETURN_RULE_PRIORITY]
+    if not good:
+        ipr.rule("add", family=socket.AF_INET, table=RETURN_TABLE, priority=RETURN_RULE_PRIORITY,
+                 src=GATEWAY_IP, src_len=32)
+        changes.append(f"added rule from {GATEWAY_IP} lookup {RETURN_TABLE}")
+    return changes
+
+
+def remove_gateway(ipr) -> None:
+    for r in _return_rules(ipr):
+        ipr.rule("del", family=socket.AF_INET, table=RETURN_TABLE, priority=r.get_attr("FRA_PRIORITY"),
+                 src=r.get_attr("FRA_SRC"), src_len=r["src_len"])
+    for route in ipr.get_routes(family=socket.AF_INET, table=RETURN_TABLE):
+        if route.get_attr("RTA_TABLE") == RETURN_TABLE:
+            ipr.route("del", table=RETURN_TABLE, dst=route.get_attr("RTA_DST"), dst_len=route["dst_len"])
+    for index in ipr.link_lookup(ifname=GATEWAY_DEV):
+        for a in ipr.get_addr(index=index, family=socket.AF_INET):
+            if a.get_attr("IFA_ADDRESS") == GATEWAY_IP and a["prefixlen"] == 32:
+                ipr.addr("del", index=index, address=GATEWAY_IP, prefixlen=32)
+
+
+def sync_return_paths(ipr, want: dict[str, tuple[int, str]]) -> list[str]:
+    """Routes (in RETURN_TABLE) and permanent neighbour entries for the local endpoints,
+    so that replies from GATEWAY_IP reach them. Permanent: the node never ARPs for a
+    container (endpoint.c would drop the container's ARP reply)."""
+    veths = set(our_veths(ipr).values())
+    routes = {r.get_attr("RTA_DST"): r.get_attr("RTA_OIF")
+              for r in ipr.get_routes(family=socket.AF_INET, table=RETURN_TABLE)
+              if r["dst_len"] == 32 and r.get_attr("RTA_TABLE") == RETURN_TABLE}
+    neighbours = {(n.get_attr("NDA_DST"), n["ifindex"]): (n.get_attr("NDA_LLADDR"), bool(n["state"] & NUD_PERMANENT))
+                  for n in ipr.get_neighbours(family=socket.AF_INET) if n["ifindex"] in veths}
+    ops = desired.return_path_ops(want, routes, neighbours)
+    for op in ops:
+        try:
+            if op.kind == "route" and op.value is not None:
+                ipr.route("replace", table=RETURN_TABLE, dst=op.key, dst_len=32, oif=op.value,
+                          scope=RT_SCOPE_LINK)
+            elif op.kind == "route":
+                ipr.route("del", table=RETURN_TABLE, dst=op.key, dst_len=32)
+            elif op.value is not None:
+                ipr.neigh("replace", dst=op.key[0], ifindex=op.key[1], lladdr=op.value, state=NUD_PERMANENT)
+            else:
+                ipr.neigh("del", dst=op.key[0], ifindex=op.key[1])
+        except Exception as e:        # a veth that went away meanwhile: the next pass sees it
+            log.warning("%s failed: %s", op, e)
+    return [str(op) for op in ops]

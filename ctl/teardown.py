@@ -53,6 +53,7 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
             for ifname in links.our_veths(ipr):
                 links.unplumb(ipr, ifname)
             links.remove_headroom_bridge(ipr)
+            links.remove_gateway(ipr)
             ifindex = _pinned_underlay(node)
             if ifindex:
                 datapath.detach_underlay(ifindex)

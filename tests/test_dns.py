@@ -313,3 +313,51 @@ def test_c_and_python_agree_on_the_gateway_address():
     common = (pathlib.Path(__file__).parent.parent / "bpf/lib/common.h").read_text()
     value = int(re.search(r"#define XO_GW_IP (0x[0-9a-f]+)", common).group(1), 16)
     assert str(ipaddress.IPv4Address(value)) == model.GATEWAY_IP
+
+
+# --- the endpoint's resolv.conf ---------------------------------------------------------------
+
+def test_resolv_conf_for_a_named_netns_written_and_removed(tmp_path):
+    from ctl import resolvconf
+    ep = STATE.endpoints["web1"]
+    assert resolvconf.write(ep, str(tmp_path)) is True
+    path = tmp_path / "web1" / "resolv.conf"
+    text = path.read_text()
+    assert text.startswith(resolvconf.MARKER) and f"nameserver {model.GATEWAY_IP}\n" in text
+    assert [l for l in text.splitlines() if not l.startswith("#")] == [f"nameserver {model.GATEWAY_IP}"]
+    assert resolvconf.write(ep, str(tmp_path)) is True          # ours: rewritten
+    resolvconf.remove(ep, str(tmp_path))
+    assert not (tmp_path / "web1").exists()
+
+
+def test_resolv_conf_of_someone_else_is_left_alone(tmp_path):
+    from ctl import resolvconf
+    ep = STATE.endpoints["web1"]
+    (tmp_path / "web1").mkdir()
+    theirs = tmp_path / "web1" / "resolv.conf"
+    theirs.write_text("nameserver 10.0.0.2\n")
+    (tmp_path / "web1" / "hosts").write_text("")
+    assert resolvconf.write(ep, str(tmp_path)) is False
+    resolvconf.remove(ep, str(tmp_path))
+    assert theirs.read_text() == "nameserver 10.0.0.2\n"
+    # ... and a directory holding other files survives the removal of ours.
+    theirs.unlink()
+    resolvconf.write(ep, str(tmp_path))
+    resolvconf.remove(ep, str(tmp_path))
+    assert not theirs.exists() and (tmp_path / "web1" / "hosts").exists()
+
+
+def test_resolv_conf_needs_a_netns_name(tmp_path):
+    from ctl import resolvconf
+    ep = replace(STATE.endpoints["web1"], netns="/proc/4242/ns/net")
+    assert resolvconf.netns_name(ep.netns) is None
+    assert resolvconf.write(ep, str(tmp_path)) is False and list(tmp_path.iterdir()) == []
+    assert resolvconf.netns_name("/run/netns/web1") == "web1"
+
+
+def test_resolv_conf_that_cannot_be_written_is_an_error(tmp_path):
+    from ctl import resolvconf
+    from ctl.errors import XoError
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    with pytest.raises(XoError, match="endpoint web1: cannot write"):
+        resolvconf.write(STATE.endpoints["web1"], str(tmp_path / "blocked"))

@@ -193,3 +193,40 @@ def test_tables_are_what_maglev_builds():
     names = ["a", "b", "d"]
     owners = maglev.build(names, t[0])
     assert t[1:] == tuple(s.services["web"].backend(names[i]).index for i in owners)
+
+
+# --- the way back from the gateway address (DNS replies) ------------------------------------
+
+def test_return_paths_are_the_plumbed_local_endpoints():
+    s = model.add_endpoint(state(), "d", "db", "n1", "/run/netns/d", True)
+    s = model.add_endpoint(s, "e", "app", "n1", "/run/netns/e", True)
+    s = model.mark_endpoint_removing(s, "e")
+    a, d = s.endpoints["a"], s.endpoints["d"]
+    # a and d are plumbed here; e is being removed; b and c live on n2.
+    assert desired.return_paths(s, "n1", {"a": 7, "d": 9, "e": 11}) == {a.ip: (7, a.mac), d.ip: (9, d.mac)}
+    assert desired.return_paths(s, "n1", {"a": 7}) == {a.ip: (7, a.mac)}
+
+
+def _ops(want, routes, neigh):
+    return {(op.kind, op.key, op.value) for op in desired.return_path_ops(want, routes, neigh)}
+
+
+def test_return_path_ops():
+    want = {"10.10.0.1": (7, "02:58:0a:0a:00:01"), "10.10.0.2": (8, "02:58:0a:0a:00:02")}
+    # Nothing yet: a route and a permanent neighbour entry each.
+    assert _ops(want, {}, {}) == {("route", "10.10.0.1", 7), ("route", "10.10.0.2", 8),
+                                  ("neigh", ("10.10.0.1", 7), "02:58:0a:0a:00:01"),
+                                  ("neigh", ("10.10.0.2", 8), "02:58:0a:0a:00:02")}
+    # All in place (MACs compared case-blind): nothing to do.
+    routes = {"10.10.0.1": 7, "10.10.0.2": 8}
+    neigh = {("10.10.0.1", 7): ("02:58:0A:0A:00:01", True), ("10.10.0.2", 8): ("02:58:0a:0a:00:02", True)}
+    assert _ops(want, routes, neigh) == set()
+    # A route through the wrong veth, a learnt (not permanent) entry, a stale route and a
+    # stale entry: fixed, sets before deletes.
+    routes = {"10.10.0.1": 99, "10.10.0.2": 8, "10.10.0.3": 9}
+    neigh = {("10.10.0.1", 7): ("02:58:0a:0a:00:01", True), ("10.10.0.2", 8): ("02:58:0a:0a:00:02", False),
+             ("10.10.0.3", 9): ("02:58:0a:0a:00:03", True)}
+    ops = desired.return_path_ops(want, routes, neigh)
+    assert [(op.kind, op.key, op.value) for op in ops] == [
+        ("route", "10.10.0.1", 7), ("neigh", ("10.10.0.2", 8), "02:58:0a:0a:00:02"),
+        ("route", "10.10.0.3", None), ("neigh", ("10.10.0.3", 9), None)]
