@@ -75,6 +75,8 @@ def leftovers(prefix: str) -> list[str]:
     found = []
     if os.path.isdir("/run/netns"):
         found += [f"netns {n}" for n in os.listdir("/run/netns") if prefix in n]
+    if os.path.isdir("/etc/netns"):       # endpoints' resolv.conf (ctl/resolvconf.py)
+        found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if prefix in n]
     if os.path.isdir("/sys/fs/bpf/xoverlay"):
         found += [f"pin {n}" for n in os.listdir("/sys/fs/bpf/xoverlay") if n.startswith(prefix)]
     ps = subprocess.run(["pgrep", "-af", "ctl.cli"], capture_output=True, text=True).stdout
