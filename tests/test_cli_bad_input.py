@@ -198,3 +198,48 @@ def test_corrupt_store_is_a_clear_error(tmp_path):
     r = run_xo(str(state), "network", "ls", check=False)
     assert r.code != 0
     assert r.err.strip().startswith("xoverlay: error: state store") and len(r.err.strip().splitlines()) == 1
+
+
+def test_bad_dns_upstream(lab):
+    before = snapshot(lab)
+    r = lab.xo("up", "--node", "dnsbad", "--underlay", "eth1", "--dns-upstream", "dns.example", check=False)
+    one_line_error(r, "DNS upstream 'dns.example' is not an IP address")
+    assert snapshot(lab) == before
+
+
+def test_dns_port_taken_refuses_before_changing_anything(lab):
+    """Something already listens on 169.254.1.1:53 in the node's netns: `up` says so and
+    leaves the store, the pins and the node's addresses and rules as they were."""
+    prefix = lab.nodes()[0][:-len("node1")]
+    ns = f"xo-{prefix}dnsbusy"
+    blocker = None
+    try:
+        for cmd in (["netns", "add", ns], ["-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"],
+                    ["-n", ns, "addr", "add", "192.0.2.240/24", "dev", "eth1"], ["-n", ns, "link", "set", "eth1", "up"],
+                    ["-n", ns, "link", "set", "lo", "up"]):
+            subprocess.run(["ip", *cmd], check=True, capture_output=True)
+        blocker = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{ns}", "--", PY, "-c",
+             "import socket, time; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+             "s.setsockopt(socket.SOL_IP, 15, 1); s.bind(('169.254.1.1', 53)); print('bound', flush=True); "
+             "time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+        assert blocker.stdout.readline().strip() == "bound"
+        before = snapshot(lab)
+        node_before = [subprocess.run(["ip", "-n", ns, *what], capture_output=True, text=True).stdout
+                       for what in (["addr"], ["rule"])]
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", PY, "-m", "ctl.cli", "--state", lab.state,
+                            "up", "--node", "dnsbusy", "--underlay", "eth1"], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0
+        assert r.stderr.strip().splitlines() == [
+            "xoverlay: error: DNS responder: cannot listen on 169.254.1.1:53: Address already in use "
+            "(another DNS server on this node? `up --no-dns` runs without ours)"]
+        assert snapshot(lab) == before
+        assert not os.path.exists("/sys/fs/bpf/xoverlay/dnsbusy")
+        assert [subprocess.run(["ip", "-n", ns, *what], capture_output=True, text=True).stdout
+                for what in (["addr"], ["rule"])] == node_before
+    finally:
+        if blocker:
+            blocker.kill()
+            blocker.wait()
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
