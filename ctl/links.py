@@ -130,11 +130,24 @@ def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -
         ifindex = found[0]
         if ipr.get_links(ifindex)[0].get_attr("IFLA_MASTER") != headroom_bridge:
             ipr.link("set", index=ifindex, master=headroom_bridge)   # plumbed by an older build
+        _adopt_resolv_conf(ep)
     else:
         ifindex = _create(ipr, state, ep, host, headroom_bridge)
     if bpf.tc_query(ifindex) != bpf.prog_info(prog_fd).id:
         bpf.tc_attach(ifindex, prog_fd)
     return ifindex
+
+
+def _adopt_resolv_conf(ep: Endpoint) -> None:
+    """A running endpoint whose resolv.conf is missing (plumbed by an agent from before
+    DNS, or the file was deleted) gets one. Never a reason to unplumb it: only logged."""
+    path = resolvconf.path_for(ep)
+    if path and not os.path.exists(path):
+        try:
+            if resolvconf.write(ep):
+                log.info("endpoint %s: wrote %s", ep.name, path)
+        except XoError as e:
+            log.error("%s", e)
 
 
 def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) -> int:

@@ -280,3 +280,16 @@ def test_service_name_resolves_to_its_vip(lab):
         assert ask(lab, f"{n1}-a", ("dnssvc.demo.xoverlay", "A", True))[0]["addrs"] == [vip]
     finally:
         lab.xo("service", "rm", "dnssvc", check=False)
+
+
+def test_a_missing_resolv_conf_of_a_running_endpoint_is_written_again(lab):
+    """Endpoints plumbed before the agent knew DNS (or whose file was deleted) get it
+    back on the agent's next pass, without being touched otherwise."""
+    n1 = names(lab)[0]
+    path = f"/etc/netns/{os.path.basename(lab.ep(f'{n1}-b')['netns'])}/resolv.conf"
+    os.unlink(path)
+    deadline = time.monotonic() + 5          # the agent re-checks every 2 s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(path)
+    assert getent_ip(lab, f"{n1}-b", f"{n1}-a") == lab.ep(f"{n1}-a")["ip"]
