@@ -4,7 +4,7 @@
  *   same network, this node   -> straight into the other container (redirect_peer),
  *                                with the VIP put back if it is a service's reply
  *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
- *   DNS to the gateway address -> the node's own stack (its DNS responder, docs/DNS.md)
+ *   DNS to the gateway address -> the node's stack, through xo-gw (its DNS responder, docs/DNS.md)
  *   anything else             -> dropped, counted by reason
  */
 #include "lib/common.h"
@@ -24,9 +24,12 @@ static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
     return XO_DROP_UNKNOWN_DESTINATION;
 }
 
-/* A DNS query (UDP or TCP port 53, not a fragment) to the gateway address. The reply
- * comes back through the node's stack: a route and a permanent neighbour entry per
- * endpoint on its veth (ctl/links.py), since the container's ARP would be dropped here. */
+/* A DNS query (UDP or TCP port 53, not a fragment) to the gateway address. It cannot
+ * just go up the stack from here (TC_ACT_OK): this veth is a port of the down headroom
+ * bridge, which drops it. It enters the node's stack on xo-gw instead, the device that
+ * holds 169.254.1.1 (and our MAC, so it is the host's frame). The reply comes back by a
+ * route and a permanent neighbour entry per endpoint on its veth (ctl/links.py), since
+ * the container's ARP reply would be dropped here. */
 static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct iphdr *ip)
 {
     if (ip->daddr != bpf_htonl(XO_GW_IP) || xo_ipv4_is_fragment(ip))
@@ -60,12 +63,16 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     __u32 vni = self->vni;
     __be32 daddr = ip->daddr;
 
-    /* DNS for the node's responder, before anything else: 169.254.1.1 is never a VIP. */
+    /* DNS for the node's responder, before anything else: 169.254.1.1 is never a VIP.
+     * With no gateway device (yet), it is dropped below like anything to 169.254.1.1. */
     if (xo_is_gateway_dns(&c, ip)) {
-        struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
-        struct xo_traffic none = {};
-        xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&asker, &none), len);
-        return TC_ACT_OK;
+        struct xo_config *cfg = xo_get_config();
+        if (cfg && cfg->gateway_ifindex) {
+            struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
+            struct xo_traffic none = {};
+            xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&asker, &none), len);
+            return bpf_redirect(cfg->gateway_ifindex, BPF_F_INGRESS);
+        }
     }
 
     /* Services first: a VIP is no endpoint. The packet may be rewritten (and every packet

@@ -127,9 +127,10 @@ class Agent:
             self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
             self.tables = MaglevTables(self.maps[desired.MAGLEV])
             self.store.update(join)
-            # The gateway address exists whether or not our responder runs: DNS that
-            # endpoint.c passes up must end on this node, never be routed onwards.
-            for change in links.ensure_gateway(self.ipr):
+            # xo-gw exists whether or not our responder runs: DNS that endpoint.c sends
+            # there must end on this node (an ICMP error at worst), never go onwards.
+            self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)
+            for change in changes:
                 log.info("%s", change)
         except BaseException:
             if self.dns_server:
@@ -157,10 +158,11 @@ class Agent:
             raise XoError(f"node {self.node} was removed from the store")
         if self.dns_server:
             self.dns_server.set_state(state, generation)
-        changes = []
+        self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)     # repairs drift
         ifindexes, ready, gone = self._plumb(state, changes)
         changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
-        want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build)
+        want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
+                                    self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
         ops = desired.plan(want, actual, desired.desired_tables(state), self.tables.read())
         ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),

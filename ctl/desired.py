@@ -25,7 +25,7 @@ def _mac(mac: str):
 
 
 def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_ifindex: int,
-                 build_id: int) -> dict[str, dict]:
+                 build_id: int, gateway_ifindex: int = 0) -> dict[str, dict]:
     """What every reconciled map should hold on `node`. `ifindexes` maps the names of the
     local endpoints that are plumbed to their host-side veth; the others are left out
     until they are (a map entry pointing at no veth would black-hole traffic)."""
@@ -33,7 +33,7 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
     maps: dict[str, dict] = {name: {} for name in RECONCILED_MAPS}
     maps["xo_config"][U32(0)] = Config(node_ip=ip_be(me.underlay_ip), underlay_ifindex=underlay_ifindex,
                                        vxlan_port=int.from_bytes(me.vxlan_port.to_bytes(2, "big"), "little"),
-                                       build_id=build_id)
+                                       gateway_ifindex=gateway_ifindex, build_id=build_id)
     for peer in state.nodes.values():
         if peer.name != node:
             maps["xo_peers"][U32(ip_be(peer.underlay_ip))] = Peer()

@@ -27,11 +27,13 @@ IFA_F_NOPREFIXROUTE = 0x200
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 RT_SCOPE_LINK = 253
-# The node's side of the gateway: GATEWAY_IP on the node's loopback (where the DNS
-# responder listens; this kernel has no dummy devices), and a routing table, used only
-# for what leaves from GATEWAY_IP, with a route to each local endpoint through its veth
-# (docs/DNS.md).
-GATEWAY_DEV = "lo"
+# The node's side of the gateway: a device of its own, xo-gw, holding GATEWAY_IP (where
+# the DNS responder listens) and GW_MAC. endpoint.c redirects a container's DNS into its
+# ingress: a host veth cannot pass it up itself, being a port of the down headroom bridge.
+# It is a bridge with no ports because this kernel has no dummy devices; nothing is ever
+# switched through it. Replies leave from GATEWAY_IP by a routing table of their own,
+# with a route to each local endpoint through its veth (docs/DNS.md).
+GATEWAY_DEV = "xo-gw"
 RETURN_TABLE = 30831            # 0x786f, "xo"
 RETURN_RULE_PRIORITY = 30831
 
@@ -227,13 +229,26 @@ def _return_rules(ipr) -> list:
             if r.get_attr("FRA_TABLE") == RETURN_TABLE or r["table"] == RETURN_TABLE]
 
 
-def ensure_gateway(ipr) -> list[str]:
-    """GATEWAY_IP/32 on the node's loopback (scope link: never picked as the source of
-    anything else), and the rule that routes what leaves from it by RETURN_TABLE.
-    Without the address, the DNS that endpoint.c passes up would be routed onwards."""
+def ensure_gateway(ipr) -> tuple[int, list[str]]:
+    """xo-gw: up, GW_MAC, GATEWAY_IP/32 (scope link: never picked as the source of
+    anything else), loose reverse-path filtering (a query comes in on xo-gw, its reply
+    leaves by the endpoint's veth: strict filtering would drop the query), no IPv6; and
+    the rule that routes what leaves from GATEWAY_IP by RETURN_TABLE. Returns its ifindex
+    (for the data path's config) and what it changed."""
     changes = []
-    index = ipr.link_lookup(ifname=GATEWAY_DEV)[0]
-    if not ipr.get_links(index)[0]["flags"] & 1:       # IFF_UP
+    found = ipr.link_lookup(ifname=GATEWAY_DEV)
+    if not found:
+        ipr.link("add", ifname=GATEWAY_DEV, kind="bridge")
+        found = ipr.link_lookup(ifname=GATEWAY_DEV)
+        changes.append(f"created {GATEWAY_DEV}")
+    index = found[0]
+    _write_sysctl(f"/proc/sys/net/ipv6/conf/{GATEWAY_DEV}/disable_ipv6", "1")
+    # max(all, this device) is what counts: 2 (loose) whatever `all` says.
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{GATEWAY_DEV}/rp_filter", "2")
+    link = ipr.get_links(index)[0]
+    if (link.get_attr("IFLA_ADDRESS") or "").lower() != GW_MAC:
+        ipr.link("set", index=index, address=GW_MAC)
+    if not link["flags"] & 1:       # IFF_UP
         ipr.link("set", index=index, state="up")
     addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)]
     if GATEWAY_IP not in addrs:
@@ -246,7 +261,7 @@ def ensure_gateway(ipr) -> list[str]:
         ipr.rule("add", family=socket.AF_INET, table=RETURN_TABLE, priority=RETURN_RULE_PRIORITY,
                  src=GATEWAY_IP, src_len=32)
         changes.append(f"added rule from {GATEWAY_IP} lookup {RETURN_TABLE}")
-    return changes
+    return index, changes
 
 
 def remove_gateway(ipr) -> None:
@@ -257,9 +272,7 @@ def remove_gateway(ipr) -> None:
         if route.get_attr("RTA_TABLE") == RETURN_TABLE:
             ipr.route("del", table=RETURN_TABLE, dst=route.get_attr("RTA_DST"), dst_len=route["dst_len"])
     for index in ipr.link_lookup(ifname=GATEWAY_DEV):
-        for a in ipr.get_addr(index=index, family=socket.AF_INET):
-            if a.get_attr("IFA_ADDRESS") == GATEWAY_IP and a["prefixlen"] == 32:
-                ipr.addr("del", index=index, address=GATEWAY_IP, prefixlen=32)
+        ipr.link("del", index=index)
 
 
 def sync_return_paths(ipr, want: dict[str, tuple[int, str]]) -> list[str]:

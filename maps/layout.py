@@ -58,7 +58,7 @@ Mac = ctypes.c_uint8 * 6
 
 class Config(Struct):
     _fields_ = [("node_ip", ctypes.c_uint32), ("underlay_ifindex", ctypes.c_uint32),
-                ("vxlan_port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("pad2", ctypes.c_uint32),
+                ("vxlan_port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("gateway_ifindex", ctypes.c_uint32),
                 ("build_id", ctypes.c_uint64)]
 
 

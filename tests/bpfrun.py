@@ -91,6 +91,7 @@ class Topology:
     PEER_C = "192.168.50.3"
     STRANGER = "192.168.50.9"         # on the underlay, not a node of ours
     UNDERLAY_IFINDEX = 77             # only recorded by bpf_redirect_neigh
+    GATEWAY_IFINDEX = 78              # xo-gw, where DNS to 169.254.1.1 is redirected
     NODE_MAC = "52:54:00:00:50:01"
     PEER_B_MAC = "52:54:00:00:50:02"
 
@@ -158,6 +159,7 @@ def fill_maps(maps: dict, topo=Topology) -> None:
     """What the agent would write for node A of `topo`."""
     maps["xo_config"].set(U32(0), Config(
         node_ip=ip_be(topo.NODE_IP), underlay_ifindex=topo.UNDERLAY_IFINDEX,
+        gateway_ifindex=topo.GATEWAY_IFINDEX,
         vxlan_port=int.from_bytes(VXLAN_PORT.to_bytes(2, "big"), "little")))
     for peer in topo.PEERS:
         maps["xo_peers"].set(U32(ip_be(peer)), Peer())

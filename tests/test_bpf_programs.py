@@ -207,19 +207,20 @@ ENDPOINT = [
     endpoint_case("drop: no route (the gateway address itself)",
                   container(T.WEB1, "169.254.1.1"), TC_ACT_SHOT, drop="NO_ROUTE"),
     # DNS: the node's responder listens on the gateway address (docs/DNS.md). Only port
-    # 53, UDP or TCP, whole packets, after the source check, go up the node's stack.
+    # 53, UDP or TCP, whole packets, after the source check, are redirected (unchanged)
+    # into the node's stack through xo-gw.
     endpoint_case("to the node: DNS over UDP to the gateway address",
-                  _dns_udp, TC_ACT_OK),
+                  _dns_udp, TC_ACT_REDIRECT),
     endpoint_case("to the node: DNS over TCP to the gateway address (SYN)",
-                  container(T.WEB1, GW_IP, l4=TCP(sport=40002, dport=53, flags="S")), TC_ACT_OK),
+                  container(T.WEB1, GW_IP, l4=TCP(sport=40002, dport=53, flags="S")), TC_ACT_REDIRECT),
     endpoint_case("to the node: DNS over TCP, a data segment",
                   container(T.WEB1, GW_IP, l4=TCP(sport=40002, dport=53, flags="PA") / b"\x00\x1d" / PAYLOAD),
-                  TC_ACT_OK),
+                  TC_ACT_REDIRECT),
     endpoint_case("to the node: DNS from another network's endpoint",
-                  container(T.RED1, GW_IP, l4=UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_OK, ep=T.RED1),
+                  container(T.RED1, GW_IP, l4=UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_REDIRECT, ep=T.RED1),
     endpoint_case("to the node: DNS with IP options",
                   bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=GW_IP, options=[IPOption_NOP()] * 4) /
-                        UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_OK),
+                        UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_REDIRECT),
     endpoint_case("drop: DNS to the gateway with a spoofed source IP",
                   container(T.WEB1, GW_IP, src_ip="10.10.1.99", l4=UDP(sport=40000, dport=53) / PAYLOAD),
                   TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
@@ -400,6 +401,20 @@ def test_underlay_tc(dp, case):
 @pytest.mark.parametrize("case", UNDERLAY_XDP, ids=_ids(UNDERLAY_XDP))
 def test_underlay_xdp(dp, case):
     run_case(dp, "prog_underlay_xdp", case)
+
+
+def test_dns_without_a_gateway_device_is_dropped(dp):
+    """Before the agent has made xo-gw (config says ifindex 0), DNS to 169.254.1.1 goes
+    the way of anything else sent to that address."""
+    cfg = dp.maps["xo_config"].get(U32(0))
+    saved = cfg.gateway_ifindex
+    cfg.gateway_ifindex = 0
+    dp.maps["xo_config"].set(U32(0), cfg)
+    try:
+        run_case(dp, "prog_endpoint", endpoint_case("no xo-gw", _dns_udp, TC_ACT_SHOT, drop="NO_ROUTE"))
+    finally:
+        cfg.gateway_ifindex = saved
+        dp.maps["xo_config"].set(U32(0), cfg)
 
 
 def test_every_drop_reason_is_covered():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import pathlib
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import pytest
 from dnslib import DNSHeader, DNSRecord, EDNS0, QTYPE, RCODE
@@ -19,15 +19,10 @@ from ctl.model import State
 
 @dataclass(frozen=True)
 class Svc:
-    """Stand-in for the services branch's model.Service: only what DNS reads."""
+    """Stand-in for model.Service: only what DNS reads (name, network, vip)."""
     name: str
     network: str
     vip: str
-
-
-@dataclass(frozen=True)
-class StateWithServices(State):
-    services: dict = field(default_factory=dict)
 
 
 def cluster(with_red: bool = True) -> State:
@@ -38,10 +33,12 @@ def cluster(with_red: bool = True) -> State:
     s = model.add_endpoint(s, "web1", "demo", "n1", "/run/netns/web1", True)
     s = model.add_endpoint(s, "web2", "demo", "n2", "/run/netns/web2", True)
     s = model.add_endpoint(s, "Api.v2", "demo", "n2", "/run/netns/api", True)
+    s = model.create_service(s, "websvc", "demo", ["80/tcp"], ["web2"])
     if with_red:
         s = model.create_network(s, "red", "10.20.0.0/16")
         s = model.add_endpoint(s, "red1", "red", "n1", "/run/netns/red1", True)
         s = model.add_endpoint(s, "red2", "red", "n2", "/run/netns/red2", True)
+        s = model.create_service(s, "redsvc", "red", ["80/tcp"], ["red1"])
     return s
 
 
@@ -130,7 +127,7 @@ def test_zone_apexes_exist_without_address(name):
 # --- services (the model gains them on the services branch) ---------------------------------
 
 def test_service_name_resolves_to_its_vip_and_wins_over_an_endpoint_of_that_name():
-    s = StateWithServices(**vars(STATE), services={
+    s = replace(STATE, services={
         "api": Svc("api", "demo", "10.10.255.10"),
         "web2": Svc("web2", "demo", "10.10.255.11"),
         "redsvc": Svc("redsvc", "red", "10.20.255.10"),
@@ -143,9 +140,21 @@ def test_service_name_resolves_to_its_vip_and_wins_over_an_endpoint_of_that_name
     assert addresses(query("redsvc", view=view, asker=RED1)) == ["10.20.255.10"]
 
 
-def test_state_without_services_attribute_is_fine():
-    assert not hasattr(STATE, "services") or STATE.services == {}
-    assert dns.build_view(STATE, "n1").names["demo"]
+def test_a_state_without_services_attribute_is_fine():
+    from types import SimpleNamespace
+    bare = SimpleNamespace(networks=STATE.networks, endpoints=STATE.endpoints)
+    assert addresses(query("web2", view=dns.build_view(bare, "n1"))) == [WEB2]
+
+
+def test_services_of_the_model():
+    s = model.create_service(STATE, "api", "demo", ["80/tcp"], ["web2"])
+    s = model.create_service(s, "redapi", "red", ["53/udp"], ["red2"])
+    vip = s.services["api"].vip
+    view = dns.build_view(s, "n1")
+    assert addresses(query("api.demo.xoverlay", view=view)) == [vip]
+    assert rcode(query("redapi", view=view)) == "NXDOMAIN"
+    assert addresses(query("redapi.red", view=view, asker=RED1)) == [s.services["redapi"].vip]
+    assert rcode(query("api", view=dns.build_view(model.remove_service(s, "api"), "n1"))) == "NXDOMAIN"
 
 
 # --- other networks -------------------------------------------------------------------
@@ -160,7 +169,7 @@ def test_names_of_another_network_are_not_visible():
     assert rcode(query("web1", asker=RED1)) == "NXDOMAIN"
 
 
-_fragments = st.sampled_from(["red", "red1", "red2", "demo", "web1", "web2", "xoverlay", "api", "v2",
+_fragments = st.sampled_from(["red", "red1", "red2", "redsvc", "websvc", "demo", "web1", "web2", "xoverlay", "api", "v2",
                               "nosuch", "com", "", "RED1", "Red"])
 _labels = st.one_of(_fragments, st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1,
                                          max_size=10))
@@ -171,8 +180,8 @@ _names = st.lists(_labels, min_size=1, max_size=5).map(".".join)
        trailing=st.booleans())
 @settings(max_examples=400, deadline=None)
 def test_whether_another_network_exists_changes_no_answer(name, qtype, forward, trailing):
-    """The strongest form of "not visible": a cluster with network red (and its endpoints)
-    and one without it give demo's endpoints byte-identical answers for any name."""
+    """The strongest form of "not visible": a cluster with network red (its endpoints, its
+    service) and one without it give demo's endpoints byte-identical answers for any name."""
     name = name + ("." if trailing else "")
     try:
         q = DNSRecord.question(name, qtype)

@@ -293,3 +293,17 @@ def test_a_missing_resolv_conf_of_a_running_endpoint_is_written_again(lab):
         time.sleep(0.1)
     assert os.path.exists(path)
     assert getent_ip(lab, f"{n1}-b", f"{n1}-a") == lab.ep(f"{n1}-a")["ip"]
+
+
+def test_dns_works_under_strict_reverse_path_filtering(lab):
+    """A query comes in on xo-gw and its reply leaves by the endpoint's veth: with
+    all.rp_filter=1 (RHEL's default) only xo-gw's own loose setting lets it in."""
+    n1, n2, _ = names(lab)
+    node = f"/run/netns/xo-{n1}"
+    old = in_netns(node, "sysctl", "-n", "net.ipv4.conf.all.rp_filter").stdout.strip()
+    in_netns(node, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=1")
+    try:
+        udp, tcp = ask(lab, f"{n1}-a", f"{n2}-a", (f"{n2}-a", "A", True))
+        assert udp["addrs"] == tcp["addrs"] == [lab.ep(f"{n2}-a")["ip"]]
+    finally:
+        in_netns(node, "sysctl", "-qw", f"net.ipv4.conf.all.rp_filter={old}")

@@ -16,7 +16,7 @@ struct xo_config {
     __u32 underlay_ifindex;   /* where encapsulated packets leave */
     __be16 vxlan_port;        /* UDP destination port, 4789 unless configured */
     __u16 pad;
-    __u32 pad2;
+    __u32 gateway_ifindex;    /* the node's xo-gw, holding 169.254.1.1: DNS goes there */
     __u64 build_id;           /* hash of the BPF sources that were loaded */
 };
 
