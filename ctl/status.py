@@ -89,7 +89,7 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
     if node not in state.nodes:
         return []
     want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
-                                cfg.build_id if cfg else 0)
+                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0)
     rows = []
     for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
         kind = "unexpected" if op.value is None else (

@@ -47,7 +47,9 @@ def test_config_in_network_byte_order():
     cfg = desired.desired_maps(state(), "n1", {}, 5, 99)["xo_config"][U32(0)]
     assert bytes(cfg)[:4] == bytes([192, 0, 2, 1])
     assert bytes(cfg)[8:10] == (4789).to_bytes(2, "big")
-    assert cfg.underlay_ifindex == 5 and cfg.build_id == 99
+    assert cfg.underlay_ifindex == 5 and cfg.build_id == 99 and cfg.gateway_ifindex == 0
+    cfg = desired.desired_maps(state(), "n1", {}, 5, 99, gateway_ifindex=12)["xo_config"][U32(0)]
+    assert bytes(cfg)[12:16] == (12).to_bytes(4, "little")    # the DNS redirect target, xo-gw
 
 
 def test_diff_sets_before_deletes_and_nothing_when_equal():

@@ -22,7 +22,7 @@ def cluster():
 
 
 def kernel_as_agent_left_it(s):
-    return desired.desired_maps(s, "n1", {"a": 7}, 2, 5)
+    return desired.desired_maps(s, "n1", {"a": 7}, 2, 5, gateway_ifindex=9)   # xo-gw is 9
 
 
 def test_no_drift_when_kernel_matches():
