@@ -108,6 +108,7 @@ class Agent:
     dns_forward: bool = True           # forward names that are not ours; else REFUSED
     dns_upstreams: list | None = None  # (address, port) to forward to; None: /etc/resolv.conf
     dns_server: dnsd.DnsServer | None = None
+    gateway_ifindex: int = 0           # xo-gw, where endpoint.c sends DNS (0: none yet)
 
     def start(self) -> None:
         """Join the cluster and bring the data path up (adopting what is pinned)."""
@@ -158,9 +159,16 @@ class Agent:
             raise XoError(f"node {self.node} was removed from the store")
         if self.dns_server:
             self.dns_server.set_state(state, generation)
-        self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)     # repairs drift
+        changes = []
+        try:                      # repairs drift; never a reason to leave the maps alone
+            self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)
+        except Exception as e:
+            log.error("gateway device %s: %s", links.GATEWAY_DEV, e)
         ifindexes, ready, gone = self._plumb(state, changes)
-        changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
+        try:
+            changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
+        except Exception as e:    # DNS replies only: never a reason to leave the maps alone
+            log.error("return paths of DNS replies: %s", e)
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
                                     self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
