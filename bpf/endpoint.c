@@ -77,10 +77,11 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
 
     /* Services first: a VIP is no endpoint. The packet may be rewritten (and every packet
      * pointer with it): from here on, only the values saved above and in f. */
+    __u16 self_flags = self->flags;
     struct xo_flow f = {};
     int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
     int lb = XO_LB_NOT_SERVICE;
-    if (has_flow) {
+    if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES)) {
         lb = xo_lb_client(skb, vni, &f);
         if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
             __u8 mac[ETH_ALEN];
@@ -106,7 +107,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         __u32 dst_ifindex = dst->ifindex;
         __u8 dst_mac[ETH_ALEN];
         xo_mac_copy(dst_mac, dst->mac);
-        if (has_flow && lb == XO_LB_NOT_SERVICE) {
+        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
             int reason = xo_lb_reply(skb, &f);
             if (reason)
                 return xo_drop(reason, len, TC_ACT_SHOT);

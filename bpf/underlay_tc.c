@@ -37,6 +37,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
     if (!src || src->node_ip != t.peer_ip)
         return xo_drop(XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+    __u16 src_flags = src->flags;
 
     struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
@@ -65,15 +66,17 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     eth->h_proto = bpf_htons(ETH_P_IP);
 
     /* A reply from a service backend on another node, for a client here: the client
-     * must see the VIP it talked to. */
-    struct xo_cursor ic = { .pos = eth, .end = data_end };
-    xo_parse_eth(&ic);
-    struct iphdr *ip = xo_parse_ipv4(&ic);
-    struct xo_flow f = {};
-    if (ip && xo_flow_parse(data, data_end, ip, ic.pos, &f)) {
-        int reason = xo_lb_reply(skb, &f);
-        if (reason)
-            return xo_drop(reason, len, TC_ACT_SHOT);
+     * must see the VIP it talked to. Only a backend's packets can be such replies. */
+    if (src_flags & XO_EP_SERVICE_BACKEND) {
+        struct xo_cursor ic = { .pos = eth, .end = data_end };
+        xo_parse_eth(&ic);
+        struct iphdr *ip = xo_parse_ipv4(&ic);
+        struct xo_flow f = {};
+        if (ip && xo_flow_parse(data, data_end, ip, ic.pos, &f)) {
+            int reason = xo_lb_reply(skb, &f);
+            if (reason)
+                return xo_drop(reason, len, TC_ACT_SHOT);
+        }
     }
 
     xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), skb->len);

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, Config, Endpoint, EndpointKey,
-                         LbBackend, LbBackendKey, LbService, LbServiceKey, LocalEndpoint, Peer, U32, Vni,
+                         EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey, LbService,
+                         LbServiceKey, LocalEndpoint, Peer, U32, Vni,
                          ip_be, mac_bytes, port_be, subnet_key, Subnet)
 
 from . import maglev
@@ -39,25 +40,37 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
             maps["xo_peers"][U32(ip_be(peer.underlay_ip))] = Peer()
     for net in state.networks.values():
         maps["xo_subnets"][subnet_key(net.subnet)] = Subnet(vni=net.vni)
+    flags_of = endpoint_flags(state)
     for ep in state.endpoints.values():
         if ep.removing or ep.network not in state.networks or ep.node not in state.nodes:
             continue
         vni = state.networks[ep.network].vni
         key = EndpointKey(vni=vni, ip=ip_be(ep.ip))
+        flags = flags_of[ep.name]
         if ep.node == node:
             ifindex = ifindexes.get(ep.name)
             if not ifindex:
                 continue
             maps["xo_endpoints"][key] = Endpoint(node_ip=ip_be(me.underlay_ip), ifindex=ifindex,
-                                                 mac=_mac(ep.mac))
+                                                 mac=_mac(ep.mac), flags=flags)
             maps["xo_local_endpoints"][U32(ifindex)] = LocalEndpoint(vni=vni, ip=ip_be(ep.ip),
-                                                                     mac=_mac(ep.mac))
+                                                                     mac=_mac(ep.mac), flags=flags)
             maps["xo_vnis"][U32(vni)] = Vni()
         else:
             maps["xo_endpoints"][key] = Endpoint(node_ip=ip_be(state.nodes[ep.node].underlay_ip),
-                                                 mac=_mac(ep.mac))
+                                                 mac=_mac(ep.mac), flags=flags)
     _services(state, maps)
     return maps
+
+
+def endpoint_flags(state: State) -> dict[str, int]:
+    """Per endpoint, which service lookups the data path must do for its packets: none at
+    all in a network without services, so plain east-west traffic pays nothing for them."""
+    networks = {s.network for s in state.services.values()}
+    backends = {b.endpoint for s in state.services.values() for b in s.backends}
+    return {ep.name: (EP_NETWORK_HAS_SERVICES if ep.network in networks else 0) |
+                     (EP_SERVICE_BACKEND if ep.name in backends else 0)
+            for ep in state.endpoints.values()}
 
 
 def _live_backends(state: State, svc):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -68,11 +69,24 @@ class EndpointKey(Struct):
 
 class Endpoint(Struct):
     _fields_ = [("node_ip", ctypes.c_uint32), ("ifindex", ctypes.c_uint32), ("mac", Mac),
-                ("pad", ctypes.c_uint16)]
+                ("flags", ctypes.c_uint16)]
 
 
 class LocalEndpoint(Struct):
-    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("pad", ctypes.c_uint16)]
+    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("flags", ctypes.c_uint16)]
+
+
+def _endpoint_flags() -> dict[str, int]:
+    """XO_EP_* from their one definition in bpf/lib/maps.h."""
+    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "lib", "maps.h")
+    with open(header) as f:
+        return {name: int(value, 16) for name, value in
+                re.findall(r"^#define XO_EP_(\w+) (0x[0-9a-fA-F]+)", f.read(), re.MULTILINE)}
+
+
+EP_FLAGS = _endpoint_flags()
+EP_NETWORK_HAS_SERVICES = EP_FLAGS["NETWORK_HAS_SERVICES"]
+EP_SERVICE_BACKEND = EP_FLAGS["SERVICE_BACKEND"]
 
 
 class SubnetKey(Struct):

@@ -155,6 +155,15 @@ def _mac(mac: str):
     return (ctypes.c_uint8 * 6).from_buffer_copy(mac_bytes(mac))
 
 
+def endpoint_flags(ep: Ep, topo=Topology) -> int:
+    """As ctl.desired.endpoint_flags: service lookups only where services are."""
+    from maps.layout import EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND
+    flags = EP_NETWORK_HAS_SERVICES if any(s.vni == ep.vni for s in topo.SERVICES) else 0
+    if any(b is ep for s in topo.SERVICES for b, _, _ in s.backends):
+        flags |= EP_SERVICE_BACKEND
+    return flags
+
+
 def fill_maps(maps: dict, topo=Topology) -> None:
     """What the agent would write for node A of `topo`."""
     maps["xo_config"].set(U32(0), Config(
@@ -167,11 +176,12 @@ def fill_maps(maps: dict, topo=Topology) -> None:
         maps["xo_subnets"].set(subnet_key(cidr), Subnet(vni=vni))
     for ep in topo.ENDPOINTS:
         key = EndpointKey(vni=ep.vni, ip=ip_be(ep.ip))
+        flags = endpoint_flags(ep, topo)
         maps["xo_endpoints"].set(key, Endpoint(node_ip=ip_be(ep.node_ip), ifindex=ep.ifindex,
-                                               mac=_mac(ep.mac)))
+                                               mac=_mac(ep.mac), flags=flags))
         if ep.ifindex:
             maps["xo_local_endpoints"].set(U32(ep.ifindex), LocalEndpoint(
-                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac)))
+                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac), flags=flags))
             maps["xo_vnis"].set(U32(ep.vni), Vni())
     for svc in topo.SERVICES:
         write_service(maps, svc)

@@ -232,3 +232,14 @@ def test_return_path_ops():
     assert [(op.kind, op.key, op.value) for op in ops] == [
         ("route", "10.10.0.1", 7), ("neigh", ("10.10.0.2", 8), "02:58:0a:0a:00:02"),
         ("route", "10.10.0.3", None), ("neigh", ("10.10.0.3", 9), None)]
+
+
+def test_endpoint_flags_ask_for_service_lookups_only_where_services_are():
+    from maps.layout import EP_NETWORK_HAS_SERVICES as NET, EP_SERVICE_BACKEND as BACKEND
+    assert set(desired.endpoint_flags(state()).values()) == {0}
+    s = with_service()             # web in app, backends a and b; d in app; c in db
+    assert desired.endpoint_flags(s) == {"a": NET | BACKEND, "b": NET | BACKEND, "d": NET, "c": 0}
+    m = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)
+    assert m["xo_local_endpoints"][U32(7)].flags == NET | BACKEND
+    c = s.endpoints["c"]
+    assert m["xo_endpoints"][EndpointKey(vni=4097, ip=ip_be(c.ip))].flags == 0

@@ -20,6 +20,11 @@ struct xo_config {
     __u64 build_id;           /* hash of the BPF sources that were loaded */
 };
 
+/* Endpoint flags: the service lookups the data path may skip for an endpoint. maps/layout.py
+ * reads these lines (one definition). */
+#define XO_EP_NETWORK_HAS_SERVICES 0x1  /* its network has a service: look for VIPs */
+#define XO_EP_SERVICE_BACKEND 0x2       /* it backs a service: its replies may need reverse NAT */
+
 /* An endpoint of a network, anywhere in the cluster. */
 struct xo_endpoint_key {
     __u32 vni;
@@ -29,7 +34,7 @@ struct xo_endpoint {
     __be32 node_ip;           /* underlay IP of the node it lives on */
     __u32 ifindex;            /* host-side veth, when it lives on this node; else 0 */
     __u8 mac[6];              /* its own MAC */
-    __u16 pad;
+    __u16 flags;              /* XO_EP_* */
 };
 
 /* The endpoint behind a host-side veth, for the source check on what it sends. */
@@ -37,7 +42,7 @@ struct xo_local_endpoint {
     __u32 vni;
     __be32 ip;
     __u8 mac[6];
-    __u16 pad;
+    __u16 flags;              /* XO_EP_* */
 };
 
 /* An overlay network's subnet, to tell "another network" from "no such address". */
