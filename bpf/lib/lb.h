@@ -84,17 +84,6 @@ static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphd
     return 0;
 }
 
-/* murmur3's finalizer: every input bit moves every output bit. */
-static __always_inline __u32 xo_mix32(__u32 h)
-{
-    h ^= h >> 16;
-    h *= 0x85ebca6b;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35;
-    h ^= h >> 16;
-    return h;
-}
-
 /* The flow's hash for Maglev: the 5-tuple, or the client address alone with affinity.
  * (ctl/lbmaps.py has the same function, for tests that predict the choice.) */
 static __always_inline __u32 xo_lb_hash(const struct xo_flow *f, __u32 flags)

@@ -70,6 +70,17 @@ static __always_inline int xo_mac_equal(const __u8 *a, const __u8 *b)
            ((const __u16 *)a)[2] == ((const __u16 *)b)[2];
 }
 
+/* murmur3's finalizer: every input bit moves every output bit. */
+static __always_inline __u32 xo_mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6b;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35;
+    h ^= h >> 16;
+    return h;
+}
+
 /* A hash of the IPv4 flow (addresses, protocol, L4 ports), for the VXLAN source port.
  * Ours rather than bpf_get_hash_recalc(): packets from a UDP socket carry no hash, and
  * the kernel's flow dissector costs more than the rest of encap together (measured).
@@ -82,15 +93,7 @@ static __always_inline __u32 xo_flow_hash(const struct iphdr *ip, void *data_end
         if ((void *)(l4 + 1) <= data_end)
             ports = *l4;
     }
-    /* murmur3's mixing steps: every input bit reaches every output bit. */
-    __u32 h = ip->saddr * 0xcc9e2d51;
-    h ^= (ip->daddr ^ (ports * 0x1b873593)) + ip->protocol;
-    h ^= h >> 16;
-    h *= 0x85ebca6b;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35;
-    h ^= h >> 16;
-    return h;
+    return xo_mix32((ip->saddr * 0xcc9e2d51) ^ ((ip->daddr ^ (ports * 0x1b873593)) + ip->protocol));
 }
 
 static __always_inline void xo_mac_copy(__u8 *dst, const __u8 *src)
