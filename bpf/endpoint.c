@@ -9,6 +9,7 @@
  */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
@@ -49,17 +50,17 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     __u32 ifindex = skb->ingress_ifindex;
     struct xo_local_endpoint *self = xo_local_endpoints.lookup(&ifindex);
     if (!self)
-        return xo_drop(XO_DROP_UNKNOWN_INTERFACE, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_UNKNOWN_INTERFACE, len, TC_ACT_SHOT);
 
     struct xo_cursor c = { .pos = data, .end = data_end };
     struct ethhdr *eth = xo_parse_eth(&c);
     if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
-        return xo_drop(XO_DROP_NOT_IPV4, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_NOT_IPV4, len, TC_ACT_SHOT);
     struct iphdr *ip = xo_parse_ipv4(&c);
     if (!ip)
-        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     if (ip->saddr != self->ip || !xo_mac_equal(eth->h_source, self->mac))
-        return xo_drop(XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
     __u32 vni = self->vni;
     __be32 daddr = ip->daddr;
 
@@ -86,10 +87,12 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
             __u8 mac[ETH_ALEN];
             xo_mac_copy(mac, self->mac);
-            return xo_drop(lb, len, xo_lb_reset(skb, &f, mac, ifindex));
+            /* Counted (and told) first, as the client sent it: the reset rewrites it. */
+            xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
+            return xo_lb_reset(skb, &f, mac, ifindex);
         }
         if (lb > 0)
-            return xo_drop(lb, len, TC_ACT_SHOT);
+            return xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
         daddr = f.daddr;
     }
 
@@ -97,7 +100,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     if (!dst)
-        return xo_drop(xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
 
     struct xo_traffic zero = {};
     xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
@@ -110,23 +113,24 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
             int reason = xo_lb_reply(skb, &f);
             if (reason)
-                return xo_drop(reason, len, TC_ACT_SHOT);
+                return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
         }
         data = (void *)(long)skb->data;
         data_end = (void *)(long)skb->data_end;
         eth = data;
         if ((void *)(eth + 1) > data_end)
-            return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+            return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
         __u8 gw[ETH_ALEN] = XO_GW_MAC;
         xo_mac_copy(eth->h_dest, dst_mac);
         xo_mac_copy(eth->h_source, gw);
         xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), len);
+        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
         return bpf_redirect_peer(dst_ifindex, 0);
     }
 
     struct xo_config *cfg = xo_get_config();
     if (!cfg)
-        return xo_drop(XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
     __be32 node_ip = dst->node_ip;
     /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
     data = (void *)(long)skb->data;
@@ -135,15 +139,16 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     xo_parse_eth(&sent);
     ip = xo_parse_ipv4(&sent);
     if (!ip)
-        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     __u32 hash = xo_flow_hash(ip, data_end);
     __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
     xo_mac_copy(inner_src, self->mac);
     xo_mac_copy(inner_dst, dst->mac);
     int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, inner_src, inner_dst);
     if (reason)
-        return xo_drop(reason, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
     xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);
+    xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
     /* NULL params: the kernel routes the outer destination and fills in the MACs. */
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }

@@ -5,6 +5,7 @@
  * the inner source must be an endpoint of the peer that sent it. */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
@@ -23,35 +24,37 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     if (verdict == XO_NOT_VXLAN)
         return TC_ACT_OK;
     if (verdict != XO_VXLAN_OK)
-        return xo_drop(verdict, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, verdict, len, TC_ACT_SHOT);
 
     struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
     struct ethhdr *inner_eth = xo_parse_eth(&c);
     if (!inner_eth || inner_eth->h_proto != bpf_htons(ETH_P_IP))
-        return xo_drop(XO_DROP_INNER_NOT_IPV4, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_NOT_IPV4, len, TC_ACT_SHOT);
     struct iphdr *inner_ip = xo_parse_ipv4(&c);
     if (!inner_ip)
-        return xo_drop(XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
 
     struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
     struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
     if (!src || src->node_ip != t.peer_ip)
-        return xo_drop(XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
     __u16 src_flags = src->flags;
 
     struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     if (!dst || !dst->ifindex)
-        return xo_drop(XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
     __u32 ifindex = dst->ifindex;
     __u8 dst_mac[ETH_ALEN];
     xo_mac_copy(dst_mac, dst->mac);
 
     struct xo_traffic zero = {};
     xo_count_rx(xo_peer_stats.lookup_or_try_init(&t.peer_ip, &zero), len);
+    /* Told before decap, so that the event shows the tunnel it came through. */
+    xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
 
     if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
-        return xo_drop(XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
 
     /* The outer Ethernet header is now in front of the inner IP packet: make it the
      * one the container expects, from its gateway. */
@@ -59,7 +62,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
-        return xo_drop(XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
     xo_mac_copy(eth->h_dest, dst_mac);
     xo_mac_copy(eth->h_source, gw);
@@ -75,7 +78,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         if (ip && xo_flow_parse(data, data_end, ip, ic.pos, &f)) {
             int reason = xo_lb_reply(skb, &f);
             if (reason)
-                return xo_drop(reason, len, TC_ACT_SHOT);
+                return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
         }
     }
 

@@ -5,6 +5,7 @@
  * headers, which are in the first buffer. */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/monitor.h"
 #include "lib/vxlan.h"
 
 int xo_underlay_xdp(struct xdp_md *ctx)
@@ -20,6 +21,6 @@ int xo_underlay_xdp(struct xdp_md *ctx)
     /* The whole frame, as tc counts skb->len: a multi-buffer (jumbo) frame is longer
      * than its first buffer, data_end - data. */
     if (verdict > 0)
-        return xo_drop(verdict, bpf_xdp_get_buff_len(ctx), XDP_DROP);
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, bpf_xdp_get_buff_len(ctx), XDP_DROP);
     return XDP_PASS;
 }

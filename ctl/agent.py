@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 
-from . import datapath, desired, dnsd, links, model
+from . import datapath, desired, dnsd, links, model, monitor
 from .errors import XoError
 from .lbmaps import MaglevTables
 from .store import Store
@@ -188,6 +188,10 @@ class Agent:
             else:
                 self.tables.apply({o.key: o.value for o in run}, [])
             changes += [f"{'delete' if deleting else 'set'} Maglev table of service id {o.key}" for o in run]
+        stale = monitor.clear_if_stale(self.maps["xo_monitor"])
+        if stale is not None:
+            changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
+                           "no longer writes events nobody reads")
         # Tell the store after the maps are in place: `endpoint add` waits for this.
         if ready or gone:
             def record(s):

@@ -443,3 +443,59 @@ def prog_test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None,
         opts.ctx_size_in = len(ctx)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return opts.retval, out.raw[:opts.data_size_out], opts.duration
+
+
+# --- ring buffer (BPF_MAP_TYPE_RINGBUF) -------------------------------------------------
+
+_RingSampleFn = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+_lib.ring_buffer__new.restype = ctypes.c_void_p
+_lib.ring_buffer__new.argtypes = [ctypes.c_int, _RingSampleFn, ctypes.c_void_p, ctypes.c_void_p]
+_lib.ring_buffer__poll.argtypes = [ctypes.c_void_p, ctypes.c_int]
+_lib.ring_buffer__consume.argtypes = [ctypes.c_void_p]
+_lib.ring_buffer__free.argtypes = [ctypes.c_void_p]
+
+
+class RingBuffer:
+    """A reader of a ring buffer map by fd (a pinned one works: BCC's reader only knows
+    maps of a module it compiled). poll() returns the records that arrived, as bytes."""
+
+    def __init__(self, map_fd: int):
+        self._records: list[bytes] = []
+
+        def on_record(_ctx, data, size):
+            self._records.append(ctypes.string_at(data, size))
+            return 0
+        self._callback = _RingSampleFn(on_record)     # keep a reference for libbpf
+        ptr = _lib.ring_buffer__new(map_fd, self._callback, None, None)
+        if not ptr:
+            err = ctypes.get_errno() or 22
+            raise BpfError(err, f"ring buffer on fd {map_fd}: {os.strerror(err)}")
+        self._rb = ptr
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to timeout_ms for records; return those read (maybe none). A signal
+        ends the wait early (EINTR), as a timeout would."""
+        ret = _lib.ring_buffer__poll(self._rb, timeout_ms)
+        if ret < 0 and ret != -4:           # EINTR: let Python run its signal handlers
+            _check(ret, "ring buffer poll")
+        out, self._records = self._records, []
+        return out
+
+    def drain(self) -> list[bytes]:
+        """Everything in the buffer now, without waiting."""
+        ret = _lib.ring_buffer__consume(self._rb)
+        if ret < 0 and ret != -4:
+            _check(ret, "ring buffer consume")
+        out, self._records = self._records, []
+        return out
+
+    def close(self) -> None:
+        if self._rb:
+            _lib.ring_buffer__free(self._rb)
+            self._rb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -160,6 +160,29 @@ def port_be(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), "little")
 
 
+class Monitor(Struct):
+    _fields_ = [("events", ctypes.c_uint32), ("sample", ctypes.c_uint32), ("pid", ctypes.c_uint32),
+                ("pad", ctypes.c_uint32), ("pid_start", ctypes.c_uint64), ("lost", ctypes.c_uint64)]
+
+
+class Event(Struct):
+    """struct xo_event: one record of the xo_events ring buffer (addresses and ports in
+    network order, as ip_be/ip_str and socket.ntohs expect)."""
+    _fields_ = [("ts_ns", ctypes.c_uint64), ("type", ctypes.c_uint8), ("hook", ctypes.c_uint8),
+                ("reason", ctypes.c_uint8), ("protocol", ctypes.c_uint8), ("flags", ctypes.c_uint16),
+                ("ethertype", ctypes.c_uint16), ("ifindex", ctypes.c_uint32), ("len", ctypes.c_uint32),
+                ("vni", ctypes.c_uint32), ("outer_saddr", ctypes.c_uint32), ("outer_daddr", ctypes.c_uint32),
+                ("saddr", ctypes.c_uint32), ("daddr", ctypes.c_uint32), ("sport", ctypes.c_uint16),
+                ("dport", ctypes.c_uint16), ("xlate_daddr", ctypes.c_uint32), ("xlate_dport", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16)]
+
+
+# XO_MON_* and XO_EVF_* of bpf/lib/events.h
+MON_DROPS, MON_FORWARDS = 0x1, 0x2
+EVF_OUTER, EVF_VNI, EVF_IP, EVF_PORTS, EVF_XLATE = 0x1, 0x2, 0x4, 0x8, 0x10
+EVENTS_BYTES = 256 * 1024      # XO_EVENTS_BYTES
+
+
 class U32(Struct):
     _fields_ = [("value", ctypes.c_uint32)]
 
@@ -173,6 +196,8 @@ class MapSpec:
     percpu: bool = False
     # What the agent reconciles from the store; counters are written by the data path.
     desired: bool = True
+    # A ring buffer: no keys, max_entries is its size in bytes, `value` its record type.
+    ringbuf: bool = False
 
 
 MAPS = {spec.name: spec for spec in [
@@ -194,6 +219,8 @@ MAPS = {spec.name: spec for spec in [
     MapSpec("xo_lb_ct", CtKey, Ct, 131072, desired=False),
     MapSpec("xo_lb_service_stats", U32, LbStats, LB_MAX_SERVICES, percpu=True, desired=False),
     MapSpec("xo_lb_backend_stats", LbBackendKey, LbStats, 65536, percpu=True, desired=False),
+    MapSpec("xo_monitor", U32, Monitor, 1, desired=False),
+    MapSpec("xo_events", U32, Event, EVENTS_BYTES, desired=False, ringbuf=True),
 ]}
 
 

@@ -50,6 +50,11 @@ def same_layout(c_type, py_type) -> list[str]:
     return problems
 
 
+EVENT_LAYOUT = """
+BPF_TABLE("array", __u32, struct xo_event, xo_layout_event, 1);
+"""
+
+
 @pytest.fixture(scope="module")
 def bcc_module():
     """The bundle compiled as the loader compiles it, its maps pinned in a throwaway
@@ -62,7 +67,10 @@ def bcc_module():
     module = None
     try:
         cflags = [f"-I{datapath.BPF_DIR}", f'-DXO_PIN_DIR="{pin}"', "-Wno-macro-redefined"]
-        module = bcc.BPF(text=datapath.bundle_source().encode(), cflags=cflags)
+        # A throwaway array of struct xo_event, not pinned, so that clang's layout of the
+        # ring buffer's record type can be compared too (a ring buffer has no value type).
+        text = datapath.bundle_source() + EVENT_LAYOUT
+        module = bcc.BPF(text=text.encode(), cflags=cflags)
         yield module, pin
     finally:
         if module is not None:
@@ -75,6 +83,15 @@ def bcc_module():
 def test_map_layout_matches_c(bcc_module, name):
     module, _ = bcc_module
     spec = MAPS[name]
+    if spec.ringbuf:
+        # The record type, from the throwaway array; the size from the kernel.
+        from maps import bpf
+        problems = [f"record {p}" for p in same_layout(module[b"xo_layout_event"].Leaf, spec.value)]
+        assert not problems, f"{name}: maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
+        info = bpf.map_info(module[name.encode()].map_fd)
+        assert info.type == 27, f"{name} is not a BPF_MAP_TYPE_RINGBUF"
+        assert info.max_entries == spec.max_entries
+        return
     table = module[name.encode()]
     leaf = table.Leaf
     if spec.percpu:

@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "drop.h"
+#include "events.h"
 
 /* This node, written once by the agent at start. */
 struct xo_config {
@@ -139,6 +140,46 @@ struct xo_lb_stats {
 
 #define XO_LB_MAX_SERVICES 16384
 
+/* The switch of `xoverlay monitor`: one entry, all zero while no monitor runs. The data
+ * path reads `events` before writing any event, and does nothing else for the monitor
+ * when it is 0. A monitor sets it at start and clears it on exit (also on Ctrl-C and
+ * SIGTERM); one killed with SIGKILL leaves it set: `pid`/`pid_start` tell that it is
+ * stale (status lints it) and the agent or the next monitor clears it. */
+struct xo_monitor {
+    __u32 events;             /* XO_MON_*: what the monitor wants; 0: no monitor */
+    __u32 sample;             /* forwarded packets: one in `sample` is told (0, 1: all) */
+    __u32 pid;                /* the monitor's process */
+    __u32 pad;
+    __u64 pid_start;          /* its start time (/proc/PID/stat field 22, clock ticks) */
+    __u64 lost;               /* events not written because the ring buffer was full */
+};
+
+/* One event in xo_events, for `xoverlay monitor`. Addresses and ports are as on the
+ * wire (network order); `flags` says which fields the program could fill in. */
+struct xo_event {
+    __u64 ts_ns;              /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+    __u8 type;                /* enum xo_event_type */
+    __u8 hook;                /* enum xo_hook: the program that wrote it */
+    __u8 reason;              /* DROP: enum xo_drop_reason; FORWARD: enum xo_fwd_action */
+    __u8 protocol;            /* IPv4 protocol of the (inner) packet */
+    __u16 flags;              /* XO_EVF_* */
+    __be16 ethertype;         /* of the (inner) frame; 0 if not even an Ethernet header */
+    __u32 ifindex;            /* the device it arrived on */
+    __u32 len;                /* the whole frame, as the counters count it */
+    __u32 vni;                /* XO_EVF_VNI: the network */
+    __be32 outer_saddr;       /* XO_EVF_OUTER: the frame's IPv4 header, on the underlay */
+    __be32 outer_daddr;
+    __be32 saddr;             /* XO_EVF_IP: the (inner) IPv4 packet */
+    __be32 daddr;
+    __be16 sport;             /* XO_EVF_PORTS: TCP/UDP ports, ICMP type and code */
+    __be16 dport;
+    __be32 xlate_daddr;       /* XO_EVF_XLATE: translated destination (services) */
+    __be16 xlate_dport;
+    __u16 pad;
+};
+
+#define XO_EVENTS_BYTES (256 * 1024)
+
 #define XO_MAP(type, key, value, name, max) \
     BPF_TABLE_PINNED(type, key, value, name, max, XO_PIN_DIR "/" #name)
 #define XO_MAP_F(type, key, value, name, max, flags) \
@@ -180,16 +221,21 @@ XO_MAP("lru_hash", struct xo_ct_key, struct xo_ct, xo_lb_ct, 131072);
 XO_MAP("percpu_hash", __u32, struct xo_lb_stats, xo_lb_service_stats, XO_LB_MAX_SERVICES);
 XO_MAP("percpu_hash", struct xo_lb_backend_key, struct xo_lb_stats, xo_lb_backend_stats, 65536);
 
-static __always_inline int xo_drop(enum xo_drop_reason reason, __u32 bytes, int verdict)
-{
-    __u32 key = reason;
-    struct xo_drop_count *count = xo_drops.lookup(&key);
-    if (count) {
-        count->packets++;
-        count->bytes += bytes;
-    }
-    return verdict;
-}
+/* Is a monitor listening, and for what: one entry. */
+XO_MAP("array", __u32, struct xo_monitor, xo_monitor, 1);
+/* Events for the monitor: struct xo_event records, written only while it listens.
+ * BCC's BPF_RINGBUF_OUTPUT cannot pin: the same table, in a pinned section. */
+struct xo_events_table_t {
+    int key;
+    __u32 leaf;
+    int (*ringbuf_output)(void *, __u64, __u64);
+    void *(*ringbuf_reserve)(__u64);
+    void (*ringbuf_discard)(void *, __u64);
+    void (*ringbuf_submit)(void *, __u64);
+    __u32 max_entries;
+};
+__attribute__((section("maps/ringbuf:" XO_PIN_DIR "/xo_events")))
+struct xo_events_table_t xo_events = { .max_entries = XO_EVENTS_BYTES };
 
 static __always_inline void xo_count_tx(struct xo_traffic *t, __u32 bytes)
 {
