@@ -95,10 +95,12 @@ class Names:
     nodes: dict[str, str] = field(default_factory=dict)          # underlay ip -> node
 
     def endpoint(self, vni: int | None, ip: str | None) -> str | None:
-        """The endpoint with this address in this network; if the network is unknown or
-        has none, the only endpoint with this address in any network."""
-        if ip is None:
-            return None
+        """The endpoint with this address in this network; if the VNI is not known or that
+        network has no such endpoint, the only endpoint with this address in any network
+        (an OTHER_NETWORK drop names whom it was meant for). None for a VNI that is no
+        network of ours."""
+        if ip is None or (vni is not None and vni not in self.networks):
+            return None                  # a VNI of no network of ours: nobody's address
         if vni is not None and (vni, ip) in self.endpoints:
             return self.endpoints[(vni, ip)]
         found = [name for (_, addr), name in self.endpoints.items() if addr == ip]

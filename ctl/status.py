@@ -60,6 +60,8 @@ def read_maps(node: str) -> dict[str, dict]:
     from maps import bpf
     out = {}
     for name in MAPS:
+        if MAPS[name].ringbuf:
+            continue
         try:
             with PinnedMap(pin_dir(node), MAPS[name]) as m:
                 if name == desired.MAGLEV:
@@ -114,7 +116,7 @@ def snapshot(state: State, node: str) -> dict:
         "endpoints": endpoint_rows(state, node),
         "drops": drop_rows(node),
         "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
-                 for name, spec in MAPS.items()],
+                 for name, spec in MAPS.items() if not spec.ringbuf],
         "drift": drift(state, node, maps) if cfg else [],
     }
 
