@@ -109,6 +109,8 @@ class Agent:
     dns_upstreams: list | None = None  # (address, port) to forward to; None: /etc/resolv.conf
     dns_server: dnsd.DnsServer | None = None
     gateway_ifindex: int = 0           # xo-gw, where endpoint.c sends DNS (0: none yet)
+    last_state: object = None         # the store's state of the last pass (read by metrics)
+    observer: object = None           # metrics.AgentMetrics, when --metrics is on
 
     def start(self) -> None:
         """Join the cluster and bring the data path up (adopting what is pinned)."""
@@ -155,6 +157,7 @@ class Agent:
         """Make the kernel match the store once. Returns what it changed, for the log."""
         generation = self.store.generation()
         state = self.store.read()
+        self.last_state = state
         if self.node not in state.nodes:
             raise XoError(f"node {self.node} was removed from the store")
         if self.dns_server:
@@ -260,8 +263,10 @@ class Agent:
                 gen = current
                 last_full = now
                 started = time.monotonic()
+                ok = False
                 try:
                     changes = self.reconcile()
+                    ok = True
                 except XoError as e:
                     log.error("%s", e)
                     if "was removed from the store" in str(e):
@@ -270,6 +275,8 @@ class Agent:
                 except Exception:
                     log.exception("reconcile failed; retrying")
                     changes = []
+                if self.observer is not None:
+                    self.observer.observe(time.monotonic() - started, ok)
                 for c in changes:
                     log.info("%s", c)
                 if changes:

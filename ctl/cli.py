@@ -89,12 +89,18 @@ def cli(ctx, state):
               help="names that are not the network's: forward them to the node's resolvers, or answer REFUSED")
 @click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR[:PORT]",
               help="where to forward (repeatable; default: the nameservers of /etc/resolv.conf)")
+@click.option("--metrics", default=None, metavar="IP:PORT",
+              help="serve Prometheus metrics there, e.g. 127.0.0.1:9469 (default: off)")
 @click.pass_context
-def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams):
+def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
     from . import dnsd
     model.check_name("node", node)
     upstreams = [dnsd.parse_upstream(u) for u in dns_upstreams] or None
+    metrics_mod = None
+    if metrics:
+        from . import metrics as metrics_mod     # prometheus_client only when asked for
+        metrics_mod.parse_listen(metrics)
     pid = agent_mod.running_pid(node)
     if pid:
         raise XoError(f"an agent for node {node} is already running (pid {pid})")
@@ -103,8 +109,10 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
         return
     ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    lock = a = None
+    lock = a = server = None
     try:
+        # The port first: a bad address or a port in use is refused before anything changes.
+        server = metrics_mod.bind(metrics) if metrics else None
         lock = agent_mod.take_pid_lock(node)
         a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port, dns=dns,
                             dns_forward=dns_forward, dns_upstreams=upstreams)
@@ -115,16 +123,25 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
             a.stop_dns()
         if lock is not None:
             agent_mod.release_pid_lock(node, lock)
+        if server is not None:
+            server.server_close()
         if ready_fd >= 0:
             os.write(ready_fd, f"{e}\n".encode())
         raise
+    if server is not None:
+        a.observer = metrics_mod.serve(server, node, lambda: a.last_state)
+        logging.getLogger("xoverlay.agent").info("metrics on http://%s/metrics", metrics)
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
     else:
-        click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}; Ctrl-C stops "
-                   "the agent, the data path keeps forwarding")
+        click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}"
+                   + (f", metrics on http://{metrics}/metrics" if metrics else "")
+                   + "; Ctrl-C stops the agent, the data path keeps forwarding")
     a.run()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
     agent_mod.release_pid_lock(node, lock)
 
 
