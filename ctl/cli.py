@@ -436,6 +436,15 @@ def _render_status(snap: dict):
                       style="red" if drift else "green"))
     for d in drift[:10]:
         parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
+    mon = snap.get("monitor") or {"state": "off"}
+    parts.append(Text({"off": "monitor: none running (the data path writes no events)",
+                       "running": f"monitor: running, pid {mon.get('pid')}",
+                       "stale": f"monitor: flag stale (pid {mon.get('pid')} is gone)"}[mon["state"]],
+                      style={"off": "", "running": "green", "stale": "yellow"}[mon["state"]]))
+    lints = snap.get("lints", [])
+    parts.append(table("lints", ["SEVERITY", "LINT", "ON", "WHAT", "FIX"],
+                       [[x["severity"], x["id"], x["subject"], x["message"], x["fix"]] for x in lints]
+                       or [["none", "", "", "nothing known to break or slow this node", ""]]))
     return Group(*parts)
 
 

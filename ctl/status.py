@@ -106,7 +106,9 @@ def snapshot(state: State, node: str) -> dict:
     me = state.nodes.get(node)
     pid = agent.running_pid(node)
     cfg = maps["xo_config"].get(U32(0))
+    from . import lints, monitor
     from .datapath import build_id
+    flag = monitor.read_flag(node)
     return {
         "node": {"name": node, "underlay_ip": me.underlay_ip if me else None,
                  "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
@@ -118,6 +120,9 @@ def snapshot(state: State, node: str) -> dict:
         "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
                  for name, spec in MAPS.items() if not spec.ringbuf],
         "drift": drift(state, node, maps) if cfg else [],
+        "monitor": {"state": monitor.flag_state(flag), "pid": flag.pid if flag and flag.events else None,
+                    "lost": flag.lost if flag else 0} if flag else None,
+        "lints": lints.evaluate(lints.gather(state, node)),
     }
 
 

@@ -2,7 +2,7 @@
 
 Every second the app takes a status snapshot (`status.snapshot`: the store plus the
 node's pinned maps, so no agent is needed), turns two consecutive snapshots into rates
-(`rates.py`) and redraws: header, peers, endpoints, drops, map pressure, drift.
+(`rates.py`) and redraws: header, peers, endpoints, drops, map pressure, drift, lints.
 
 The app is given its data source as two functions, `snapshot(node) -> dict` and
 `nodes() -> list[str]`, called from one worker thread; `StoreSource` is the real one,
@@ -203,6 +203,7 @@ class Dashboard(Screen):
                                    ("BYTES", "bytes"), ("WHAT HAPPENED", "text")])
             yield _table("maps", [("MAP", "name"), ("ENTRIES", "entries"), ("MAX", "max"), ("FILL", "fill")])
         yield Static(id="drift")
+        yield Static(id="lints")
         yield Input(placeholder="filter peers and endpoints (enter: keep, escape: clear)", id="filter")
         yield Footer()
 
@@ -257,6 +258,7 @@ class Dashboard(Screen):
         self._drops(app)
         self._maps(app)
         self._drift(app)
+        self._lints(app)
 
     @staticmethod
     def _title(app, what: str, shown: int, total: int) -> str:
@@ -335,6 +337,28 @@ class Dashboard(Screen):
         box.update(Text("\n".join(lines), style="red"))
 
 
+    def _lints(self, app) -> None:
+        lints = app.snap.get("lints", [])
+        box = self.query_one("#lints", Static)
+        worst = lints[0]["severity"] if lints else None      # errors come first
+        box.set_class(worst == "error", "bad")
+        box.set_class(worst == "warning", "warn")
+        box.border_title = f"lints: {len(lints)}"
+        if not lints:
+            box.update(Text("none: nothing known to break or slow this node", style="green"))
+            return
+        style = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+        text = Text()
+        for i, x in enumerate(lints[:6]):
+            if i:
+                text.append("\n")
+            text.append(f"{x['severity']:7} ", style=style[x["severity"]]).append(f"{x['id']} ", style="bold")
+            text.append(f"({x['subject']}) {x['message']}  ").append(f"fix: {x['fix']}", style="dim")
+        if len(lints) > 6:
+            text.append(f"\n… and {len(lints) - 6} more (xoverlay status --json)")
+        box.update(text)
+
+
 class PeerScreen(Screen):
     """One peer seen from the node: its subnets, the endpoints it hosts, its counters."""
     BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("backspace", "app.pop_screen", "back",
@@ -407,6 +431,9 @@ class StatusApp(App):
     #maps { width: 2fr; }
     #drift { height: auto; max-height: 11; border: round $success; padding: 0 1; }
     #drift.bad { border: round $error; }
+    #lints { height: auto; max-height: 9; border: round $success; padding: 0 1; }
+    #lints.bad { border: round $error; }
+    #lints.warn { border: round $warning; }
     #filter { dock: bottom; margin-bottom: 1; }
     #peer-header, #peer-counters { height: auto; padding: 0 1; }
     #peer-header { border: round $primary; }
@@ -520,6 +547,11 @@ class StatusApp(App):
             t.append("  build ", style="dim").append(f"{n['build']} (current)", style="green")
         else:
             t.append("  build ", style="dim").append(f"{n['build']} (older than this checkout)", style="yellow")
+        mon = snap.get("monitor")
+        if mon and mon["state"] == "running":
+            t.append("  monitor ", style="dim").append(f"running, pid {mon['pid']}", style="green")
+        elif mon and mon["state"] == "stale":
+            t.append("  monitor ", style="dim").append(f"flag stale (pid {mon['pid']} gone)", style="yellow")
         store = snap.get("store")
         if store is not None:
             t.append("  store ", style="dim")

@@ -5,6 +5,7 @@ anything."""
 from __future__ import annotations
 
 import os
+import socket
 
 from . import agent, netns
 
@@ -24,8 +25,8 @@ def node_netns(node: str) -> str | None:
 
 
 def links(path: str | None) -> dict[int, dict]:
-    """ifindex -> {"name", "mtu", "kind"} of every device in the netns at `path`
-    (None: this one). Empty if the netns cannot be entered."""
+    """ifindex -> {"name", "mtu", "kind", "ipv4": [addresses]} of every device in the
+    netns at `path` (None: this one). Empty if the netns cannot be entered."""
     try:
         ipr = netns.iproute(path)
     except Exception:
@@ -35,7 +36,10 @@ def links(path: str | None) -> dict[int, dict]:
         for link in ipr.get_links():
             info = link.get_attr("IFLA_LINKINFO")
             out[link["index"]] = {"name": link.get_attr("IFLA_IFNAME"), "mtu": link.get_attr("IFLA_MTU"),
-                                  "kind": info.get_attr("IFLA_INFO_KIND") if info else None}
+                                  "kind": info.get_attr("IFLA_INFO_KIND") if info else None, "ipv4": []}
+        for addr in ipr.get_addr(family=socket.AF_INET):
+            if addr["index"] in out:
+                out[addr["index"]]["ipv4"].append(addr.get_attr("IFA_ADDRESS"))
     finally:
         ipr.close()
     return out

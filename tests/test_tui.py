@@ -164,6 +164,49 @@ def test_map_at_80_percent_is_highlighted_and_arrays_are_not():
     run(app, scenario)
 
 
+LINTS = [{"id": "mtu-headroom", "severity": "error", "subject": "eth1", "message": "1 endpoint(s) with an MTU ...",
+          "fix": "endpoint MTU at most 1430"},
+         {"id": "xdp-generic", "severity": "warning", "subject": "eth1", "message": "XDP runs in generic mode",
+          "fix": "use a driver with native XDP"}]
+
+
+class LintingSource(FakeSource):
+    def snapshot(self, node):
+        snap = super().snapshot(node)
+        snap["lints"] = LINTS if node == "n1" else LINTS[1:]
+        snap["monitor"] = {"state": "stale", "pid": 77, "lost": 0}
+        return snap
+
+
+def test_lints_panel_and_monitor_in_the_header():
+    app, _ = make_app(LintingSource())
+
+    async def scenario(pilot):
+        await settled(pilot)
+        text = screen_text(app)
+        for expected in ["lints: 2", "error   mtu-headroom (eth1) 1 endpoint(s)", "fix: endpoint MTU at most 1430",
+                         "warning xdp-generic (eth1)", "monitor flag stale (pid 77 gone)"]:
+            assert expected in text, f"{expected!r} not on screen:\n{text}"
+        box = app.dashboard.query_one("#lints")
+        assert box.has_class("bad") and not box.has_class("warn"), "an error makes it red"
+        await pilot.press("n")             # n2: only the warning
+        await until(pilot, lambda: app.snap is not None and app.snap["node"]["name"] == "n2")
+        await pilot.pause()
+        assert box.has_class("warn") and not box.has_class("bad")
+    run(app, scenario)
+
+
+def test_lints_panel_when_all_is_well():
+    app, _ = make_app()
+
+    async def scenario(pilot):
+        await settled(pilot)
+        text = screen_text(app)
+        assert "lints: 0" in text and "none: nothing known to break or slow this node" in text
+        assert "monitor" not in text.split("\n")[0], "no monitor: nothing said in the header"
+    run(app, scenario)
+
+
 def test_drift_panel_is_red_when_non_zero():
     app, _ = make_app()
 
