@@ -223,12 +223,11 @@ def _who(name: str | None) -> str:
 
 
 def line(ev: dict) -> str:
-    """One human line: time, what, where, the packet, and the reason in words."""
-    t = ev["time"][11:26]
-    what = ev["reason"] or ev["action"] or ""
+    """One human line: time, what, where, network, the packet, length, and for drops the
+    reason in words. Forwarded packets' action is its own explanation."""
+    parts = [ev["time"][11:23], ev["type"].upper(), ev["reason"] or ev["action"] or ""]
     iface = ev["interface"] or f"if{ev['ifindex']}"
-    where = f"{ev['hook']} {iface}{_who(ev['endpoint'])}"
-    parts = [t, f"{ev['type'].upper():7}", f"{what:19}", where]
+    parts.append(f"on {iface}{_who(ev['endpoint'])} [{ev['hook']}]")
     if ev["vni"] is not None:
         parts.append(f"vni {ev['vni']}" + (f" {ev['network']}" if ev["network"] else ""))
     if ev["outer"]:
@@ -238,15 +237,15 @@ def line(ev: dict) -> str:
         pkt = (f"{_addr(ev['src'], ev['sport'], ev['protocol'])}{_who(ev['src_endpoint'])} -> "
                f"{_addr(ev['dst'], ev['dport'], ev['protocol'])}{_who(ev['dst_endpoint'])} {ev['protocol']}")
         if ev["protocol"] == "icmp" and ev["sport"] is not None:
-            pkt += f" type {ev['sport']} code {ev['dport']}"
+            pkt += f" {ev['sport']}/{ev['dport']}"
         parts.append(pkt)
     elif ev["ethertype"] and ev["ethertype"] != "0x0800":
         code = int(ev["ethertype"], 16)
         parts.append(f"ethertype {ev['ethertype']} ({ETHERTYPES.get(code, 'not IPv4')})")
     if ev["xlate"]:
         parts.append(f"-> {ev['xlate']['dst']}:{ev['xlate']['dport']}")
-    parts.append(f"{ev['len']} bytes")
-    if ev["text"]:
+    parts.append(f"{ev['len']} B")
+    if ev["text"] and ev["type"] != "forward":
         parts.append(f"· {ev['text']}")
     return "  ".join(parts)
 

@@ -69,7 +69,8 @@ def test_decode_a_tunnel_drop_names_nodes_and_endpoints():
     assert (ev["src_endpoint"], ev["dst_endpoint"], ev["protocol"]) == ("db", "web", "icmp")
     text = monitor.line(ev)
     assert "UNKNOWN_PEER" in text and "outer 192.0.2.99 -> 192.0.2.1 (n1)" in text
-    assert "10.10.1.7 (db) -> 10.10.0.5 (web) icmp type 8 code 0" in text
+    assert "10.10.1.7 (db) -> 10.10.0.5 (web) icmp 8/0" in text and "on eth1 [underlay_xdp]" in text
+    assert text.endswith("148 B  · " + BY_NAME["UNKNOWN_PEER"].text)
 
 
 def test_an_address_of_another_network_is_named_when_it_is_unique():
