@@ -225,3 +225,31 @@ def test_a_full_ring_buffer_loses_events_and_counts_them(dp):
     read = len(dp.ring.drain())
     assert r.verdict == 2
     assert lost > 0 and read + lost == 6000, (read, lost)
+
+
+# --- service drops (the cluster of test_bpf_services) ------------------------------------------
+
+def test_service_drop_events_show_the_packet_as_the_client_sent_it(dp):
+    """A VIP with no backend, and a connection whose backend was removed (answered with a
+    TCP reset built from the very packet): the event shows client -> VIP, not the reset."""
+    from bpfrun import write_service
+    from test_bpf_services import NOT_SERVED, _set_backends, predicted, syn
+    from scapy.layers.inet import TCP
+    _, frame, reason = next(c for c in NOT_SERVED if c[2] == "LB_NO_BACKEND")
+    ev = _ev(dp, "prog_endpoint", frame, T.WEB1.ifindex)
+    assert ev.reason == BY_NAME["LB_NO_BACKEND"].code
+    assert (ip_str(ev.saddr), ip_str(ev.daddr), _ports(ev)) == (T.WEB1.ip, T.EMPTY.vip, (41105, 80))
+
+    sport = next(p for p in range(45000, 45100) if predicted(T.MANY, T.WEB1, p) == T.API1)
+    assert dp.run("prog_endpoint", container(T.WEB1, T.MANY.vip, l4=syn(sport)), T.WEB1.ifindex).verdict == \
+        TC_ACT_REDIRECT
+    _set_backends(dp, T.MANY, active=(T.WEB2, T.DB1), removed=(T.API1,))
+    try:
+        data = container(T.WEB1, T.MANY.vip, l4=TCP(sport=sport, dport=80, flags="PA", seq=1, ack=1) / b"x")
+        verdict, events = events_of(dp, "prog_endpoint", data, T.WEB1.ifindex)
+    finally:
+        write_service(dp.maps, T.MANY)
+    assert verdict == TC_ACT_REDIRECT, "the reset goes back to the client"
+    [ev] = events
+    assert ev.reason == BY_NAME["LB_BACKEND_GONE"].code and ev.len == len(data)
+    assert (ip_str(ev.saddr), ip_str(ev.daddr), _ports(ev)) == (T.WEB1.ip, T.MANY.vip, (sport, 80))
