@@ -476,19 +476,21 @@ def status(ctx, node, once, as_json):
 @click.option("--reason", "reasons", multiple=True, metavar="REASON",
               help="only drops of this reason (repeat for more; names as `status` shows them)")
 @click.option("--endpoint", default=None, help="only events to, from or on the veth of this endpoint")
+@click.option("--service", default=None, help="only new connections to this service")
 @click.option("--sample", type=click.IntRange(min=1), default=None, metavar="N",
               help="also show forwarded packets, one in N")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line (schema in docs/STATUS.md)")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N events")
 @click.pass_context
-def monitor(ctx, node, reasons, endpoint, sample, as_json, count):
-    """Live data-path events: every drop with its reason and addresses (and forwarded
-    packets with --sample). The programs write events only while a monitor runs."""
+def monitor(ctx, node, reasons, endpoint, service, sample, as_json, count):
+    """Live data-path events: every drop with its reason and addresses, every new service
+    connection with the backend chosen (and forwarded packets with --sample). The programs
+    write events only while a monitor runs."""
     from . import monitor as monitor_mod
     store = _store(ctx)
     node = _default_node(store.read(), node)
-    monitor_mod.run(store.read, node, reasons=reasons, endpoint=endpoint, sample=sample, as_json=as_json,
-                    count=count, echo=click.echo, note=lambda msg: click.echo(f"xoverlay monitor: {msg}", err=True))
+    monitor_mod.run(store.read, node, reasons=reasons, endpoint=endpoint, service=service, sample=sample,
+                    as_json=as_json, count=count, echo=click.echo, note=lambda msg: click.echo(f"xoverlay monitor: {msg}", err=True))
 
 
 # --- lab ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from maps import bpf
 from maps.drops import BY_NAME as DROPS_BY_NAME
 from maps.drops import REASONS
 from maps.events import EVENT_TYPES, FWD_ACTIONS, HOOKS
-from maps.layout import (EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, EVF_XLATE, MAPS, MON_DROPS, MON_FORWARDS,
+from maps.layout import (EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, EVF_XLATE, MAPS, MON_DROPS, MON_FORWARDS, MON_SERVICES,
                          Event, Monitor, PinnedMap, U32, ip_str, pin_dir)
 
 from .errors import XoError
@@ -93,6 +93,7 @@ class Names:
     endpoints: dict[tuple[int, str], str] = field(default_factory=dict)   # (vni, ip) -> endpoint
     networks: dict[int, str] = field(default_factory=dict)       # vni -> network
     nodes: dict[str, str] = field(default_factory=dict)          # underlay ip -> node
+    services: dict[int, str] = field(default_factory=dict)       # service id -> service
 
     def endpoint(self, vni: int | None, ip: str | None) -> str | None:
         """The endpoint with this address in this network; if the VNI is not known or that
@@ -115,7 +116,8 @@ def names_from(state: State, local: dict[int, tuple[int, str]], ifnames: dict[in
                  local={ifindex: endpoints.get(key) for ifindex, key in local.items() if key in endpoints},
                  endpoints=endpoints,
                  networks={n.vni: n.name for n in state.networks.values()},
-                 nodes={n.underlay_ip: n.name for n in state.nodes.values()})
+                 nodes={n.underlay_ip: n.name for n in state.nodes.values()},
+                 services={s.id: s.name for s in state.services.values()})
 
 
 def _ip(be: int) -> str:
@@ -144,7 +146,7 @@ def decode(raw: bytes, names: Names, wall_offset_ns: int = 0) -> dict:
         "outer": None,
         "src": None, "dst": None, "src_endpoint": None, "dst_endpoint": None,
         "protocol": None, "sport": None, "dport": None,
-        "xlate": None,
+        "xlate": None, "service": None,
     }
     if etype and etype.name == "DROP":
         reason = REASONS.get(ev.reason)
@@ -154,6 +156,9 @@ def decode(raw: bytes, names: Names, wall_offset_ns: int = 0) -> dict:
         action = FWD_ACTIONS.get(ev.reason)
         out["action"] = action.name.lower() if action else f"action {ev.reason}"
         out["text"] = action.text if action else None
+    elif etype and etype.name == "SERVICE_CONN":
+        out["service"] = names.services.get(ev.reason, f"service {ev.reason}")
+        out["text"] = etype.text
     elif etype:
         out["text"] = etype.text
     if out["vni"] is not None:
@@ -190,9 +195,12 @@ def _iso(wall_ns: int) -> str:
 class Filter:
     reasons: frozenset[str] = frozenset()    # drop reason names; empty: every event
     endpoint: str | None = None              # events of this endpoint only
+    service: str | None = None               # new connections to this service only
 
     def wants(self, ev: dict) -> bool:
         if self.reasons and ev["reason"] not in self.reasons:
+            return False
+        if self.service and ev["service"] != self.service:
             return False
         if self.endpoint and self.endpoint not in (ev["endpoint"], ev["src_endpoint"], ev["dst_endpoint"]):
             return False
@@ -225,7 +233,7 @@ def _who(name: str | None) -> str:
 def line(ev: dict) -> str:
     """One human line: time, what, where, network, the packet, length, and for drops the
     reason in words. Forwarded packets' action is its own explanation."""
-    parts = [ev["time"][11:23], ev["type"].upper(), ev["reason"] or ev["action"] or ""]
+    parts = [ev["time"][11:23], ev["type"].upper(), ev["reason"] or ev["action"] or ev["service"] or ""]
     iface = ev["interface"] or f"if{ev['ifindex']}"
     parts.append(f"on {iface}{_who(ev['endpoint'])} [{ev['hook']}]")
     if ev["vni"] is not None:
@@ -350,14 +358,16 @@ def check_endpoint(state: State, name: str | None) -> None:
 
 
 def run(state_reader: Callable[[], State], node: str, *, reasons=(), endpoint: str | None = None,
-        sample: int | None = None, as_json: bool = False, count: int | None = None,
+        service: str | None = None, sample: int | None = None, as_json: bool = False, count: int | None = None,
         echo: Callable[[str], None] = print, note: Callable[[str], None] = print) -> int:
     """Print events of `node` until Ctrl-C, SIGTERM or `count` events; returns how many
     were printed. Every check comes before the flag is set."""
     state = state_reader()
-    filt = Filter(parse_reasons(reasons), endpoint)
+    filt = Filter(parse_reasons(reasons), endpoint, service)
     check_endpoint(state, endpoint)
-    events = MON_DROPS | (MON_FORWARDS if sample else 0)
+    if service is not None and service not in state.services:
+        raise XoError(f"service {service} does not exist")
+    events = MON_DROPS | MON_SERVICES | (MON_FORWARDS if sample else 0)
     names = _names(state, node)
     wall_offset = time.time_ns() - time.monotonic_ns()
     shown = 0
@@ -407,11 +417,13 @@ def run(state_reader: Callable[[], State], node: str, *, reasons=(), endpoint: s
 
 
 def _describe(filt: Filter, sample: int | None) -> str:
-    what = "drops" + (f" and 1 in {sample} forwarded packets" if sample else "")
+    what = "drops, new service connections" + (f" and 1 in {sample} forwarded packets" if sample else "")
     if filt.reasons:
         what += f", reasons {', '.join(sorted(filt.reasons))}"
     if filt.endpoint:
         what += f", endpoint {filt.endpoint}"
+    if filt.service:
+        what += f", service {filt.service}"
     return what
 
 

@@ -76,15 +76,16 @@ class LocalEndpoint(Struct):
     _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("flags", ctypes.c_uint16)]
 
 
-def _endpoint_flags() -> dict[str, int]:
-    """XO_EP_* from their one definition in bpf/lib/maps.h."""
-    header = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "lib", "maps.h")
-    with open(header) as f:
+def _flags(header: str, prefix: str) -> dict[str, int]:
+    """The `#define <prefix>NAME 0x...` lines of bpf/lib/<header>: flags have their one
+    definition in C, and Python reads it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf", "lib", header)
+    with open(path) as f:
         return {name: int(value, 16) for name, value in
-                re.findall(r"^#define XO_EP_(\w+) (0x[0-9a-fA-F]+)", f.read(), re.MULTILINE)}
+                re.findall(rf"^#define {prefix}(\w+) (0x[0-9a-fA-F]+)", f.read(), re.MULTILINE)}
 
 
-EP_FLAGS = _endpoint_flags()
+EP_FLAGS = _flags("maps.h", "XO_EP_")
 EP_NETWORK_HAS_SERVICES = EP_FLAGS["NETWORK_HAS_SERVICES"]
 EP_SERVICE_BACKEND = EP_FLAGS["SERVICE_BACKEND"]
 
@@ -178,8 +179,9 @@ class Event(Struct):
 
 
 # XO_MON_* and XO_EVF_* of bpf/lib/events.h
-MON_DROPS, MON_FORWARDS = 0x1, 0x2
-EVF_OUTER, EVF_VNI, EVF_IP, EVF_PORTS, EVF_XLATE = 0x1, 0x2, 0x4, 0x8, 0x10
+_MON, _EVF = _flags("events.h", "XO_MON_"), _flags("events.h", "XO_EVF_")
+MON_DROPS, MON_FORWARDS, MON_SERVICES = _MON["DROPS"], _MON["FORWARDS"], _MON["SERVICES"]
+EVF_OUTER, EVF_VNI, EVF_IP, EVF_PORTS, EVF_XLATE = (_EVF[n] for n in ("OUTER", "VNI", "IP", "PORTS", "XLATE"))
 EVENTS_BYTES = 256 * 1024      # XO_EVENTS_BYTES
 
 

@@ -16,7 +16,7 @@ import pytest
 from ctl import model, monitor
 from ctl.errors import XoError
 from maps.drops import BY_NAME
-from maps.layout import EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, Event, Monitor, ip_be
+from maps.layout import EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, MON_DROPS, MON_SERVICES, Event, Monitor, ip_be
 
 from conftest import PY, in_netns
 
@@ -103,6 +103,22 @@ def test_decode_a_forward_event():
                                saddr=ip_be("10.10.0.5"), daddr=ip_be("10.10.1.7")), NAMES)
     assert (ev["type"], ev["action"], ev["reason"]) == ("forward", "encap", None)
     assert ev["outer"]["dst_node"] == "n2"
+
+
+def test_decode_and_filter_a_service_connection():
+    from maps.layout import EVF_XLATE
+    names = monitor.Names(services={7: "web"}, local={31: "web"}, ifnames={31: "xo0123456789"})
+    ev = monitor.decode(record(type=3, hook=1, reason=7, flags=EVF_IP | EVF_PORTS | EVF_XLATE, ifindex=31,
+                               protocol=6, saddr=ip_be("10.10.0.5"), daddr=ip_be("10.10.255.254"),
+                               sport=port(40000), dport=port(80), xlate_daddr=ip_be("10.10.1.7"),
+                               xlate_dport=port(8080)), names)
+    assert (ev["type"], ev["service"], ev["dst"], ev["xlate"]) == (
+        "service_conn", "web", "10.10.255.254", {"dst": "10.10.1.7", "dport": 8080})
+    assert "SERVICE_CONN  web" in monitor.line(ev) and "-> 10.10.1.7:8080" in monitor.line(ev)
+    assert monitor.Filter(service="web").wants(ev)
+    assert not monitor.Filter(service="api").wants(ev)
+    drop = monitor.decode(record(type=1, hook=1, reason=BY_NAME["NO_ROUTE"].code), NAMES)
+    assert not monitor.Filter(service="web").wants(drop), "--service shows only its connections"
 
 
 def test_time_is_wall_clock_from_the_offset():
@@ -319,7 +335,7 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
         lab.xo("endpoint", "add", "mon-iso-x", "--network", "mon-iso", "--node", n2)
         iso_ip = lab.ep("mon-iso-x")["ip"]
         mon = Monitoring(lab, "--node", n1, "--json", "--count", "7")
-        assert monitor.read_flag(n1).events == 1, "the flag is set while it runs"
+        assert monitor.read_flag(n1).events == MON_DROPS | MON_SERVICES, "the flag is set while it runs"
         node_ip = _provoke_every_reason(lab, n1, n2, iso_ip)
         code, events, err = mon.finish()
     finally:
@@ -356,6 +372,29 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
         ("192.0.2.99", None, 4096, "demo")
     assert (vni["outer"]["src_node"], vni["vni"], vni["network"]) == (n2, 777, None)
     assert monitor.read_flag(n1).events == 0, "cleared when it stopped after --count"
+
+
+@pytest.mark.lab
+def test_monitor_shows_new_service_connections_with_the_backend(lab):
+    n1, n2, _ = lab.nodes()
+    backend = lab.ep(f"{n2}-b")
+    lab.xo("service", "create", "mon-svc", "--network", "demo", "--port", "7/tcp", "--backend", f"{n2}-b")
+    mon = None
+    try:
+        vip = json.loads(lab.xo("service", "inspect", "mon-svc", "--json").out)["vip"]
+        mon = Monitoring(lab, "--node", n1, "--json", "--count", "1", "--service", "mon-svc")
+        lab.run_in(f"{n1}-a", "python3", "-c",
+                   "import socket\ntry: socket.create_connection(('%s', 7), timeout=2)\nexcept OSError: pass" % vip)
+        code, events, err = mon.finish()
+        assert code == 0, err
+        [ev] = events
+        assert (ev["type"], ev["service"], ev["src_endpoint"], ev["dst"], ev["dport"]) == \
+            ("service_conn", "mon-svc", f"{n1}-a", vip, 7)
+        assert ev["xlate"] == {"dst": backend["ip"], "dport": 7}
+    finally:
+        if mon:
+            mon.kill()
+        lab.xo("service", "rm", "mon-svc", check=False)
 
 
 @pytest.mark.lab

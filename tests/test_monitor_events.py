@@ -253,3 +253,24 @@ def test_service_drop_events_show_the_packet_as_the_client_sent_it(dp):
     [ev] = events
     assert ev.reason == BY_NAME["LB_BACKEND_GONE"].code and ev.len == len(data)
     assert (ip_str(ev.saddr), ip_str(ev.daddr), _ports(ev)) == (T.WEB1.ip, T.MANY.vip, (sport, 80))
+
+
+def test_new_service_connection_event_names_client_vip_and_backend(dp):
+    """A SYN to a VIP is told (when the monitor asks for service connections) as client ->
+    VIP with the backend chosen; the next packet of the connection is not a new one."""
+    from maps.layout import EVF_XLATE, MON_SERVICES
+    from test_bpf_services import ack, predicted, syn
+    sport = next(p for p in range(45200, 45300) if predicted(T.MANY, T.WEB1, p) == T.API1)
+    verdict, events = events_of(dp, "prog_endpoint", container(T.WEB1, T.MANY.vip, l4=syn(sport)),
+                                T.WEB1.ifindex, flag=MON_SERVICES)
+    assert verdict == TC_ACT_REDIRECT
+    [ev] = events
+    assert ev.type == 3 and ev.reason == T.MANY.id and ev.flags & EVF_XLATE
+    assert (ip_str(ev.saddr), ip_str(ev.daddr), _ports(ev)) == (T.WEB1.ip, T.MANY.vip, (sport, 80))
+    assert (ip_str(ev.xlate_daddr), socket.ntohs(ev.xlate_dport)) == (T.API1.ip, 80)
+    _, again = events_of(dp, "prog_endpoint", container(T.WEB1, T.MANY.vip, l4=ack(sport)), T.WEB1.ifindex,
+                         flag=MON_SERVICES)
+    assert again == []
+    _, drops_only = events_of(dp, "prog_endpoint", container(T.WEB1, T.MANY.vip, l4=syn(sport + 1)),
+                              T.WEB1.ifindex, flag=MON_DROPS)
+    assert drops_only == []

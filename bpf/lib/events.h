@@ -51,5 +51,6 @@ enum xo_fwd_action {
 /* struct xo_monitor.events: what the running monitor asked for (0: no monitor). */
 #define XO_MON_DROPS 0x1
 #define XO_MON_FORWARDS 0x2
+#define XO_MON_SERVICES 0x4
 
 #endif

@@ -17,6 +17,7 @@
 #include "maps.h"
 #include "parsing.h"
 #include "vxlan.h"
+#include "monitor.h"
 
 #define XO_TCP_FIN 0x01
 #define XO_TCP_SYN 0x02
@@ -205,6 +206,7 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
     __be16 port = be->port ? be->port : f->dport;
 
     if (fresh) {
+        xo_tell_service_conn(skb, sid, ip, port);
         struct xo_ct fwd = { .service = sid, .backend = bk.index };
         xo_lb_ct.update(&ck, &fwd);
         struct xo_ct_key rk = { .saddr = ip, .daddr = f->saddr, .sport = port, .dport = f->sport,

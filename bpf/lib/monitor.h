@@ -191,4 +191,18 @@ static __always_inline void xo_tell_forward(struct __sk_buff *skb, int hook, int
     xo_tell(mon, &ev, (void *)(long)skb->data, (void *)(long)skb->data_end, action != XO_FWD_LOCAL);
 }
 
+/* A new connection to a service: the client's packet as it sent it (client -> VIP), the
+ * backend chosen in xlate, the service id as reason. Call before the DNAT. */
+static __always_inline void xo_tell_service_conn(struct __sk_buff *skb, __u32 service, __be32 backend,
+                                                 __be16 backend_port)
+{
+    struct xo_monitor *mon = xo_monitor_get();
+    if (!mon || !(mon->events & XO_MON_SERVICES))
+        return;
+    struct xo_event ev = { .type = XO_EVENT_SERVICE_CONN, .hook = XO_HOOK_ENDPOINT, .reason = service,
+                           .ifindex = skb->ingress_ifindex, .len = skb->len, .flags = XO_EVF_XLATE,
+                           .xlate_daddr = backend, .xlate_dport = backend_port };
+    xo_tell(mon, &ev, (void *)(long)skb->data, (void *)(long)skb->data_end, 0);
+}
+
 #endif
