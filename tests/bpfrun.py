@@ -31,7 +31,6 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
-import sys
 from dataclasses import dataclass
 
 from maps import bpf
@@ -272,40 +271,3 @@ def ipv4_checksum(header: bytes) -> int:
     while total >> 16:
         total = (total & 0xffff) + (total >> 16)
     return ~total & 0xffff
-
-
-# --- per-packet cost (a measurement, not a test) -------------------------------------------
-
-def _bench(repeat: int) -> None:
-    from scapy.layers.inet import IP, UDP
-    from scapy.layers.l2 import Ether
-    from scapy.layers.vxlan import VXLAN
-
-    t = Topology
-    payload = b"x" * 64
-    to_local = (Ether(src=t.WEB1.mac, dst=GW_MAC) / IP(src=t.WEB1.ip, dst=t.WEB2.ip) /
-                UDP(sport=1234, dport=5678) / payload)
-    to_remote = (Ether(src=t.WEB1.mac, dst=GW_MAC) / IP(src=t.WEB1.ip, dst=t.API1.ip) /
-                 UDP(sport=1234, dport=5678) / payload)
-    vxlan = (Ether(src=t.PEER_B_MAC, dst=t.NODE_MAC) / IP(src=t.PEER_B, dst=t.NODE_IP, flags="DF") /
-             UDP(sport=50000, dport=VXLAN_PORT, chksum=0) / VXLAN(vni=t.BLUE_VNI, flags=0x08) /
-             Ether(src=t.API1.mac, dst=t.WEB1.mac) / IP(src=t.API1.ip, dst=t.WEB1.ip) /
-             UDP(sport=5678, dport=1234) / payload)
-    other = Ether(src=t.PEER_B_MAC, dst=t.NODE_MAC) / IP(src=t.PEER_B, dst=t.NODE_IP) / UDP(dport=53) / payload
-    rows = [
-        ("endpoint: local delivery", "prog_endpoint", to_local, t.WEB1.ifindex),
-        ("endpoint: VXLAN encap", "prog_endpoint", to_remote, t.WEB1.ifindex),
-        ("underlay tc: VXLAN decap", "prog_underlay_tc", vxlan, None),
-        ("underlay tc: not VXLAN", "prog_underlay_tc", other, None),
-        ("underlay XDP: VXLAN checked", "prog_underlay_xdp", vxlan, None),
-        ("underlay XDP: not VXLAN", "prog_underlay_xdp", other, None),
-    ]
-    with Datapath(f"bench-bpf-{os.getpid()}") as dp:
-        print(f"{'path':<32} {'ns/packet':>10}   (BPF_PROG_TEST_RUN, repeat={repeat})")
-        for name, prog, pkt, ifindex in rows:
-            r = dp.run(prog, bytes(pkt), ifindex, repeat=repeat)
-            print(f"{name:<32} {r.ns:>10}")
-
-
-if __name__ == "__main__":
-    _bench(int(sys.argv[1]) if len(sys.argv) > 1 else 100000)
