@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""TCP connection rate without a compiler: many short connections, each a full round:
+connect (SYN, SYN-ACK, ACK), the server's one-byte answer, the client's close with
+SO_LINGER 0 (a reset: no TIME_WAIT, so the ephemeral ports never run out and no state
+is left behind on either end; netperf's TCP_CRR closes politely instead).
+
+    connrate.py serve --port P [--workers W]             # in the server's netns
+    connrate.py connect --ip IP --port P --seconds S [--procs N]   # prints one JSON line
+
+Blocking sockets, one connection at a time per process, several processes: per
+connection Python costs ~15-20 µs of CPU on each side, so on a 2-CPU machine this is
+bounded by CPU, not by waiting; the path's own per-connection cost (a conntrack entry,
+NAT rules, BPF) adds to the same CPUs and shows in the rate. Python's share is the same
+on every path, so differences between paths are the paths'. Run by bench/services."""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def serve(port: int, workers: int) -> None:
+    def worker():
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("0.0.0.0", port))
+        s.listen(4096)
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                continue
+            try:
+                c.send(b"x")
+            except OSError:
+                pass
+            c.close()
+
+    children = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                worker()
+            finally:
+                os._exit(0)
+        children.append(pid)
+
+    def stop(*_):
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # If one worker dies, stop all: the caller sees the server gone.
+    os.wait()
+    stop()
+
+
+def _client(ip: str, port: int, start: float, seconds: float, out) -> None:
+    ok = errors = 0
+    first_error = ""
+    # Wait for the common start, then count only inside the window.
+    time.sleep(max(0.0, start - time.monotonic()))
+    end = start + seconds
+    while time.monotonic() < end:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        s.settimeout(1.0)
+        try:
+            s.connect((ip, port))
+            if s.recv(1) == b"x":
+                ok += 1
+            else:
+                errors += 1
+                first_error = first_error or "closed without the answer"
+        except OSError as e:
+            errors += 1
+            first_error = first_error or f"{type(e).__name__}: {e}"
+        finally:
+            s.close()
+    out.put((ok, errors, first_error, time.monotonic() - start))
+
+
+def connect(ip: str, port: int, seconds: float, procs: int) -> dict:
+    q = mp.Queue()
+    start = time.monotonic() + 0.3
+    ps = [mp.Process(target=_client, args=(ip, port, start, seconds, q)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    results = [q.get(timeout=seconds + 30) for _ in ps]
+    for p in ps:
+        p.join()
+    ok = sum(r[0] for r in results)
+    errors = sum(r[1] for r in results)
+    elapsed = max(r[3] for r in results)
+    return {"conns": ok, "errors": errors, "seconds": round(elapsed, 3), "conn_rate": ok / elapsed,
+            "first_error": next((r[2] for r in results if r[2]), "")}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--workers", type=int, default=2)
+    c = sub.add_parser("connect")
+    c.add_argument("--ip", required=True)
+    c.add_argument("--port", type=int, required=True)
+    c.add_argument("--seconds", type=float, default=5.0)
+    c.add_argument("--procs", type=int, default=2)
+    a = p.parse_args()
+    if a.cmd == "serve":
+        serve(a.port, a.workers)
+        return 0
+    print(json.dumps(connect(a.ip, a.port, a.seconds, a.procs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
