@@ -1,6 +1,8 @@
 """Shared pieces of the benchmarks: the namespace topologies each path runs on (always
 removed again), the traffic tools and their parsers, statistics, and the per-packet cost
-of the BPF programs through BPF_PROG_TEST_RUN.
+of the BPF programs through BPF_PROG_TEST_RUN; for bench/services also a kube-proxy-style
+nftables ruleset, an xoverlay lab with N services, the connection-rate tool's wrappers
+(bench/connrate.py) and the load balancer's per-packet cost.
 
 Everything a benchmark creates is named so that it can be found and removed after a
 crash, and never touches anything else: network namespaces start with PREFIX, the
