@@ -1069,7 +1069,7 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
     from ctl import datapath, desired
     from ctl.lbmaps import MaglevTables
     from maps import bpf
-    from maps.layout import EndpointKey, LbBackendKey, U32, ip_be, sum_percpu
+    from maps.layout import EndpointKey, LbBackendKey, LbStats, U32, ip_be, sum_percpu
 
     c = BpfCostCluster()
     a1, a2, b1 = c.ep["a1"], c.ep["a2"], c.ep["b1"]
@@ -1091,7 +1091,7 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
 
         def svc_stats(sid: int):
             v = maps["xo_lb_service_stats"].get(U32(sid))
-            return sum_percpu(v) if v else None
+            return sum_percpu(v) if v else LbStats()
 
         def single(packet: bytes) -> float:
             return statistics.median(bpf.prog_test_run(fd, packet, ctx, 1)[2] for _ in range(samples))
