@@ -3,6 +3,7 @@ entry layout. Mirrors bpf/lib/maps.h; tests/test_layout.py checks the two agree.
 from __future__ import annotations
 
 import ctypes
+import errno
 import ipaddress
 import os
 import re
@@ -279,6 +280,25 @@ class PinnedMap:
         return [self.spec.key.from_buffer_copy(k) for k in self._bpf.map_keys(self.fd, self._ksize)]
 
     def items(self) -> dict:
+        """Every entry. In batches of thousands per syscall where the map type has batch
+        lookups (hash and array maps): the agent reads every map on each resync, and one
+        syscall per entry kept an idle agent busy at 10,000 services. Entry by entry
+        where the kernel has no batches for the map type."""
+        try:
+            # The kernel packs values at their own size, per-CPU ones at 8-byte slots.
+            stride = self._slot * self._ncpu if self.spec.percpu else self._vsize
+            raw = self._bpf.lookup_batch(self.fd, self._ksize, stride, self.spec.max_entries)
+        except self._bpf.BpfError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):    # 524: the kernel's ENOTSUPP
+                raise
+            return self._items_one_by_one()
+        out = {}
+        for k, v in raw:
+            values = self._values(v)
+            out[self.spec.key.from_buffer_copy(k)] = values if self.spec.percpu else values[0]
+        return out
+
+    def _items_one_by_one(self) -> dict:
         out = {}
         for key in self.keys():
             value = self.get(key)
