@@ -5,6 +5,8 @@
  *                                with the VIP put back if it is a service's reply
  *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
  *   DNS to the gateway address -> the node's stack, through xo-gw (its DNS responder, docs/DNS.md)
+ *   a routing-mesh reply      -> to the outside client, from the node IP:port it talked
+ *                                to, or back in VXLAN to that node (lib/mesh.h)
  *   anything else             -> dropped, counted by reason
  */
 #include "lib/common.h"
@@ -13,6 +15,7 @@
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
+#include "lib/mesh.h"
 
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
 {
@@ -99,10 +102,22 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     struct xo_endpoint_key src_key = { .vni = vni, .ip = self->ip };
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
-    if (!dst)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
-
     struct xo_traffic zero = {};
+    if (!dst) {
+        /* Only a backend's packets can be replies of routing-mesh connections. */
+        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
+            struct xo_config *cfg = xo_get_config();
+            __u8 mac[ETH_ALEN];
+            xo_mac_copy(mac, self->mac);
+            int mesh = cfg ? xo_mesh_reply(skb, cfg, vni, &f, mac) : XO_MESH_NOT_MESH;
+            if (mesh != XO_MESH_NOT_MESH) {
+                xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
+                return mesh;
+            }
+        }
+        return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
+    }
+
     xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
 
     if (dst->ifindex) {
@@ -144,7 +159,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
     xo_mac_copy(inner_src, self->mac);
     xo_mac_copy(inner_dst, dst->mac);
-    int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, inner_src, inner_dst);
+    int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
     xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);

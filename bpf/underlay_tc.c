@@ -1,14 +1,18 @@
 /* tc ingress on the underlay device: decapsulate VXLAN for local endpoints and deliver
  * it into the container (redirect_peer skips the host stack and a second veth hop),
- * reverse-NATing replies of service backends on the way (lib/lb.h).
+ * reverse-NATing replies of service backends on the way (lib/lb.h); and the routing
+ * mesh (lib/mesh.h): packets to a published port that XDP left to us (local backends,
+ * or all of them without XDP), and the mesh's tunnelled requests and replies.
  * Does the same checks as the XDP program, which may be off (up --no-xdp), and more:
- * the inner source must be an endpoint of the peer that sent it. */
+ * the inner source must be an endpoint of the peer that sent it (or, for a mesh
+ * request, an address outside every overlay network). */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
+#include "lib/mesh.h"
 
 int xo_underlay_ingress(struct __sk_buff *skb)
 {
@@ -21,8 +25,10 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
     struct xo_tunnel t = {};
     int verdict = xo_classify_underlay(data, data_end, cfg, &t);
-    if (verdict == XO_NOT_VXLAN)
-        return TC_ACT_OK;
+    if (verdict == XO_NOT_VXLAN) {
+        int mesh = xo_mesh_tc(skb, cfg);
+        return mesh == XO_MESH_NOT_MESH ? TC_ACT_OK : mesh;
+    }
     if (verdict != XO_VXLAN_OK)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, verdict, len, TC_ACT_SHOT);
 
@@ -35,24 +41,33 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
 
     struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
-    struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
-    if (!src || src->node_ip != t.peer_ip)
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
-    __u16 src_flags = src->flags;
-
     struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
+    struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
-    if (!dst || !dst->ifindex)
+    /* A mesh request: an outside client's packet for a backend here. A mesh reply: a
+     * backend's packet for an outside client that talked to this node. */
+    int mesh_request = t.mesh && dst && dst->ifindex;
+    int mesh_reply = t.mesh && !mesh_request;
+    if (mesh_request) {
+        if (xo_is_overlay(inner_ip->saddr))
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+    } else if (!src || src->node_ip != t.peer_ip) {
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+    }
+    if (!mesh_reply && (!dst || !dst->ifindex))
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
-    __u32 ifindex = dst->ifindex;
-    __u8 dst_mac[ETH_ALEN];
-    xo_mac_copy(dst_mac, dst->mac);
+    __u16 src_flags = src ? src->flags : 0;
+    __u32 ifindex = 0;
+    __u8 dst_mac[ETH_ALEN] = {};
+    if (!mesh_reply) {
+        ifindex = dst->ifindex;
+        xo_mac_copy(dst_mac, dst->mac);
+    }
 
     struct xo_traffic zero = {};
     xo_count_rx(xo_peer_stats.lookup_or_try_init(&t.peer_ip, &zero), len);
-    /* Told before decap, so that the event shows the tunnel it came through. */
-    xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
 
+    xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
     if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
 
@@ -68,18 +83,39 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     xo_mac_copy(eth->h_source, gw);
     eth->h_proto = bpf_htons(ETH_P_IP);
 
-    /* A reply from a service backend on another node, for a client here: the client
-     * must see the VIP it talked to. Only a backend's packets can be such replies. */
-    if (src_flags & XO_EP_SERVICE_BACKEND) {
-        struct xo_cursor ic = { .pos = eth, .end = data_end };
-        xo_parse_eth(&ic);
-        struct iphdr *ip = xo_parse_ipv4(&ic);
-        struct xo_flow f = {};
-        if (ip && xo_flow_parse(data, data_end, ip, ic.pos, &f)) {
-            int reason = xo_lb_reply(skb, &f);
-            if (reason)
-                return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
-        }
+    struct xo_cursor ic = { .pos = eth, .end = data_end };
+    xo_parse_eth(&ic);
+    struct iphdr *ip = xo_parse_ipv4(&ic);
+    struct xo_flow f = {};
+    int has_flow = ip && xo_flow_parse(data, data_end, ip, ic.pos, &f);
+
+    if (mesh_reply) {
+        /* Source := this node's IP:published port, the address the client talked to;
+         * then out of the underlay to it (the kernel fills in the MACs). */
+        if (!has_flow)
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
+        struct xo_ct_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport,
+                                .proto = f.proto, .dir = XO_CT_REPLY };
+        struct xo_ct *ct = xo_lb_ct.lookup(&rk);
+        if (!ct)
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
+        __be32 vip = ct->vip;
+        __be16 vport = ct->vport;
+        if (xo_lb_rewrite(skb, &f, XO_IP_SADDR_OFF, f.saddr, vip, f.l4_off + offsetof(struct tcphdr, source),
+                          f.sport, vport))
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
+        return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+    }
+    if (mesh_request) {
+        if (has_flow)
+            xo_mesh_remember(&f, t.peer_ip);
+    } else if (has_flow && (src_flags & XO_EP_SERVICE_BACKEND)) {
+        /* A reply from a service backend on another node, for a client here: the
+         * client must see the VIP it talked to. Only a backend's packets can be such
+         * replies. */
+        int reason = xo_lb_reply(skb, &f);
+        if (reason)
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
     }
 
     xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), skb->len);

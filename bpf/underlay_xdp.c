@@ -1,12 +1,16 @@
 /* XDP on the underlay device: drop bad tunnel traffic before the kernel allocates
- * anything for it. VXLAN from a non-peer, with a VNI not in use here, or malformed is
- * dropped and counted; everything else passes (the tc program decapsulates).
+ * anything for it, and the routing mesh's forward path (lib/mesh.h): a packet to this
+ * node's IP on a published port whose backend is on another node is load-balanced,
+ * VXLAN-encapsulated here and sent straight back out (XDP_TX).
+ * VXLAN from a non-peer, with a VNI not in use here, or malformed is dropped and
+ * counted; everything else passes (the tc program decapsulates).
  * Loaded frags-aware (BPF_F_XDP_HAS_FRAGS) so jumbo frames pass: it reads only the
  * headers, which are in the first buffer. */
 #include "lib/common.h"
 #include "lib/maps.h"
 #include "lib/monitor.h"
 #include "lib/vxlan.h"
+#include "lib/mesh.h"
 
 int xo_underlay_xdp(struct xdp_md *ctx)
 {
@@ -22,5 +26,7 @@ int xo_underlay_xdp(struct xdp_md *ctx)
      * than its first buffer, data_end - data. */
     if (verdict > 0)
         return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, bpf_xdp_get_buff_len(ctx), XDP_DROP);
+    if (verdict == XO_NOT_VXLAN)
+        return xo_mesh_xdp(ctx, cfg);
     return XDP_PASS;
 }

@@ -145,6 +145,15 @@ class Ct(Struct):
                 ("vport", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 
+class MeshKey(Struct):
+    _fields_ = [("port", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8)]
+
+
+class Mesh(Struct):
+    _fields_ = [("service", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("vni", ctypes.c_uint32),
+                ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
 class LbStats(Struct):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("connections", ctypes.c_uint64)]
 
@@ -152,7 +161,7 @@ class LbStats(Struct):
 # Constants of bpf/lib/maps.h
 LB_AFFINITY = 1
 LB_ACTIVE, LB_DRAINING = 1, 2
-CT_SERVICE, CT_REPLY = 1, 2
+CT_SERVICE, CT_REPLY, CT_MESH = 1, 2, 3
 LB_MAX_SERVICES = 16384
 IPPROTO = {"tcp": 6, "udp": 17}
 
@@ -219,6 +228,7 @@ MAPS = {spec.name: spec for spec in [
     # lookup gives the inner map's id, an update takes an inner map's fd (ctl/lbmaps.py).
     MapSpec("xo_lb_maglev_inner", U32, U32, 1, desired=False),
     MapSpec("xo_lb_maglev", U32, U32, LB_MAX_SERVICES, desired=False),
+    MapSpec("xo_lb_mesh", MeshKey, Mesh, 65536),
     MapSpec("xo_lb_ct", CtKey, Ct, 131072, desired=False),
     MapSpec("xo_lb_service_stats", U32, LbStats, LB_MAX_SERVICES, percpu=True, desired=False),
     MapSpec("xo_lb_backend_stats", LbBackendKey, LbStats, 65536, percpu=True, desired=False),

@@ -26,7 +26,10 @@
     XO_DROP(OUTER_CHECKSUM, 19, "VXLAN packet whose outer IPv4 header checksum is wrong") \
     XO_DROP(LB_BACKEND_GONE, 20, "service connection whose backend was removed (TCP: client gets a reset)") \
     XO_DROP(LB_NO_BACKEND, 21, "new connection to a service with no active backend (other than the client itself)") \
-    XO_DROP(LB_NAT_FAILED, 22, "could not rewrite a service packet's address (kernel refused)")
+    XO_DROP(LB_NAT_FAILED, 22, "could not rewrite a service packet's address (kernel refused)") \
+    XO_DROP(MESH_OVERLAY_SOURCE, 23, "packet to a published port from an address of an overlay network") \
+    XO_DROP(MESH_NO_CONNECTION, 24, "routing-mesh reply for a connection this node has no entry for") \
+    XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

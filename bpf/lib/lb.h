@@ -147,6 +147,84 @@ static __always_inline void xo_lb_count(struct xo_lb_stats *s, __u32 bytes, int 
     }
 }
 
+/* The backend a connection goes to. */
+struct xo_lb_choice {
+    struct xo_lb_backend_key bk;
+    __be32 ip;
+    __be16 port;              /* target port: the backend's own, or the default given */
+    int fresh;                /* a new connection (Maglev chose) rather than a known one */
+};
+
+/* Which backend of service `sid` the flow goes to: the one the connection table
+ * remembers, or Maglev's choice for a new connection. Writes nothing (but forgets a
+ * connection whose backend is gone), so a caller may still decide not to handle the
+ * packet. Returns 0 or a drop reason. Shared by the client's tc program (east-west) and
+ * the routing mesh (XDP and tc on the underlay). */
+static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_flow *f, __be16 default_port,
+                                        struct xo_lb_choice *c)
+{
+    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
+    struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+                            .proto = f->proto, .dir = XO_CT_SERVICE };
+    struct xo_lb_backend *be;
+    c->bk.service = sid;
+    c->fresh = 0;
+    /* A SYN opens a new connection whatever the table remembers of this 5-tuple: new
+     * connections never go to a draining backend. */
+    struct xo_ct *ct = syn ? NULL : xo_lb_ct.lookup(&ck);
+    if (ct && ct->service == sid) {
+        c->bk.index = ct->backend;
+        be = xo_lb_backends.lookup(&c->bk);
+        if (!be) {
+            /* Its backend was removed: this connection is over. Forget it, so the next
+             * packet of the 5-tuple (UDP) starts a new one. */
+            xo_lb_ct.delete(&ck);
+            return XO_DROP_LB_BACKEND_GONE;
+        }
+    } else {
+        __u32 hash = xo_lb_hash(f, flags);
+        c->bk.index = xo_lb_pick(sid, hash);
+        be = c->bk.index ? xo_lb_backends.lookup(&c->bk) : NULL;
+        /* A client that is itself a backend cannot be its own (the packet would come
+         * back to it from its own address, which the stack drops as martian): look
+         * further along, a few times, for another backend. */
+#pragma unroll
+        for (int i = 1; i <= XO_LB_SELF_RETRIES; i++) {
+            if (!be || be->ip != f->saddr)
+                break;
+            c->bk.index = xo_lb_pick(sid, xo_mix32(hash + i));
+            be = c->bk.index ? xo_lb_backends.lookup(&c->bk) : NULL;
+        }
+        if (!be || be->ip == f->saddr)
+            return XO_DROP_LB_NO_BACKEND;
+        c->fresh = 1;
+    }
+    c->ip = be->ip;
+    c->port = be->port ? be->port : default_port;
+    return 0;
+}
+
+/* The packet goes to c's backend: remember a new connection (both entries: which
+ * backend, and what a reply must get back, the address the client talked to, f->daddr
+ * and f->dport) and count it. */
+static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct xo_lb_choice *c, __u32 len)
+{
+    __u32 sid = c->bk.service;
+    if (c->fresh) {
+        struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+                                .proto = f->proto, .dir = XO_CT_SERVICE };
+        struct xo_ct fwd = { .service = sid, .backend = c->bk.index };
+        xo_lb_ct.update(&ck, &fwd);
+        struct xo_ct_key rk = { .saddr = c->ip, .daddr = f->saddr, .sport = c->port, .dport = f->sport,
+                                .proto = f->proto, .dir = XO_CT_REPLY };
+        struct xo_ct rev = { .service = sid, .backend = c->bk.index, .vip = f->daddr, .vport = f->dport };
+        xo_lb_ct.update(&rk, &rev);
+    }
+    struct xo_lb_stats zero = {};
+    xo_lb_count(xo_lb_service_stats.lookup_or_try_init(&sid, &zero), len, c->fresh);
+    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&c->bk, &zero), len, c->fresh);
+}
+
 /* A packet from a container (vni): if it is for a service, DNAT it to a backend and
  * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
 static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f)
@@ -164,65 +242,18 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
         }
         return XO_LB_NOT_SERVICE;
     }
-    __u32 sid = svc->id;
-    __u32 flags = svc->flags;
-
-    struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                            .proto = f->proto, .dir = XO_CT_SERVICE };
-    struct xo_lb_backend_key bk = { .service = sid };
-    struct xo_lb_backend *be;
-    int fresh = 0;
-    /* A SYN opens a new connection whatever the table remembers of this 5-tuple: new
-     * connections never go to a draining backend. */
-    struct xo_ct *ct = syn ? NULL : xo_lb_ct.lookup(&ck);
-    if (ct && ct->service == sid) {
-        bk.index = ct->backend;
-        be = xo_lb_backends.lookup(&bk);
-        if (!be) {
-            /* Its backend was removed: this connection is over. Forget it, so the next
-             * packet of the 5-tuple (UDP) starts a new one. */
-            xo_lb_ct.delete(&ck);
-            return XO_DROP_LB_BACKEND_GONE;
-        }
-    } else {
-        __u32 hash = xo_lb_hash(f, flags);
-        bk.index = xo_lb_pick(sid, hash);
-        be = bk.index ? xo_lb_backends.lookup(&bk) : NULL;
-        /* A client that is itself a backend cannot be its own (the packet would come
-         * back to it from its own address, which the stack drops as martian): look
-         * further along, a few times, for another backend. */
-#pragma unroll
-        for (int i = 1; i <= XO_LB_SELF_RETRIES; i++) {
-            if (!be || be->ip != f->saddr)
-                break;
-            bk.index = xo_lb_pick(sid, xo_mix32(hash + i));
-            be = bk.index ? xo_lb_backends.lookup(&bk) : NULL;
-        }
-        if (!be || be->ip == f->saddr)
-            return XO_DROP_LB_NO_BACKEND;
-        fresh = 1;
-    }
-    __be32 ip = be->ip;
-    __be16 port = be->port ? be->port : f->dport;
-
-    if (fresh) {
-        xo_tell_service_conn(skb, sid, ip, port);
-        struct xo_ct fwd = { .service = sid, .backend = bk.index };
-        xo_lb_ct.update(&ck, &fwd);
-        struct xo_ct_key rk = { .saddr = ip, .daddr = f->saddr, .sport = port, .dport = f->sport,
-                                .proto = f->proto, .dir = XO_CT_REPLY };
-        struct xo_ct rev = { .service = sid, .backend = bk.index, .vip = f->daddr, .vport = f->dport };
-        xo_lb_ct.update(&rk, &rev);
-    }
-    struct xo_lb_stats zero = {};
-    xo_lb_count(xo_lb_service_stats.lookup_or_try_init(&sid, &zero), skb->len, fresh);
-    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&bk, &zero), skb->len, fresh);
-
-    if (xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, ip, f->l4_off + offsetof(struct tcphdr, dest),
-                      f->dport, port))
+    struct xo_lb_choice c = {};
+    int reason = xo_lb_choose(svc->id, svc->flags, f, f->dport, &c);
+    if (reason)
+        return reason;
+    if (c.fresh)
+        xo_tell_service_conn(skb, c.bk.service, c.ip, c.port);
+    xo_lb_commit(f, &c, skb->len);
+    if (xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, c.ip, f->l4_off + offsetof(struct tcphdr, dest),
+                      f->dport, c.port))
         return XO_DROP_LB_NAT_FAILED;
-    f->daddr = ip;
-    f->dport = port;
+    f->daddr = c.ip;
+    f->dport = c.port;
     return XO_LB_DNAT;
 }
 

@@ -111,9 +111,15 @@ struct xo_lb_backend {
 
 /* Connection table. Two entries per connection, both on the client's node:
  *   XO_CT_SERVICE  client -> VIP:vport       : which backend (service, index)
- *   XO_CT_REPLY    backend:port -> client    : the VIP:vport to put back (reverse NAT) */
+ *   XO_CT_REPLY    backend:port -> client    : the VIP:vport to put back (reverse NAT)
+ * A routing-mesh connection (an outside client to a node's IP:published port) has the
+ * same two on the node it came in through (VIP:vport = node IP:published port), and,
+ * when its backend is on another node, one more on the backend's node:
+ *   XO_CT_MESH     backend:port -> client    : `vip` = the node it came in through, where
+ *                                              its replies are sent back (in VXLAN) */
 #define XO_CT_SERVICE 1
 #define XO_CT_REPLY 2
+#define XO_CT_MESH 3
 struct xo_ct_key {
     __be32 saddr;
     __be32 daddr;
@@ -136,6 +142,20 @@ struct xo_lb_stats {
     __u64 packets;            /* client -> service */
     __u64 bytes;
     __u64 connections;        /* new connections (backend choices) */
+};
+
+/* A published port (the routing mesh): TCP/UDP to this node's underlay IP on `port`. */
+struct xo_mesh_key {
+    __be16 port;              /* the published port */
+    __u8 proto;               /* IPPROTO_TCP or IPPROTO_UDP */
+    __u8 pad;
+};
+struct xo_mesh {
+    __u32 service;            /* service id: its Maglev table and backends */
+    __u32 flags;              /* XO_LB_* */
+    __u32 vni;                /* the service's network */
+    __be16 port;              /* the service port it publishes (a backend's default target) */
+    __u16 pad;
 };
 
 #define XO_LB_MAX_SERVICES 16384
@@ -215,6 +235,8 @@ XO_MAP_F("array", __u32, __u32, xo_lb_maglev_inner, 1, BPF_F_INNER_MAP);
 /* Maglev tables by service id. */
 BPF_TABLE_PINNED("array_of_maps$xo_lb_maglev_inner", __u32, int, xo_lb_maglev, XO_LB_MAX_SERVICES,
                  XO_PIN_DIR "/xo_lb_maglev");
+/* Published ports of services, on every node's underlay IP. */
+XO_MAP("hash", struct xo_mesh_key, struct xo_mesh, xo_lb_mesh, 65536);
 /* Connections to services (both directions), least recently used evicted first. */
 XO_MAP("lru_hash", struct xo_ct_key, struct xo_ct, xo_lb_ct, 131072);
 /* Counters per service id and per backend. */

@@ -13,6 +13,11 @@ struct xo_vxlanhdr {
     __be32 vni_reserved2;     /* VNI in the top 24 bits */
 };
 #define XO_VXLAN_FLAG_VNI 0x08
+/* A bit RFC 7348 reserves (send 0, ignore on receipt), meaningful only between xoverlay
+ * nodes: the frame belongs to a routing-mesh connection, whose client is outside every
+ * overlay network (lib/mesh.h). Only our programs build VXLAN headers, so a container
+ * cannot set it. */
+#define XO_VXLAN_FLAG_MESH 0x01
 
 /* The headers encap writes after the outer Ethernet header, in one store. */
 struct xo_encap_headers {
@@ -27,6 +32,7 @@ struct xo_tunnel {
     __be32 peer_ip;           /* outer source: the sending node */
     __u32 vni;
     struct ethhdr *inner_eth; /* NULL when the packet ends right after VXLAN */
+    int mesh;                 /* XO_VXLAN_FLAG_MESH was set */
 };
 
 enum xo_verdict_kind {
@@ -108,6 +114,7 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end,
 
     t->peer_ip = peer_ip;
     t->vni = vni;
+    t->mesh = vx->flags & XO_VXLAN_FLAG_MESH;
     t->inner_eth = inner;
     return XO_VXLAN_OK;
 }
@@ -119,46 +126,56 @@ static __always_inline __be16 xo_flow_sport(__u32 hash)
     return bpf_htons((((__u64)hash * (XO_SPORT_MAX - XO_SPORT_MIN)) >> 32) + XO_SPORT_MIN);
 }
 
+/* The headers VXLAN puts after the outer Ethernet header, for an inner IP packet of
+ * inner_len bytes to dst_node; the source port from `hash` (xo_flow_hash of the inner
+ * packet). Built field by field, checksum included: tc and XDP encap both use it. */
+static __always_inline void xo_encap_fill(struct xo_encap_headers *h, __be32 src_node, __be32 dst_node,
+                                          __be16 vxlan_port, __u32 vni, __u32 hash, __u32 inner_len,
+                                          __u8 flags, const __u8 *inner_src, const __u8 *inner_dst)
+{
+    h->ip.version = 4;
+    h->ip.ihl = 5;
+    h->ip.ttl = 64;
+    h->ip.protocol = IPPROTO_UDP;
+    h->ip.frag_off = bpf_htons(XO_IP_DF);
+    h->ip.tot_len = bpf_htons(XO_ENCAP_LEN + inner_len);
+    h->ip.saddr = src_node;
+    h->ip.daddr = dst_node;
+    h->ip.check = xo_ipv4_csum(&h->ip);
+
+    h->udp.source = xo_flow_sport(hash);
+    h->udp.dest = vxlan_port;
+    h->udp.len = bpf_htons(XO_ENCAP_LEN - sizeof(struct iphdr) + inner_len);
+    h->udp.check = 0;         /* allowed for VXLAN over IPv4, and what Linux sends */
+
+    h->vxlan.flags = XO_VXLAN_FLAG_VNI | flags;
+    h->vxlan.vni_reserved2 = bpf_htonl(vni << 8);
+
+    xo_mac_copy(h->inner_eth.h_dest, inner_dst);
+    xo_mac_copy(h->inner_eth.h_source, inner_src);
+    h->inner_eth.h_proto = bpf_htons(ETH_P_IP);
+}
+
 /* Wrap the frame at skb->data in Ethernet/IPv4/UDP/VXLAN to dst_node, the source port
- * from `hash` (xo_flow_hash of the inner packet). The original Ethernet header stays in
- * front as the outer one (the neighbour code rewrites it on transmit); the inner one is
- * rebuilt from the arguments. Returns 0 or a drop reason. */
+ * from `hash` (xo_flow_hash of the inner packet), VXLAN flags | `flags`. The original
+ * Ethernet header stays in front as the outer one (the neighbour code rewrites it on
+ * transmit); the inner one is rebuilt from the arguments. Returns 0 or a drop reason. */
 static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo_config *cfg,
-                                          __be32 dst_node, __u32 vni, __u32 hash,
+                                          __be32 dst_node, __u32 vni, __u32 hash, __u8 flags,
                                           const __u8 *inner_src, const __u8 *inner_dst)
 {
     __u32 inner_len = skb->len - ETH_HLEN;    /* inner IP packet */
     /* FIXED_GSO keeps the container's MSS (its MTU already leaves room); the ENCAP flags
      * tell GSO how to segment what is now a UDP tunnel packet with an inner Ethernet. */
-    __u64 flags = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
-                  BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
-                  BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
-    if (bpf_skb_adjust_room(skb, XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, flags))
+    __u64 adj = BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 |
+                BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
+                BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
+    if (bpf_skb_adjust_room(skb, XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, adj))
         return XO_DROP_ENCAP_FAILED;
 
     struct xo_encap_headers h = {};
-    h.ip.version = 4;
-    h.ip.ihl = 5;
-    h.ip.ttl = 64;
-    h.ip.protocol = IPPROTO_UDP;
-    h.ip.frag_off = bpf_htons(XO_IP_DF);
-    h.ip.tot_len = bpf_htons(XO_ENCAP_LEN + inner_len);
-    h.ip.saddr = cfg->node_ip;
-    h.ip.daddr = dst_node;
-    h.ip.check = xo_ipv4_csum(&h.ip);
-
-    h.udp.source = xo_flow_sport(hash);
-    h.udp.dest = cfg->vxlan_port;
-    h.udp.len = bpf_htons(XO_ENCAP_LEN - sizeof(struct iphdr) + inner_len);
-    h.udp.check = 0;          /* allowed for VXLAN over IPv4, and what Linux sends */
-
-    h.vxlan.flags = XO_VXLAN_FLAG_VNI;
-    h.vxlan.vni_reserved2 = bpf_htonl(vni << 8);
-
-    xo_mac_copy(h.inner_eth.h_dest, inner_dst);
-    xo_mac_copy(h.inner_eth.h_source, inner_src);
-    h.inner_eth.h_proto = bpf_htons(ETH_P_IP);
-
+    xo_encap_fill(&h, cfg->node_ip, dst_node, cfg->vxlan_port, vni, hash, inner_len, flags, inner_src,
+                  inner_dst);
     if (bpf_skb_store_bytes(skb, ETH_HLEN, &h, sizeof(h), 0))
         return XO_DROP_ENCAP_FAILED;
     return 0;

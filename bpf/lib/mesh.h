@@ -1,0 +1,309 @@
+/* The routing mesh: a service's published port answers on every node's underlay IP.
+ *
+ *   client (outside) -> node A IP:published   XDP on A's underlay (underlay_xdp.c):
+ *                                               Maglev + connection table, as east-west;
+ *       backend on another node B: DNAT, VXLAN built here (bpf_xdp_adjust_head), XDP_TX
+ *       backend on A itself:       XDP_PASS; tc on the underlay (underlay_tc.c) does
+ *                                   the same choice, DNAT and redirect_peer into it
+ *       (without XDP, or when A has no neighbour entry for B yet: all of it in tc)
+ *   B decaps (mesh flag in VXLAN): remembers "replies of this connection go to A"
+ *   (XO_CT_MESH) and hands the packet to the backend with the client's own address
+ *   backend's reply (endpoint.c on B): to an address outside every overlay, with a
+ *       XO_CT_MESH entry: VXLAN back to A (mesh flag)
+ *   A decaps it (underlay_tc.c): XO_CT_REPLY gives the source the client talked to,
+ *       A IP:published; out of A's underlay to the client (redirect_neigh)
+ *
+ * Replies go back through the node the client talked to (not DSR): see docs/SERVICES.md. */
+#ifndef XO_MESH_H
+#define XO_MESH_H
+
+#include "common.h"
+#include "maps.h"
+#include "monitor.h"
+#include "parsing.h"
+#include "vxlan.h"
+#include "lb.h"
+
+#define XO_MESH_NOT_MESH (-1)     /* not a routing-mesh packet: carry on */
+
+/* --- checksums, by hand (XDP has no csum helpers): RFC 1624, HC' = ~(~HC + ~m + m') --- */
+
+static __always_inline __u16 xo_csum_fold(__u32 sum)
+{
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return sum;
+}
+
+/* Words are summed as they lie in memory (RFC 1071: byte order does not matter). */
+static __always_inline void xo_csum_replace4(__u16 *check, __be32 from, __be32 to)
+{
+    __u32 sum = (__u16)~*check;
+    sum += (__u16)~(from & 0xffff) + (__u16)~(from >> 16) + (to & 0xffff) + (to >> 16);
+    *check = ~xo_csum_fold(sum);
+}
+
+static __always_inline void xo_csum_replace2(__u16 *check, __be16 from, __be16 to)
+{
+    __u32 sum = (__u16)~*check;
+    sum += (__u16)~from + to;
+    *check = ~xo_csum_fold(sum);
+}
+
+/* A packet on the underlay for this node's IP, TCP or UDP, on a published port: its
+ * flow in *f and its published port's entry (NULL: not for the mesh). */
+static __always_inline struct xo_mesh *xo_mesh_match(void *data, void *data_end, const struct xo_config *cfg,
+                                                     struct xo_flow *f)
+{
+    struct xo_cursor c = { .pos = data, .end = data_end };
+    struct ethhdr *eth = xo_parse_eth(&c);
+    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+        return NULL;
+    struct iphdr *ip = xo_parse_ipv4(&c);
+    if (!ip || ip->daddr != cfg->node_ip || ip->ihl != 5)
+        return NULL;
+    if (!xo_flow_parse(data, data_end, ip, c.pos, f))
+        return NULL;
+    struct xo_mesh_key mk = { .port = f->dport, .proto = f->proto };
+    return xo_lb_mesh.lookup(&mk);
+}
+
+/* An outside client may not use an overlay address: its replies would be routed into
+ * that network instead of back to it. */
+static __always_inline int xo_is_overlay(__be32 addr)
+{
+    struct xo_subnet_key key = { .prefixlen = 32, .addr = addr };
+    return xo_subnets.lookup(&key) != NULL;
+}
+
+/* --- XDP: the forward path to a remote backend ------------------------------------------ */
+
+/* A TCP/UDP packet for this node's IP on a published port, in XDP. Returns XDP_TX or a
+ * redirect (encapsulated to the backend's node), XDP_PASS (local backend, not a mesh
+ * packet, or no neighbour entry for the backend's node yet: tc does the rest), or
+ * XDP_DROP (counted). */
+static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_config *cfg)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    struct xo_flow f = {};
+    struct xo_mesh *m = xo_mesh_match(data, data_end, cfg, &f);
+    if (!m)
+        return XDP_PASS;
+    __u32 len = bpf_xdp_get_buff_len(ctx);
+    if (xo_is_overlay(f.saddr))
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MESH_OVERLAY_SOURCE, len, XDP_DROP);
+    __u32 vni = m->vni;
+    struct xo_lb_choice c = {};
+    int reason = xo_lb_choose(m->service, m->flags, &f, m->port, &c);
+    if (reason)
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, reason, len, XDP_DROP);
+    struct xo_endpoint_key bk = { .vni = vni, .ip = c.ip };
+    struct xo_endpoint *be = xo_endpoints.lookup(&bk);
+    if (!be)
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_UNKNOWN_DESTINATION, len, XDP_DROP);
+    if (be->ifindex)
+        return XDP_PASS;          /* here: only tc can hand it into the container */
+    __be32 node_ip = be->node_ip;
+    __u8 inner_dst[ETH_ALEN];
+    xo_mac_copy(inner_dst, be->mac);
+
+    /* The underlay's next hop for the backend's node, and its MTU for the encapsulated
+     * packet. Asked before anything is written: if it cannot be answered here, tc gets
+     * the packet as it came and does it all (redirect_neigh resolves the neighbour). */
+    struct bpf_fib_lookup fib = {};
+    fib.family = 2;               /* AF_INET */
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.tot_len = XO_ENCAP_LEN + (len - ETH_HLEN);
+    fib.ipv4_src = cfg->node_ip;
+    fib.ipv4_dst = node_ip;
+    fib.ifindex = cfg->underlay_ifindex;
+    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+    if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MESH_TOO_BIG, len, XDP_DROP);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS)
+        return XDP_PASS;
+
+    xo_lb_commit(&f, &c, len);
+
+    /* DNAT: destination address and port, IP and L4 checksums by hand. */
+    struct iphdr *ip = data + ETH_HLEN;
+    if ((void *)(ip + 1) > data_end)
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MALFORMED_IP, len, XDP_DROP);
+    __u16 *l4_check;
+    __be16 *dport;
+    if (f.proto == IPPROTO_TCP) {
+        struct tcphdr *th = (void *)(ip + 1);
+        if ((void *)(th + 1) > data_end)
+            return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MALFORMED_IP, len, XDP_DROP);
+        l4_check = &th->check;
+        dport = &th->dest;
+    } else {
+        struct udphdr *uh = (void *)(ip + 1);
+        if ((void *)(uh + 1) > data_end)
+            return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MALFORMED_IP, len, XDP_DROP);
+        l4_check = &uh->check;
+        dport = &uh->dest;
+    }
+    /* UDP: a zero checksum means "none" and stays zero; a computed zero is sent as 0xffff. */
+    int udp_none = f.proto == IPPROTO_UDP && *l4_check == 0;
+    if (!udp_none) {
+        xo_csum_replace4(l4_check, ip->daddr, c.ip);
+        xo_csum_replace2(l4_check, *dport, c.port);
+        if (f.proto == IPPROTO_UDP && *l4_check == 0)
+            *l4_check = 0xffff;
+    }
+    xo_csum_replace4((__u16 *)&ip->check, ip->daddr, c.ip);
+    ip->daddr = c.ip;
+    *dport = c.port;
+    __u32 hash = xo_flow_hash(ip, data_end);
+
+    /* Room for the outer headers in front, then Ethernet (from the FIB), IPv4, UDP, VXLAN
+     * and the inner Ethernet header, field by field. */
+    __u32 inner_len = len - ETH_HLEN;
+    if (bpf_xdp_adjust_head(ctx, -(int)XO_ENCAP_LEN))
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_ENCAP_FAILED, len, XDP_DROP);
+    data = (void *)(long)ctx->data;
+    data_end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct xo_encap_headers *h = data + ETH_HLEN;
+    if ((void *)(h + 1) > data_end)
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_ENCAP_FAILED, len, XDP_DROP);
+    __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
+    __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
+    eth->h_proto = bpf_htons(ETH_P_IP);
+    struct xo_encap_headers hdr = {};
+    __u8 gw[ETH_ALEN] = XO_GW_MAC;
+    xo_encap_fill(&hdr, cfg->node_ip, node_ip, cfg->vxlan_port, vni, hash, inner_len, XO_VXLAN_FLAG_MESH,
+                  gw, inner_dst);
+    __builtin_memcpy(h, &hdr, sizeof(hdr));
+
+    struct xo_traffic zero = {};
+    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), len + XO_ENCAP_LEN);
+    if (fib.ifindex == ctx->ingress_ifindex)
+        return XDP_TX;
+    return bpf_redirect(fib.ifindex, 0);
+}
+
+/* --- tc: the whole forward path (local backends; everything without XDP) ------------------ */
+
+/* A packet on the underlay's tc ingress that is not VXLAN. Returns XO_MESH_NOT_MESH, or
+ * the tc verdict for a routing-mesh packet (redirected to the backend, or dropped). */
+static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_config *cfg)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct xo_flow f = {};
+    struct xo_mesh *m = xo_mesh_match(data, data_end, cfg, &f);
+    if (!m)
+        return XO_MESH_NOT_MESH;
+    __u32 len = skb->len;
+    if (xo_is_overlay(f.saddr))
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_OVERLAY_SOURCE, len, TC_ACT_SHOT);
+    __u32 vni = m->vni;
+    struct xo_lb_choice c = {};
+    int reason = xo_lb_choose(m->service, m->flags, &f, m->port, &c);
+    if (reason)
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
+    struct xo_endpoint_key bk = { .vni = vni, .ip = c.ip };
+    struct xo_endpoint *be = xo_endpoints.lookup(&bk);
+    if (!be)
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
+    __u32 ifindex = be->ifindex;
+    __be32 node_ip = be->node_ip;
+    __u8 be_mac[ETH_ALEN];
+    xo_mac_copy(be_mac, be->mac);
+    if (!ifindex) {
+        /* The same check XDP makes through the FIB: the device's MTU, 50 bytes more. */
+        __u32 mtu = 0;
+        if (bpf_check_mtu(skb, cfg->underlay_ifindex, &mtu, XO_ENCAP_LEN, 0))
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_TOO_BIG, len, TC_ACT_SHOT);
+    }
+    xo_lb_commit(&f, &c, len);
+    if (xo_lb_rewrite(skb, &f, XO_IP_DADDR_OFF, f.daddr, c.ip, f.l4_off + offsetof(struct tcphdr, dest),
+                      f.dport, c.port))
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
+
+    struct xo_traffic zero = {};
+    __u8 gw[ETH_ALEN] = XO_GW_MAC;
+    if (ifindex) {
+        data = (void *)(long)skb->data;
+        data_end = (void *)(long)skb->data_end;
+        struct ethhdr *eth = data;
+        if ((void *)(eth + 1) > data_end)
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+        xo_mac_copy(eth->h_dest, be_mac);
+        xo_mac_copy(eth->h_source, gw);
+        xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&bk, &zero), len);
+        return bpf_redirect_peer(ifindex, 0);
+    }
+    data = (void *)(long)skb->data;
+    data_end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + ETH_HLEN;
+    if ((void *)(ip + 1) > data_end)
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+    __u32 hash = xo_flow_hash(ip, data_end);
+    reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, XO_VXLAN_FLAG_MESH, gw, be_mac);
+    if (reason)
+        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
+    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);
+    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
+/* --- replies ------------------------------------------------------------------------------- */
+
+/* A backend's packet to an address outside every overlay network (endpoint.c): a reply
+ * of a routing-mesh connection? Came in here: source := this node's IP:published port,
+ * out of the underlay. Came in through another node: VXLAN back to it. Returns
+ * XO_MESH_NOT_MESH or the tc verdict. */
+static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_config *cfg, __u32 vni,
+                                         const struct xo_flow *f, const __u8 *src_mac)
+{
+    struct xo_ct_key k = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
+                           .proto = f->proto, .dir = XO_CT_REPLY };
+    __u32 len = skb->len;
+    struct xo_ct *ct = xo_lb_ct.lookup(&k);
+    if (ct) {
+        __be32 vip = ct->vip;
+        __be16 vport = ct->vport;
+        if (xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
+                          f->sport, vport))
+            return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
+        /* The kernel routes the client's address and fills in the MACs. */
+        return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+    }
+    k.dir = XO_CT_MESH;
+    ct = xo_lb_ct.lookup(&k);
+    if (!ct)
+        return XO_MESH_NOT_MESH;
+    __be32 ingress = ct->vip;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct iphdr *ip = data + ETH_HLEN;
+    if ((void *)(ip + 1) > data_end)
+        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+    __u32 hash = xo_flow_hash(ip, data_end);
+    __u8 mac[ETH_ALEN], gw[ETH_ALEN] = XO_GW_MAC;
+    xo_mac_copy(mac, src_mac);
+    int reason = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
+    if (reason)
+        return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
+    struct xo_traffic zero = {};
+    xo_count_tx(xo_peer_stats.lookup_or_try_init(&ingress, &zero), skb->len);
+    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+}
+
+/* On the backend's node, decap of a mesh packet from the node the client talked to
+ * (peer): remember where the backend's replies go. Written only when it changes. */
+static __always_inline void xo_mesh_remember(const struct xo_flow *f, __be32 peer)
+{
+    struct xo_ct_key k = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
+                           .proto = f->proto, .dir = XO_CT_MESH };
+    struct xo_ct *ct = xo_lb_ct.lookup(&k);
+    if (ct && ct->vip == peer)
+        return;
+    struct xo_ct v = { .vip = peer };
+    xo_lb_ct.update(&k, &v);
+}
+
+#endif
