@@ -8,7 +8,7 @@ from functools import lru_cache
 
 from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, Config, Endpoint, EndpointKey,
                          EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey, LbService,
-                         LbServiceKey, LocalEndpoint, Peer, U32, Vni,
+                         LbServiceKey, LocalEndpoint, Mesh, MeshKey, Peer, U32, Vni,
                          ip_be, mac_bytes, port_be, subnet_key, Subnet)
 
 from . import maglev
@@ -17,7 +17,7 @@ from .model import State, parse_port
 # Maps the agent owns entirely: every entry comes from the store. (The Maglev tables,
 # xo_lb_maglev, too, but they are maps of maps: see desired_tables and plan.)
 RECONCILED_MAPS = ("xo_config", "xo_peers", "xo_vnis", "xo_subnets", "xo_endpoints",
-                   "xo_local_endpoints", "xo_lb_backends", "xo_lb_services")
+                   "xo_local_endpoints", "xo_lb_backends", "xo_lb_services", "xo_lb_mesh")
 MAGLEV = "xo_lb_maglev"
 
 
@@ -81,7 +81,8 @@ def _live_backends(state: State, svc):
 
 
 def _services(state: State, maps: dict) -> None:
-    """The same on every node: a client anywhere may use any service of its network."""
+    """The same on every node: a client anywhere may use any service of its network, and
+    a published port answers on every node's underlay IP (xo_lb_mesh)."""
     for svc in state.services.values():
         net = state.networks.get(svc.network)
         if net is None:
@@ -91,6 +92,11 @@ def _services(state: State, maps: dict) -> None:
             port, proto = parse_port(p)
             key = LbServiceKey(vni=net.vni, vip=ip_be(svc.vip), port=port_be(port), proto=IPPROTO[proto])
             maps["xo_lb_services"][key] = value
+        for pub in svc.publish:
+            published, _, target = pub.partition(":")
+            port, proto = parse_port(target)
+            maps["xo_lb_mesh"][MeshKey(port=port_be(int(published)), proto=IPPROTO[proto])] = Mesh(
+                service=svc.id, flags=value.flags, vni=net.vni, port=port_be(port))
         for b, ep in _live_backends(state, svc):
             maps["xo_lb_backends"][LbBackendKey(service=svc.id, index=b.index)] = LbBackend(
                 ip=ip_be(ep.ip), port=port_be(b.port) if b.port else 0,
@@ -158,7 +164,7 @@ def plan(desired: dict[str, dict], actual: dict[str, dict], want_tables: dict[in
 
     def first(ops, names):
         return [o for o in ops if o.map not in names], [o for o in ops if o.map in names]
-    sets, service_sets = first(sets, {"xo_lb_services"})
+    sets, service_sets = first(sets, {"xo_lb_services", "xo_lb_mesh"})
     deletes, backend_deletes = first(deletes, {"xo_lb_backends"})
     return sets + table_sets + service_sets + deletes + table_deletes + backend_deletes
 

@@ -507,6 +507,9 @@ def create_service(state: State, name: str, network: str, ports: list[str], back
             raise XoError(f"publish {spec}: service {name} has no port {target}")
         for p in matching:
             proto = p.split("/")[1]
+            vxlan = {n.vxlan_port for n in state.nodes.values()} | {DEFAULT_VXLAN_PORT}
+            if proto == "udp" and int(published) in vxlan:
+                raise XoError(f"published port {published}/udp is the nodes' VXLAN port")
             owner = taken.get((int(published), proto))
             if owner:
                 raise XoError(f"published port {published}/{proto} is already used by service {owner}")

@@ -243,3 +243,31 @@ def test_endpoint_flags_ask_for_service_lookups_only_where_services_are():
     assert m["xo_local_endpoints"][U32(7)].flags == NET | BACKEND
     c = s.endpoints["c"]
     assert m["xo_endpoints"][EndpointKey(vni=4097, ip=ip_be(c.ip))].flags == 0
+
+
+# --- the routing mesh: published ports ----------------------------------------------------
+
+def test_published_ports_on_every_node():
+    """8080:80 publishes 80/tcp on every node as (8080, tcp) -> service, its network, and
+    the service port (a backend's default target: not the published port)."""
+    from maps.layout import MeshKey
+    s = with_service(ports=["80/tcp", "80/udp"], backends=["a", "b"], publish=["8080:80"], affinity="client-ip")
+    svc = s.services["web"]
+    for node in ("n1", "n2"):
+        mesh = desired.desired_maps(s, node, {}, 2, 1)["xo_lb_mesh"]
+        assert set(mesh) == {MeshKey(port=port_be(8080), proto=IPPROTO["tcp"]),
+                             MeshKey(port=port_be(8080), proto=IPPROTO["udp"])}
+        for v in mesh.values():
+            assert (v.service, v.vni, v.flags) == (svc.id, 4096, LB_AFFINITY)
+            assert bytes(v)[12:14] == (80).to_bytes(2, "big")
+
+
+def test_plan_puts_published_ports_after_tables_and_removes_them_first():
+    s = with_service(publish=["8080:80"])
+    want = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)
+    ops = desired.plan(want, {k: {} for k in want}, desired.desired_tables(s), {})
+    order = [o.map for o in ops]
+    assert order.index("xo_lb_mesh") > order.index(MAGLEV)
+    gone = desired.desired_maps(model.remove_service(s, "web"), "n1", {"a": 7}, 2, 1)
+    order = [o.map for o in desired.plan(gone, want, {}, desired.desired_tables(s))]
+    assert order.index("xo_lb_mesh") < order.index(MAGLEV)

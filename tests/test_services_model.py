@@ -143,6 +143,7 @@ BAD = [
     ("bad weight", dict(backends=["web1@0"]), "weight must be"),
     ("publish an unknown port", dict(publish=["8080:81"]), "has no port 81"),
     ("publish a bad port", dict(publish=["0:80"]), "published port must be 1..65535"),
+    ("publish on the VXLAN port", dict(ports=["53/udp"], publish=["4789:53"]), "4789/udp is the nodes' VXLAN port"),
     ("bad affinity", dict(affinity="sticky"), "affinity 'sticky'"),
     ("bad name", dict(name="-x"), "not valid"),
 ]

@@ -221,8 +221,9 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
         xo_lb_ct.update(&rk, &rev);
     }
     struct xo_lb_stats zero = {};
+    struct xo_lb_backend_key bk = c->bk;
     xo_lb_count(xo_lb_service_stats.lookup_or_try_init(&sid, &zero), len, c->fresh);
-    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&c->bk, &zero), len, c->fresh);
+    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&bk, &zero), len, c->fresh);
 }
 
 /* A packet from a container (vni): if it is for a service, DNAT it to a backend and
