@@ -3,13 +3,18 @@ joined by a bridge (in a namespace of its own) that plays the underlay; each run
 detached agent, exactly as a real node would, and all share this machine's store.
 
 Names are per store, so a test lab (its own store) never meets the user's lab: the default
-store's lab has nodes node1..N; another store's gets a prefix made from its path."""
+store's lab has nodes node1..N; another store's gets a prefix made from its path.
+
+The lab also deploys the demo service `web` (a backend endpoint NODE-web on every node,
+served by one supervised ctl/demo_server process, published on port 8080 of every node)
+and an outside `client` namespace on the underlay bridge, for the routing mesh."""
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +28,10 @@ UNDERLAY_DEV = "eth1"
 DEMO_NETWORK = "demo"
 DEMO_SUBNET = "10.10.0.0/16"
 READY_SECONDS = 20
+WEB_SERVICE = "web"
+WEB_PORTS = ("80/tcp", "80/udp")     # the demo server answers HTTP and UDP on 80
+WEB_PUBLISH = "8080:80"
+CLIENT_HOST = 250                    # the outside client: 192.0.2.250
 
 
 SWITCH_NO_NETFILTER = ("net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
@@ -63,6 +72,27 @@ class Lab:
     def endpoint_names(self, node: str) -> list[str]:
         return [f"{node}-a", f"{node}-b"]
 
+    def web_endpoint(self, node: str) -> str:
+        """The node's backend of the demo service."""
+        return f"{node}-web"
+
+    @property
+    def client_netns(self) -> str:
+        return f"xo-{self.prefix}client"
+
+    @property
+    def client_ip(self) -> str:
+        return str(UNDERLAY_NET.network_address + CLIENT_HOST)
+
+    @property
+    def demo_tag(self) -> str:
+        """Marks the demo server's command line: how `down` finds it after a crash."""
+        return f"{self.prefix}lab-web"
+
+    @property
+    def demo_pidfile(self) -> str:
+        return os.path.join(agent.RUN_DIR, f"{self.demo_tag}.pid")
+
     def _load(self) -> dict:
         try:
             with open(self.registry) as f:
@@ -86,6 +116,8 @@ class Lab:
             return ep.netns
         if name in ("underlay",):
             return netns.resolve(self.underlay_netns)
+        if name == "client":
+            return netns.resolve(self.client_netns)
         raise XoError(f"{name} is neither a lab node nor an endpoint")
 
     # --- up -----------------------------------------------------------------------------
@@ -103,14 +135,14 @@ class Lab:
         if DEMO_NETWORK not in state.networks:
             self.store.update(lambda s: model.create_network(s, DEMO_NETWORK, DEMO_SUBNET))
         for node in nodes:
-            for ep in self.endpoint_names(node):
+            for ep in self.endpoint_names(node) + [self.web_endpoint(node)]:
                 if ep not in self.store.read().endpoints:
                     path = netns.resolve(ep)
                     if os.path.exists(path):
                         netns.remove(path)      # left from a crashed lab
                     self.store.update(lambda s, ep=ep, node=node:
                                       model.add_endpoint(s, ep, DEMO_NETWORK, node, path, True))
-        wanted = [ep for node in nodes for ep in self.endpoint_names(node)]
+        wanted = [ep for node in nodes for ep in self.endpoint_names(node) + [self.web_endpoint(node)]]
         deadline = time.monotonic() + READY_SECONDS
         while time.monotonic() < deadline:
             eps = self.store.read().endpoints
@@ -119,9 +151,98 @@ class Lab:
             time.sleep(0.1)
         else:
             raise XoError("lab endpoints did not become ready: see /run/xoverlay/*.log")
-        eps = self.store.read().endpoints
+        self._client()
+        webs = [self.web_endpoint(n) for n in self.nodes()]
+        self._web_service(webs)
+        self._demo_server(webs)
+        state = self.store.read()
+        eps = state.endpoints
+        web = state.services[WEB_SERVICE]
         echo(f"lab up: {len(nodes)} nodes on {UNDERLAY_NET}, network {DEMO_NETWORK} ({DEMO_SUBNET}), endpoints "
              + ", ".join(f"{e}={eps[e].ip}" for e in wanted))
+        echo(f"service {WEB_SERVICE}: {web.vip} {' '.join(web.ports)}, backends {', '.join(webs)}, published on "
+             f"port {WEB_PUBLISH.split(':')[0]} of every node; outside client: netns {self.client_netns} "
+             f"({self.client_ip})")
+
+    # --- the demo service and the outside client ----------------------------------------
+
+    def _web_service(self, backends: list[str]) -> None:
+        def ensure(s):
+            svc = s.services.get(WEB_SERVICE)
+            if svc is None:
+                return model.create_service(s, WEB_SERVICE, DEMO_NETWORK, list(WEB_PORTS), backends,
+                                            publish=[WEB_PUBLISH])
+            missing = [b for b in backends if not (svc.backend(b) and not svc.backend(b).draining)]
+            return model.update_service(s, WEB_SERVICE, add=missing) if missing else s
+        self.store.update(ensure)
+
+    def _demo_server(self, backends: list[str]) -> None:
+        """One supervised process serving every web backend (in each one's netns). Kept if
+        it runs and serves exactly these endpoints' current namespaces; else replaced."""
+        eps = self.store.read().endpoints
+        specs = [f"{b}={eps[b].netns}" for b in backends]
+        want = {"specs": specs, "netns": [_inode(eps[b].netns) for b in backends]}
+        data = self._load()
+        pid = _locked_pid(self.demo_pidfile)
+        if pid and data.get("demo") == want:
+            return
+        self._stop_demo_server()
+        os.makedirs(agent.RUN_DIR, exist_ok=True)
+        read_fd, write_fd = os.pipe()
+        log = os.path.join(agent.RUN_DIR, f"{self.demo_tag}.log")
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ctl.demo_server", "--supervise", f"--ready-fd={write_fd}",
+                 f"--tag={self.demo_tag}", "--http=80", "--udp=80", "--echo=9000", *specs],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdin=subprocess.DEVNULL,
+                stdout=logf, stderr=logf, pass_fds=(write_fd,), start_new_session=True)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as r:
+            answer = r.readline().strip()
+        if answer != "ok":
+            proc.kill()
+            raise XoError(f"the demo server did not start: {answer or 'no answer'} (see {log})")
+        _write_pidfile(self.demo_pidfile, proc.pid)
+        data = self._load()
+        data["demo"] = want
+        self._save(data)
+
+    def _stop_demo_server(self) -> None:
+        """The supervisor by its pid file, then anything left with our tag (a crash)."""
+        pids = [p for p in (_locked_pid(self.demo_pidfile),) if p]
+        pids += [p for p in _pids_with(["ctl.demo_server", f"--tag={self.demo_tag}"]) if p not in pids]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.05)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for leftover in (self.demo_pidfile, os.path.join(agent.RUN_DIR, f"{self.demo_tag}.log")):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+    def _client(self) -> None:
+        """An outside host on the underlay: its own netns, a port of the bridge, an
+        address of the underlay range. Its checksums are finished (tx offload off), as a
+        frame that crossed a real wire has them: between veths a TCP/UDP checksum may stay
+        partial, which XDP cannot see (DATAPATH-NOTES 4)."""
+        ns = self.client_netns
+        if os.path.exists(netns.resolve(ns)):
+            return
+        _run("ip", "netns", "add", ns)
+        self._quiet(ns)
+        _run("ip", "-n", self.underlay_netns, "link", "add", "pc", "type", "veth", "peer", "name", "eth0",
+             "netns", ns)
+        _run("ip", "-n", self.underlay_netns, "link", "set", "pc", "master", "br0", "up")
+        _run("ip", "-n", ns, "addr", "add", f"{self.client_ip}/{UNDERLAY_NET.prefixlen}", "dev", "eth0")
+        _run("ip", "-n", ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        _run("ip", "netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off")
 
     def _underlay(self) -> None:
         ns = self.underlay_netns
@@ -150,9 +271,16 @@ class Lab:
         _run("ip", "-n", self.underlay_netns, "link", "add", port, "type", "veth", "peer", "name", UNDERLAY_DEV,
              "netns", ns)
         _run("ip", "-n", self.underlay_netns, "link", "set", port, "master", "br0", "up")
+        # XDP_TX on the node's end (the routing mesh) sends into this one: a veth takes XDP
+        # frames only with an XDP program of its own (measured: GRO's NAPI is not enough
+        # for XDP_TX; DATAPATH-NOTES 3). A switch port of a real NIC needs nothing.
+        _xdp_pass(netns.resolve(self.underlay_netns), port)
         _run("ip", "-n", ns, "addr", "add", f"{self.node_ip(i)}/{UNDERLAY_NET.prefixlen}", "dev", UNDERLAY_DEV)
         _run("ip", "-n", ns, "link", "set", UNDERLAY_DEV, "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
+        # As on a Docker host: the underlay forwards. XDP's FIB lookup (the routing mesh's
+        # next hop) answers only then; without it the mesh runs in tc.
+        _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.conf.{UNDERLAY_DEV}.forwarding=1")
 
     def _agent(self, node: str, xdp: bool, echo) -> None:
         from .agent import running_pid
@@ -168,6 +296,11 @@ class Lab:
     # --- down ---------------------------------------------------------------------------
 
     def down(self, echo=print) -> None:
+        self._stop_demo_server()
+        state = self.store.read()
+        if WEB_SERVICE in state.services and state.services[WEB_SERVICE].network == DEMO_NETWORK:
+            self.store.update(lambda s: model.remove_service(s, WEB_SERVICE) if WEB_SERVICE in s.services else s)
+        netns.remove(self.client_netns)
         nodes = set(self.nodes())
         # After a crash the registry may be gone: find our namespaces by name too.
         for name in os.listdir(netns.NETNS_RUN_DIR) if os.path.isdir(netns.NETNS_RUN_DIR) else []:
@@ -190,3 +323,78 @@ class Lab:
         if os.path.exists(self.registry):
             os.unlink(self.registry)
         echo(f"lab down: removed {len(nodes)} nodes")
+
+
+# --- the switch's XDP_PASS --------------------------------------------------------------
+
+# r0 = XDP_PASS; exit
+_XDP_PASS_INSNS = bytes.fromhex("b700000002000000" "9500000000000000")
+
+
+def _xdp_pass(ns_path: str, dev: str) -> None:
+    """Attach a program that passes everything, natively, to `dev` (it stays attached
+    when our fd closes, and goes with the device)."""
+    import socket
+
+    from maps import bpf
+    with netns.entered(ns_path):
+        fd = bpf.prog_load(bpf.BPF_PROG_TYPE_XDP, "xo_lab_pass", _XDP_PASS_INSNS)
+        try:
+            bpf.xdp_attach(socket.if_nametoindex(dev), fd, bpf.XDP_FLAGS_DRV_MODE)
+        finally:
+            os.close(fd)
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _write_pidfile(path: str, pid: int) -> None:
+    with open(path, "w") as f:
+        f.write(f"{pid}\n")
+
+
+def _locked_pid(path: str) -> int | None:
+    """The pid in `path` if that process is alive and still the demo server."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and _alive(pid) and "ctl.demo_server" in _cmdline(pid) else None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _pids_with(words: list[str]) -> list[int]:
+    """Processes whose command line holds every one of these arguments."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            argv = _cmdline(int(entry))
+            if all(w in argv for w in words):
+                out.append(int(entry))
+    return out
