@@ -401,6 +401,22 @@ def peer_ls(ctx, node, as_json):
 
 # --- status -------------------------------------------------------------------------
 
+def _service_table_rows(services: list[dict]) -> list[list]:
+    """One row per backend (the service's own columns on its first row only); a service
+    without backends gets a row of its own. Counters: this node's."""
+    rows = []
+    for s in services:
+        head = [s["name"], " ".join(f"{s['vip']}:{p}" for p in s["ports"]),
+                " ".join(p.split(":")[0] + "/" + p.rsplit("/", 1)[1] for p in s["publish"]) or "-"]
+        if not s["backends"]:
+            rows.append(head + ["-", "-", "-", "no backend", s["connections"], s["packets"]])
+        for i, b in enumerate(s["backends"]):
+            rows.append((head if i == 0 else ["", "", ""]) +
+                        [f"{b['endpoint']} ({b['ip']}{':' + str(b['port']) if b['port'] else ''})", b["node"] or "-",
+                         b["weight"], b["state"], b["connections"], b["packets"]])
+    return rows or [["none", "", "", "", "", "", "", "", ""]]
+
+
 def _render_status(snap: dict):
     from rich.console import Group
     from rich.text import Text
@@ -426,6 +442,8 @@ def _render_status(snap: dict):
                    [[p["node"], p["underlay_ip"], " ".join(p["subnets"]) or "-", *counts(p)] for p in snap["peers"]]),
              table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
                    [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
+             table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",
+                                "PKTS"], _service_table_rows(snap.get("services", []))),
              table("drops", ["REASON", "PACKETS", "BYTES", "WHAT HAPPENED"],
                    [[d["reason"], d["packets"], d["bytes"], d["text"]] for d in snap["drops"]] or [["none", "", "", ""]]),
              table("maps", ["MAP", "ENTRIES", "MAX"],

@@ -3,7 +3,7 @@ counters, drops by reason, map fill, and drift between the store and the kernel.
 from __future__ import annotations
 
 from maps.drops import REASONS
-from maps.layout import MAPS, EndpointKey, PinnedMap, ip_be, pin_dir, sum_percpu, U32
+from maps.layout import MAPS, EndpointKey, LbBackendKey, PinnedMap, ip_be, pin_dir, sum_percpu, U32
 
 from . import agent, desired
 from .model import State, peers_of
@@ -41,6 +41,30 @@ def endpoint_rows(state: State, node: str) -> list[dict]:
         rows.append({"name": ep.name, "network": ep.network, "ip": ep.ip, "netns": ep.netns,
                      "state": "removing" if ep.removing else ("ready" if ep.ready else "pending"),
                      **_traffic(stats.get(key))})
+    return rows
+
+
+def service_rows(state: State, node: str) -> list[dict]:
+    """Every service, with this node's counters: those of connections that started here
+    (a client on this node, or an outside client through this node's published ports)."""
+    svc_stats = read_counters(node, "xo_lb_service_stats")
+    be_stats = read_counters(node, "xo_lb_backend_stats")
+
+    def counts(s):
+        return {"packets": s.packets if s else 0, "bytes": s.bytes if s else 0,
+                "connections": s.connections if s else 0}
+    rows = []
+    for svc in sorted(state.services.values(), key=lambda s: s.name):
+        backends = []
+        for b in svc.backends:
+            ep = state.endpoints.get(b.endpoint)
+            st = "gone" if ep is None or ep.removing else ("draining" if b.draining else "active")
+            backends.append({"endpoint": b.endpoint, "id": b.index, "ip": ep.ip if ep else None,
+                             "node": ep.node if ep else None, "port": b.port or None, "weight": b.weight,
+                             "state": st, **counts(be_stats.get(LbBackendKey(service=svc.id, index=b.index)))})
+        rows.append({"name": svc.name, "id": svc.id, "network": svc.network, "vip": svc.vip,
+                     "ports": list(svc.ports), "publish": list(svc.publish), "affinity": svc.affinity,
+                     **counts(svc_stats.get(U32(svc.id))), "backends": backends})
     return rows
 
 
@@ -116,6 +140,7 @@ def snapshot(state: State, node: str) -> dict:
                  "build_current": bool(cfg) and cfg.build_id == build_id()},
         "peers": peer_rows(state, node),
         "endpoints": endpoint_rows(state, node),
+        "services": service_rows(state, node),
         "drops": drop_rows(node),
         "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
                  for name, spec in MAPS.items() if not spec.ringbuf],

@@ -2,7 +2,7 @@
 
 Every second the app takes a status snapshot (`status.snapshot`: the store plus the
 node's pinned maps, so no agent is needed), turns two consecutive snapshots into rates
-(`rates.py`) and redraws: header, peers, endpoints, drops, map pressure, drift, lints.
+(`rates.py`) and redraws: header, peers, endpoints, services, drops, map pressure, drift, lints.
 
 The app is given its data source as two functions, `snapshot(node) -> dict` and
 `nodes() -> list[str]`, called from one worker thread; `StoreSource` is the real one,
@@ -89,6 +89,21 @@ def ordered(rows: list[dict], key: str, rates: dict, sort: str) -> list[dict]:
 PEER_FIELDS = ("node", "underlay_ip", "subnets")
 STATE_STYLE = {"ready": "green", "pending": "yellow", "removing": "red"}
 ENDPOINT_FIELDS = ("name", "network", "ip", "state")
+BACKEND_STYLE = {"active": "green", "draining": "yellow", "gone": "red"}
+
+
+def service_rates(before: dict, after: dict, seconds: float) -> dict[str, tuple[float, float]]:
+    """(new connections/s, packets/s) per "service/backend" row between two snapshots."""
+    from .rates import per_second
+    old = {f"{s['name']}/{b['endpoint']}": b for s in before.get("services", []) for b in s["backends"]}
+    out = {}
+    for s in after.get("services", []):
+        for b in s["backends"]:
+            key = f"{s['name']}/{b['endpoint']}"
+            if key in old:
+                out[key] = (per_second(old[key]["connections"], b["connections"], seconds),
+                            per_second(old[key]["packets"], b["packets"], seconds))
+    return out
 
 
 # --- the real data source -----------------------------------------------------------
@@ -198,6 +213,10 @@ class Dashboard(Screen):
                                ("TX BYTES", "tx_bytes"), ("RX BYTES", "rx_bytes")])
         yield _table("endpoints", [("NAME", "name"), ("NETWORK", "network"), ("IP", "ip"), ("STATE", "state"),
                                    *RATE_COLUMNS])
+        yield _table("services", [("SERVICE", "service"), ("VIP:PORT", "vip"), ("PUBLISHED", "published"),
+                                  ("BACKEND", "backend"), ("NODE", "node"), ("WEIGHT", "weight"),
+                                  ("STATE", "state"), ("NEW CONN/S", "cps"), ("PKT/S", "pps"),
+                                  ("NEW CONNS", "connections"), ("PKTS", "packets")])
         with Horizontal(id="bottom"):
             yield _table("drops", [("REASON", "reason"), ("PKT/S", "pps"), ("PACKETS", "packets"),
                                    ("BYTES", "bytes"), ("WHAT HAPPENED", "text")])
@@ -255,6 +274,7 @@ class Dashboard(Screen):
             return
         self._peers(app)
         self._endpoints(app)
+        self._services(app)
         self._drops(app)
         self._maps(app)
         self._drift(app)
@@ -294,6 +314,29 @@ class Dashboard(Screen):
             Text(e["state"], style=STATE_STYLE.get(e["state"], "")),
             *_rate_cells(rates.endpoints.get(e["name"]), app.endpoint_history.get(e["name"]))])
             for e in ordered(eps, "name", rates.endpoints, app.sort)])
+
+    def _services(self, app) -> None:
+        services = app.snap.get("services", [])
+        table = self.query_one("#services", DataTable)
+        n = sum(len(s["backends"]) for s in services)
+        table.border_title = (f"services {len(services)}, backends {n} (new connections and packets counted "
+                              "where they started: on this node)")
+        rows = []
+        for s in services:
+            vip = " ".join(f"{s['vip']}:{p}" for p in s["ports"])
+            pub = " ".join(p.split(":")[0] + "/" + p.rsplit("/", 1)[1] for p in s["publish"]) or "-"
+            if not s["backends"]:
+                rows.append((f"{s['name']}/", [Text(s["name"], style="bold"), vip, pub, "-", "-", "",
+                                               Text("no backend", style="red"), _num(None), _num(None),
+                                               _num(s["connections"]), _num(s["packets"])]))
+            for i, b in enumerate(s["backends"]):
+                key = f"{s['name']}/{b['endpoint']}"
+                cps, pps = app.service_rates.get(key, (None, None))
+                rows.append((key, [Text(s["name"], style="bold") if i == 0 else "", vip if i == 0 else "",
+                                   pub if i == 0 else "", f"{b['endpoint']} ({b['ip']})", b["node"] or "-",
+                                   _int(b["weight"]), Text(b["state"], style=BACKEND_STYLE.get(b["state"], "")),
+                                   _num(cps), _num(pps), _num(b["connections"]), _num(b["packets"])]))
+        fill_table(table, rows or [("none", ["none", "", "", "", "", "", "", "", "", "", ""])])
 
     def _drops(self, app) -> None:
         drops, rates = app.snap["drops"], app.rates.drops
@@ -426,6 +469,7 @@ class StatusApp(App):
     DataTable:focus { border: round $accent; }
     #peers { max-height: 35%; }
     #endpoints { max-height: 35%; }
+    #services { max-height: 25%; }
     #bottom { height: auto; max-height: 30%; }
     #drops { width: 3fr; }
     #maps { width: 2fr; }
@@ -462,6 +506,7 @@ class StatusApp(App):
         self.error: str | None = None
         self.refreshed: str | None = None
         self.rates = SnapshotRates({}, {}, {})
+        self.service_rates: dict[str, tuple[float, float]] = {}
         self.prev_known = False             # rates need two snapshots
         self._prev_t = 0.0
         self.peer_history = History(HISTORY_SAMPLES)
@@ -514,6 +559,7 @@ class StatusApp(App):
     def _ingest(self, snap: dict, t: float) -> None:
         if self.snap is not None:
             self.rates = snapshot_rates(self.snap, snap, t - self._prev_t)
+            self.service_rates = service_rates(self.snap, snap, t - self._prev_t)
             self.peer_history.push({k: r.pps for k, r in self.rates.peers.items()})
             self.endpoint_history.push({k: r.pps for k, r in self.rates.endpoints.items()})
             self.prev_known = True

@@ -48,6 +48,20 @@ def test_unplumbed_local_endpoint_is_not_drift():
     assert status.drift(s, "n1", actual) == []
 
 
+def test_services_section_lists_backends_with_weight_and_state():
+    s = cluster()
+    s = model.add_endpoint(s, "c", "app", "n2", "/run/netns/c", True)
+    s = model.create_service(s, "web", "app", ["80/tcp"], ["a@3", "b", "c:8080"], publish=["8080:80"])
+    s = model.update_service(s, "web", drain=["b"])
+    rows = status.service_rows(s, "no-such-node")       # no pins here: zero counters
+    assert [r["name"] for r in rows] == ["web"]
+    web = rows[0]
+    assert (web["vip"], web["ports"], web["publish"]) == (s.services["web"].vip, ["80/tcp"], ["8080:80/tcp"])
+    assert [(b["endpoint"], b["weight"], b["state"], b["port"], b["node"]) for b in web["backends"]] == [
+        ("a", 3, "active", None, "n1"), ("b", 1, "draining", None, "n2"), ("c", 1, "active", 8080, "n2")]
+    assert all(b["connections"] == b["packets"] == 0 for b in web["backends"])
+
+
 @pytest.mark.lab
 def test_status_json_counts_traffic_and_sees_drift(lab):
     from ctl.datapath import open_maps
@@ -84,5 +98,5 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
 @pytest.mark.lab
 def test_status_once_prints_tables(lab):
     out = lab.xo("status", "--node", lab.nodes()[0], "--once").out
-    for title in ("peers", "endpoints", "drops", "maps", "drift"):
+    for title in ("peers", "endpoints", "services", "drops", "maps", "drift"):
         assert title in out

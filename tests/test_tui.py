@@ -63,6 +63,15 @@ class FakeSource:
             "peer_endpoints": {p: [{"name": n, "network": "demo", "ip": ip, "state": "ready"}
                                    for n, ip, _ in ENDPOINTS[p]] for p in peers},
             "array_maps": ["xo_drops"],
+            "services": [{"name": "web", "id": 1, "network": "demo", "vip": "10.10.255.254", "ports": ["80/tcp"],
+                          "publish": ["8080:80/tcp"], "affinity": "none", "packets": 12 * tick, "bytes": 0,
+                          "connections": 3 * tick,
+                          "backends": [{"endpoint": "web1", "id": 1, "ip": "10.10.0.1", "node": "n1", "port": None,
+                                        "weight": 2, "state": "active", "packets": 8 * tick, "bytes": 0,
+                                        "connections": 2 * tick},
+                                       {"endpoint": "db1", "id": 2, "ip": "10.10.1.1", "node": "n2", "port": None,
+                                        "weight": 1, "state": "draining", "packets": 4 * tick, "bytes": 0,
+                                        "connections": tick}]}],
         }
 
 
@@ -149,6 +158,21 @@ def test_dashboard_shows_every_panel_with_exact_rates():
         assert cell(app, "peers", "n3", "tx_pps") == "10" and cell(app, "peers", "n3", "rx_Bps") == "1.0k"
         assert cell(app, "endpoints", "web1", "rx_pps") == "20"
         assert cell(app, "drops", DROP.name, "pps") == "3"
+    run(app, scenario)
+
+
+def test_services_table_shows_backends_with_their_rates():
+    app, _ = make_app()
+
+    async def scenario(pilot):
+        await settled(pilot)
+        text = screen_text(app)
+        for expected in ["services 1, backends 2", "10.10.255.254:80/tcp", "8080/tcp", "web1 (10.10.0.1)",
+                         "draining"]:
+            assert expected in text, f"{expected!r} not on screen:\n{text}"
+        assert rows(app, "services") == ["web/web1", "web/db1"]
+        assert cell(app, "services", "web/web1", "cps") == "2" and cell(app, "services", "web/web1", "pps") == "8"
+        assert cell(app, "services", "web/db1", "cps") == "1" and cell(app, "services", "web/db1", "weight") == "1"
     run(app, scenario)
 
 
