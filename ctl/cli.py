@@ -543,11 +543,23 @@ def lab_demo(ctx):
     click.echo(ping.stdout.strip())
     if ping.returncode != 0:
         raise XoError(f"cross-node ping from {src} to {dst} failed")
+    src_node = nodes[0]
+    url, answers = lab.web_requests(src)
+    console.rule(f"service web: {len(answers)} requests from {src} to {url} (one connection each), spread over "
+                 "backends on every node")
+    for a in answers:
+        click.echo(f"  {a}")
+    far = nodes[1] if len(nodes) > 1 else src_node
+    url, answer = lab.mesh_request(far)
+    console.rule(f"routing mesh: the outside client ({lab.client_ip}) asks {url}, {far}'s underlay IP")
+    click.echo(f"  {answer}")
+    click.echo(f"  (the backend saw the client's own address {lab.client_ip}; the client saw only {url})")
     console.rule("the overlay, as the CLI shows it")
     ctx.invoke(endpoint_ls, as_json=False, network=None, node=None)
     console.rule(f"xoverlay status --node {nodes[0]} --once")
     ctx.invoke(status, node=nodes[0], once=True, as_json=False)
-    click.echo("Try: xoverlay lab exec node1-a -- ping 10.10.1.1 ; xoverlay lab down removes it all.")
+    click.echo(f"Try: xoverlay lab exec {nodes[0]}-a -- ping 10.10.1.1 ; xoverlay lab exec client -- curl "
+               f"http://{store.read().nodes[nodes[0]].underlay_ip}:8080/ ; xoverlay lab down removes it all.")
 
 
 @lab.command("down")

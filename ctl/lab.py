@@ -166,6 +166,43 @@ class Lab:
 
     # --- the demo service and the outside client ----------------------------------------
 
+    # Run inside a netns: GET http://HOST/ N times, a new connection each, one line per answer.
+    _GET = ("import sys, urllib.request\n"
+            "for _ in range(int(sys.argv[2])):\n"
+            "    print(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode().strip(), flush=True)\n")
+
+    def web_requests(self, endpoint: str, count: int = 6) -> tuple[str, list[str]]:
+        """`count` requests from `endpoint` to http://web/: by name if the endpoint's
+        resolver knows it (`ip netns exec` gives it /etc/netns/NAME/resolv.conf), else by
+        the VIP. Returns (the URL used, the answers)."""
+        state = self.store.read()
+        ep = state.endpoints[endpoint]
+        vip = state.services[WEB_SERVICE].vip
+        name = os.path.basename(ep.netns)
+        url = f"http://{vip}/"
+        if os.path.exists(f"/etc/netns/{name}/resolv.conf"):     # a node DNS responder is set up
+            try:
+                named = subprocess.run(["ip", "netns", "exec", name, "getent", "ahostsv4", WEB_SERVICE],
+                                       capture_output=True, text=True, timeout=3)
+                if named.returncode == 0 and named.stdout.split()[:1] == [vip]:
+                    url = f"http://{WEB_SERVICE}/"
+            except subprocess.TimeoutExpired:
+                pass
+        r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-c", self._GET, url, str(count)],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise XoError(f"requests from {endpoint} to {url} failed: {r.stderr.strip().splitlines()[-1:]}")
+        return url, r.stdout.split("\n")[:-1]
+
+    def mesh_request(self, node: str) -> tuple[str, str]:
+        """One request from the outside client to NODE's underlay IP:published port."""
+        url = f"http://{self.store.read().nodes[node].underlay_ip}:{WEB_PUBLISH.split(':')[0]}/"
+        r = subprocess.run(["nsenter", f"--net={netns.resolve(self.client_netns)}", "--", sys.executable, "-c",
+                            self._GET, url, "1"], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise XoError(f"the outside client's request to {url} failed: {r.stderr.strip().splitlines()[-1:]}")
+        return url, r.stdout.strip()
+
     def _web_service(self, backends: list[str]) -> None:
         def ensure(s):
             svc = s.services.get(WEB_SERVICE)
