@@ -16,9 +16,12 @@ Published here (the agent would write these from `--publish`):
     8083/tcp -> EMPTY:80 (no backend)"""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -56,9 +59,9 @@ class XdpCtx(ctypes.Structure):
         "data", "data_end", "data_meta", "ingress_ifindex", "rx_queue_index", "egress_ifindex")]
 
 
-@pytest.fixture(scope="module")
-def underlay():
-    """A netns with node A's underlay device und0, and its ifindex."""
+@contextlib.contextmanager
+def mesh_underlay():
+    """A netns with node A's underlay device und0: (its path, und0's ifindex)."""
     name = f"xo-pytest-mesh-{os.getpid()}"
 
     def ip(*args):
@@ -75,20 +78,15 @@ def underlay():
         ip("neigh", "replace", T.PEER_B, "lladdr", T.PEER_B_MAC, "dev", "und0", "nud", "permanent")
         path = netns.resolve(name)
         with netns.entered(path):
-            ifindex = socket_ifindex("und0")
+            ifindex = socket.if_nametoindex("und0")
         yield path, ifindex
     finally:
         netns.remove(name)
 
 
-def socket_ifindex(dev: str) -> int:
-    import socket
-    return socket.if_nametoindex(dev)
-
-
-@pytest.fixture(scope="module")
-def dp(underlay):
-    path, ifindex = underlay
+@contextlib.contextmanager
+def mesh_datapath(path: str, ifindex: int):
+    """Node A's programs and maps (bpfrun.Topology), its underlay und0, ports published."""
     datapath = Datapath(f"pytest-mesh-{os.getpid()}")
     try:
         m = datapath.maps
@@ -106,17 +104,23 @@ def dp(underlay):
         datapath.close()
 
 
-def run(dp, prog: str, frame: bytes, ingress_ifindex: int | None = None):
+@pytest.fixture(scope="module")
+def dp():
+    with mesh_underlay() as (path, ifindex), mesh_datapath(path, ifindex) as datapath:
+        yield datapath
+
+
+def run(dp, prog: str, frame: bytes, ingress_ifindex: int | None = None, repeat: int = 1):
     """Run inside the underlay netns. XDP: ingress on und0; tc: as the agent attaches
     them (ingress_ifindex: an endpoint's veth for prog_endpoint)."""
     before = dp.drops()
     with netns.entered(dp.netns):
         if prog == "prog_underlay_xdp":
             ctx = bytes(XdpCtx(data_end=len(frame), ingress_ifindex=dp.ifindex))
-            verdict, out, _ = bpf.prog_test_run(dp.progs.fds[prog], frame, ctx)
-            r = type("Run", (), {"verdict": verdict, "out": out})()
+            verdict, out, ns = bpf.prog_test_run(dp.progs.fds[prog], frame, ctx, repeat)
+            r = type("Run", (), {"verdict": verdict, "out": out, "ns": ns})()
         else:
-            r = dp.run(prog, frame, ingress_ifindex)
+            r = dp.run(prog, frame, ingress_ifindex, repeat=repeat)
     r.drops = drop_delta(before, dp.drops())
     return r
 
@@ -367,3 +371,33 @@ def test_every_mesh_drop_reason_is_covered():
     from maps.drops import REASONS
     covered = {"MESH_OVERLAY_SOURCE", "MESH_TOO_BIG", "MESH_NO_CONNECTION"}
     assert {r.name for r in REASONS.values() if r.name.startswith("MESH_")} == covered
+
+
+# --- per-packet cost (a measurement, not a test): python tests/test_bpf_mesh.py [repeat] ----------
+
+def _bench(repeat: int) -> None:
+    with mesh_underlay() as (path, ifindex), mesh_datapath(path, ifindex) as dp:
+        # Established connections (connection table hits): a first packet made each entry.
+        run(dp, "prog_underlay_xdp", outside(TCP(sport=60001, dport=8080, flags="S")))
+        run(dp, "prog_underlay_tc", outside(TCP(sport=60002, dport=8081, flags="S")))
+        remote = outside(TCP(sport=60001, dport=8080, flags="A") / (b"x" * 64))
+        local = outside(TCP(sport=60002, dport=8081, flags="A") / (b"x" * 64))
+        other = outside(TCP(sport=60003, dport=22, flags="A") / (b"x" * 64))
+        rows = [("XDP: remote backend, DNAT + VXLAN + XDP_TX", "prog_underlay_xdp", remote),
+                ("tc: remote backend (XDP off), DNAT + VXLAN", "prog_underlay_tc", remote),
+                ("XDP: local backend, choose and pass", "prog_underlay_xdp", local),
+                ("tc: local backend, DNAT + redirect_peer", "prog_underlay_tc", local),
+                ("XDP: not a published port", "prog_underlay_xdp", other),
+                ("tc: not a published port", "prog_underlay_tc", other)]
+        # These programs rewrite the packet, and a repeated run works on its own output
+        # (after the first encap, the rest would measure "not for us"): one run per call,
+        # the median of many.
+        import statistics
+        print(f"{'routing mesh path':<48} {'ns/packet':>10}   (BPF_PROG_TEST_RUN, median of {repeat} single runs)")
+        for name, prog, frame in rows:
+            ns = statistics.median(run(dp, prog, frame).ns for _ in range(repeat))
+            print(f"{name:<48} {ns:>10.0f}")
+
+
+if __name__ == "__main__":
+    _bench(int(sys.argv[1]) if len(sys.argv) > 1 else 3000)
