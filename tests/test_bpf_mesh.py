@@ -294,23 +294,24 @@ def test_too_big_once_encapsulated(dp):
 # --- the backend's node: a mesh request in, the reply back to the node it came through ------------
 
 def test_backend_node_delivers_and_sends_replies_back_to_the_ingress_node(dp):
-    """Here as the backend's node: B sends a mesh request for web1 from an outside client.
-    web1 gets it with the client's own address; web1's reply goes back to B in VXLAN."""
-    inner = bytes(IP(src=CLIENT, dst=T.WEB1.ip) / TCP(sport=50400, dport=80, flags="S", seq=9))
-    request = vxlan(inner=Ether(src=GW_MAC, dst=T.WEB1.mac) / IP(inner), udp_kw={"sport": 50400},
+    """Here as the backend's node: B sends a mesh request for web2 (a service backend:
+    only a backend's packets are looked up as mesh replies) from an outside client.
+    web2 gets it with the client's own address; web2's reply goes back to B in VXLAN."""
+    inner = bytes(IP(src=CLIENT, dst=T.WEB2.ip) / TCP(sport=50400, dport=80, flags="S", seq=9))
+    request = vxlan(inner=Ether(src=GW_MAC, dst=T.WEB2.mac) / IP(inner), udp_kw={"sport": 50400},
                     flags=0x09)
     r = run(dp, "prog_underlay_tc", request)
     assert r.verdict == TC_ACT_REDIRECT and r.drops == {}
-    assert r.out.hex() == (eth(T.WEB1.mac, GW_MAC) + inner).hex()
-    entry = dp.maps["xo_lb_ct"].get(CtKey(saddr=ip_be(T.WEB1.ip), daddr=ip_be(CLIENT), sport=port_be(80),
+    assert r.out.hex() == (eth(T.WEB2.mac, GW_MAC) + inner).hex()
+    entry = dp.maps["xo_lb_ct"].get(CtKey(saddr=ip_be(T.WEB2.ip), daddr=ip_be(CLIENT), sport=port_be(80),
                                           dport=port_be(50400), proto=6, dir=CT_MESH))
     assert entry is not None and entry.vip == ip_be(T.PEER_B)
 
-    reply = bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IP(src=T.WEB1.ip, dst=CLIENT) /
+    reply = bytes(Ether(src=T.WEB2.mac, dst=GW_MAC) / IP(src=T.WEB2.ip, dst=CLIENT) /
                   TCP(sport=80, dport=50400, flags="SA", seq=500, ack=10))
-    r = run(dp, "prog_endpoint", reply, T.WEB1.ifindex)
+    r = run(dp, "prog_endpoint", reply, T.WEB2.ifindex)
     assert r.verdict == TC_ACT_REDIRECT and r.drops == {}
-    want = mesh_vxlan(reply[ETH:], T.PEER_B, GW_MAC, outer_eth=reply[:ETH], inner_src_mac=T.WEB1.mac)
+    want = mesh_vxlan(reply[ETH:], T.PEER_B, GW_MAC, outer_eth=reply[:ETH], inner_src_mac=T.WEB2.mac)
     assert r.out.hex() == want.hex()
 
 
