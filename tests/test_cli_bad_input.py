@@ -31,7 +31,7 @@ def snapshot(lab) -> tuple:
     # Other labs (other test runs, benchmarks) may come and go meanwhile: ignore theirs.
     mine = lab.nodes()[0].split("-")[0] + "-"
     netns = sorted(n for n in os.listdir("/run/netns")
-                   if mine in n or not re.match(r"(xo-)?(x[0-9a-f]{4}|xbench)-", n))
+                   if mine in n or not re.match(r"(xo-)?(x[0-9a-f]{4}|xbench|pytest)-|xodns-", n))
     links = {n: subprocess.run(["ip", "-n", f"xo-{n}", "-o", "link"], capture_output=True, text=True).stdout
              for n in lab.nodes()}
     return rows, gen, kernel, netns, links
