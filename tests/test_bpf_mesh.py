@@ -315,6 +315,21 @@ def test_backend_node_delivers_and_sends_replies_back_to_the_ingress_node(dp):
     assert r.out.hex() == want.hex()
 
 
+def test_client_port_reused_through_another_node_replies_through_that_node(dp):
+    """client:50450 went through this node to web2 (a local backend: a reply entry here);
+    later the client uses the same port towards node B, whose Maglev sends it to web2 as
+    well: web2's replies must now go back to B, not leave from this node's address."""
+    run(dp, "prog_underlay_tc", outside(TCP(sport=50450, dport=8081, flags="S")))
+    inner = bytes(IP(src=CLIENT, dst=T.WEB2.ip) / TCP(sport=50450, dport=8080, flags="S", seq=9))
+    run(dp, "prog_underlay_tc", vxlan(inner=Ether(src=GW_MAC, dst=T.WEB2.mac) / IP(inner), flags=0x09))
+    reply = bytes(Ether(src=T.WEB2.mac, dst=GW_MAC) / IP(src=T.WEB2.ip, dst=CLIENT) /
+                  TCP(sport=8080, dport=50450, flags="SA", seq=500, ack=10))
+    r = run(dp, "prog_endpoint", reply, T.WEB2.ifindex)
+    assert r.verdict == TC_ACT_REDIRECT
+    assert r.out.hex() == mesh_vxlan(reply[ETH:], T.PEER_B, GW_MAC, outer_eth=reply[:ETH],
+                                     inner_src_mac=T.WEB2.mac).hex()
+
+
 def test_mesh_request_with_an_overlay_source_is_spoofed(dp):
     inner = Ether(src=GW_MAC, dst=T.WEB1.mac) / IP(src=T.DB1.ip, dst=T.WEB1.ip) / TCP(sport=50410, dport=80)
     frame = vxlan(inner=inner, flags=0x09)

@@ -294,16 +294,22 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
 }
 
 /* On the backend's node, decap of a mesh packet from the node the client talked to
- * (peer): remember where the backend's replies go. Written only when it changes. */
+ * (peer): remember where the backend's replies go. Written only when it changes or a new
+ * TCP connection starts; then a reply entry this node may hold for the same tuple, from
+ * an older connection that came in here (the client reusing its port towards another
+ * node), goes: it would send the replies from this node's address. */
 static __always_inline void xo_mesh_remember(const struct xo_flow *f, __be32 peer)
 {
     struct xo_ct_key k = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
                            .proto = f->proto, .dir = XO_CT_MESH };
+    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
     struct xo_ct *ct = xo_lb_ct.lookup(&k);
-    if (ct && ct->vip == peer)
+    if (ct && ct->vip == peer && !syn)
         return;
     struct xo_ct v = { .vip = peer };
     xo_lb_ct.update(&k, &v);
+    k.dir = XO_CT_REPLY;
+    xo_lb_ct.delete(&k);
 }
 
 #endif
