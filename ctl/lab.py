@@ -31,7 +31,7 @@ READY_SECONDS = 20
 WEB_SERVICE = "web"
 WEB_PORTS = ("80/tcp", "80/udp")     # the demo server answers HTTP and UDP on 80
 WEB_PUBLISH = "8080:80"
-CLIENT_HOST = 250                    # the outside client: 192.0.2.250
+CLIENT_HOST = 200                    # the outside client: 192.0.2.200 (tests use .250 for a DNS upstream)
 
 
 SWITCH_NO_NETFILTER = ("net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",

@@ -53,7 +53,7 @@ def test_tcp_through_every_node_keeps_the_client_ip(lab):
     for node, ip in node_ips(lab).items():
         before = xdp_tx(lab, node)
         out = from_client(lab, "http", ip, str(PUBLISHED), "30")
-        assert out["errors"] == [], (node, out["errors"])
+        assert out["errors"] == [], (node, out["errors"], {n: lab.drops(n) for n in lab.nodes()})
         names = Counter(a.split()[0] for a in out["answers"])
         assert set(names) == {f"{n}-web" for n in lab.nodes()}, (node, names)
         assert {a.split()[2].split(":")[0] for a in out["answers"]} == {client_ip}
