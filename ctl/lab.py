@@ -129,7 +129,7 @@ class Lab:
         data["nodes"] = sorted(set(data["nodes"]) | set(nodes), key=lambda n: int(n.rsplit("node", 1)[1]))
         self._save(data)
         for i, node in enumerate(nodes, start=1):
-            self._node(i, node)
+            self._node(i, node, xdp)
             self._agent(node, xdp, echo)
         state = self.store.read()
         if DEMO_NETWORK not in state.networks:
@@ -298,7 +298,7 @@ class Lab:
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
              "net.ipv6.conf.default.disable_ipv6=1")
 
-    def _node(self, i: int, node: str) -> None:
+    def _node(self, i: int, node: str, xdp: bool) -> None:
         ns = self.node_netns(node)
         if os.path.exists(netns.resolve(ns)):
             return
@@ -310,8 +310,11 @@ class Lab:
         _run("ip", "-n", self.underlay_netns, "link", "set", port, "master", "br0", "up")
         # XDP_TX on the node's end (the routing mesh) sends into this one: a veth takes XDP
         # frames only with an XDP program of its own (measured: GRO's NAPI is not enough
-        # for XDP_TX; DATAPATH-NOTES 3). A switch port of a real NIC needs nothing.
-        _xdp_pass(netns.resolve(self.underlay_netns), port)
+        # for XDP_TX; DATAPATH-NOTES 3). A switch port of a real NIC needs nothing. Only
+        # with XDP: the program turns TSO off on the node's eth1 (veth), and a --no-xdp lab
+        # serves the mesh in tc, without XDP_TX.
+        if xdp:
+            _xdp_pass(netns.resolve(self.underlay_netns), port)
         _run("ip", "-n", ns, "addr", "add", f"{self.node_ip(i)}/{UNDERLAY_NET.prefixlen}", "dev", UNDERLAY_DEV)
         _run("ip", "-n", ns, "link", "set", UNDERLAY_DEV, "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")

@@ -96,6 +96,25 @@ class NodeCollector:
         yield ep_pkts
         yield ep_bytes
 
+        # Services: counted on the node where a connection started (its client's, or the
+        # node an outside client reached through a published port).
+        svc_metrics = {
+            kind: CounterMetricFamily(f"xoverlay_service_{kind}", f"{what} of a service's connections "
+                                      "that started on this node", labels=["node", "service", "vip"])
+            for kind, what in (("packets", "Packets"), ("bytes", "Bytes"), ("connections", "New connections"))}
+        be_metrics = {
+            kind: CounterMetricFamily(f"xoverlay_backend_{kind}", f"{what} sent to a service backend from "
+                                      "this node", labels=["node", "service", "backend", "backend_ip", "state"])
+            for kind, what in (("packets", "Packets"), ("bytes", "Bytes"), ("connections", "New connections"))}
+        for svc in status.service_rows(state, node):
+            for kind, family in svc_metrics.items():
+                family.add_metric([node, svc["name"], svc["vip"]], svc[kind])
+            for b in svc["backends"]:
+                for kind, family in be_metrics.items():
+                    family.add_metric([node, svc["name"], b["endpoint"], b["ip"] or "", b["state"]], b[kind])
+        yield from svc_metrics.values()
+        yield from be_metrics.values()
+
         # Every reason, zeros included: rate() needs the series before the first drop.
         counts = status.drop_counts(node)
         drops = CounterMetricFamily("xoverlay_drops", "Packets dropped by the data path, by reason "

@@ -124,6 +124,40 @@ def test_collector_reads_the_pinned_maps_at_scrape_time():
     assert series(after, "xoverlay_reconcile_errors_total", node=node) == 1
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
+@pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
+def test_service_and_backend_counters_are_series():
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from bpfrun import TC_ACT_REDIRECT, Datapath, Topology as T
+    from test_bpf_programs import container
+    from test_bpf_services import syn
+
+    with Datapath(f"pytest-metrics-lb-{os.getpid()}") as dp:
+        s = model.State()
+        for name, ip in ((dp.node, T.NODE_IP), ("B", T.PEER_B)):
+            s = model.join_node(s, name, ip)
+        s = model.create_network(s, "blue", T.BLUE_SUBNET, vni=T.BLUE_VNI)
+        s = model.add_endpoint(s, "api1", "blue", "B", "/run/netns/api1", True, T.API1.ip)
+        one = model.Service(name="one", network="blue", vip=T.ONE.vip, id=T.ONE.id, ports=("80/tcp", "53/udp"),
+                            backends=(model.Backend("api1", 1),))
+        s = dataclasses.replace(s, services={"one": one})
+        registry = CollectorRegistry()
+        registry.register(metrics.NodeCollector(dp.node, lambda: s))
+        frame = container(T.WEB1, T.ONE.vip, l4=syn(46001))
+        assert dp.run("prog_endpoint", frame, T.WEB1.ifindex).verdict == TC_ACT_REDIRECT
+        after = samples(generate_latest(registry).decode())
+
+    svc = dict(node=dp.node, service="one", vip=T.ONE.vip)
+    assert series(after, "xoverlay_service_connections_total", **svc) == 1
+    assert series(after, "xoverlay_service_packets_total", **svc) == 1
+    be = dict(node=dp.node, service="one", backend="api1", backend_ip=T.API1.ip, state="active")
+    assert series(after, "xoverlay_backend_connections_total", **be) == 1
+    assert series(after, "xoverlay_backend_bytes_total", **be) == len(frame)
+
+
 # --- a lab agent with --metrics ----------------------------------------------------------------
 
 def scrape_in(netns: str, addr: str) -> dict[str, float]:
