@@ -424,7 +424,11 @@ def _render_status(snap: dict):
     agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
     build = "no pinned programs" if not n["pinned"] else (
         f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
-    head = Text(f"node {n['name']}  underlay {n['underlay_ip']}:{n['vxlan_port']}  {agent}  {build}", style="bold")
+    from .status import program_summary
+    head = Text(f"node {n['name']}  underlay {n['underlay_device'] or '?'} {n['underlay_ip']}:{n['vxlan_port']}  "
+                f"{agent}  {build}", style="bold")
+    if n["pinned"]:
+        head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
 
     def table(title, cols, rows):
         t = Table(title=title, title_justify="left")

@@ -189,6 +189,18 @@ def _pinned(node: str, name: str, read: Callable):
         return None
 
 
+def _pinned_prog_id(node: str, name: str) -> int | None:
+    from maps import bpf
+    try:
+        fd = bpf.obj_get(os.path.join(pin_dir(node), name))
+    except OSError:
+        return None
+    try:
+        return bpf.prog_info(fd).id
+    finally:
+        os.close(fd)
+
+
 def gather(state: State, node: str) -> dict:
     """The facts `evaluate` judges, read now. Anything that cannot be read is left out."""
     from maps import bpf
@@ -206,14 +218,9 @@ def gather(state: State, node: str) -> dict:
         facts["monitor"] = {"state": monitor.flag_state(mon), "pid": mon.pid}
     if cfg is None:
         return facts
-    try:
-        fd = bpf.obj_get(os.path.join(pin_dir(node), "prog_underlay_xdp"))
-        try:
-            facts["our_xdp_id"] = bpf.prog_info(fd).id
-        finally:
-            os.close(fd)
-    except OSError:
-        facts["our_xdp_id"] = None
+    from .datapath import PROGRAMS
+    facts["program_ids"] = {name: _pinned_prog_id(node, name) for name in PROGRAMS}
+    facts["our_xdp_id"] = facts["program_ids"]["prog_underlay_xdp"]
 
     path = where.node_netns(node)
     devices = where.links(path)
@@ -230,6 +237,8 @@ def gather(state: State, node: str) -> dict:
         with (netns.entered(path) if path else contextlib.nullcontext()):
             mode, prog = bpf.xdp_query(cfg.underlay_ifindex)
             underlay["xdp_mode"], underlay["xdp_id"] = XDP_MODES.get(mode, f"mode {mode}"), prog
+            underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
+            facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["driver"] = ethtool.driver(dev["name"])
             underlay["features"] = ethtool.features(dev["name"])
             with open("/proc/thread-self/net/udp") as f:

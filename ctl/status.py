@@ -124,6 +124,49 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
     return rows
 
 
+def program_rows(facts: dict) -> list[dict]:
+    """Where each pinned program of the node runs, from the facts the lints read
+    (ctl/lints.gather): its id, its hook, the devices it belongs on and how many of them
+    run it now. `attached` is None where the node's devices cannot be seen from here."""
+    ids = facts.get("program_ids") or {}
+    u = facts.get("underlay")
+    veths = facts.get("endpoint_tc_ids")
+
+    def count(want, found):
+        return None if found is None else sum(1 for f in found if want and f == want)
+    xdp_id = ids.get("prog_underlay_xdp")
+    return [
+        {"program": "prog_underlay_xdp", "id": xdp_id, "hook": "xdp", "where": u["name"] if u else None,
+         "mode": u["xdp_mode"] if u else None, "attached": count(xdp_id, [u["xdp_id"]] if u else None),
+         "places": 1},
+        {"program": "prog_underlay_tc", "id": ids.get("prog_underlay_tc"), "hook": "tc ingress",
+         "where": u["name"] if u else None, "mode": None,
+         "attached": count(ids.get("prog_underlay_tc"), [u["tc_id"]] if u else None), "places": 1},
+        {"program": "prog_endpoint", "id": ids.get("prog_endpoint"), "hook": "tc ingress",
+         "where": "endpoint veths", "mode": None,
+         "attached": count(ids.get("prog_endpoint"), None if veths is None else list(veths.values())),
+         "places": len(veths) if veths is not None else None},
+    ]
+
+
+def program_summary(row: dict) -> tuple[str, bool]:
+    """One program row as the header shows it, and whether all is as it should be
+    (XDP off is a choice, `up --no-xdp`, not a fault)."""
+    where = row["where"] or "?"
+    if row["id"] is None:
+        return f"{row['hook']} not pinned", False
+    if row["mode"] == "off":
+        return f"xdp off on {where}", True
+    mode = f" {row['mode']}" if row["mode"] else ""
+    if row["attached"] is None:
+        return f"{row['hook']} #{row['id']}{mode} ({where} not visible from here)", True
+    if row["places"] == 1:
+        ok = row["attached"] == 1
+        return f"{row['hook']} #{row['id']}{mode} {'on' if ok else 'NOT on'} {where}", ok
+    return (f"{row['hook']} #{row['id']} on {row['attached']}/{row['places']} {where}",
+            row["attached"] == row["places"])
+
+
 def snapshot(state: State, node: str) -> dict:
     """Everything `status` shows for a node, as plain data (the --json schema)."""
     maps = read_maps(node)
@@ -133,11 +176,14 @@ def snapshot(state: State, node: str) -> dict:
     from . import lints, monitor
     from .datapath import build_id
     flag = monitor.read_flag(node)
+    facts = lints.gather(state, node)
     return {
         "node": {"name": node, "underlay_ip": me.underlay_ip if me else None,
+                 "underlay_device": (facts.get("underlay") or {}).get("name"),
                  "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
                  "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
-                 "build_current": bool(cfg) and cfg.build_id == build_id()},
+                 "build_current": bool(cfg) and cfg.build_id == build_id(),
+                 "programs": program_rows(facts)},
         "peers": peer_rows(state, node),
         "endpoints": endpoint_rows(state, node),
         "services": service_rows(state, node),
@@ -147,7 +193,7 @@ def snapshot(state: State, node: str) -> dict:
         "drift": drift(state, node, maps) if cfg else [],
         "monitor": {"state": monitor.flag_state(flag), "pid": flag.pid if flag and flag.events else None,
                     "lost": flag.lost if flag else 0} if flag else None,
-        "lints": lints.evaluate(lints.gather(state, node)),
+        "lints": lints.evaluate(facts),
     }
 
 

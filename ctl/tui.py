@@ -228,6 +228,7 @@ class Dashboard(Screen):
 
     def on_mount(self) -> None:
         self.query_one("#peers").border_subtitle = "enter: details"
+        self.query_one("#services").border_subtitle = "enter: details"
         self.query_one("#filter").display = False
         self.query_one("#peers").focus()
 
@@ -265,6 +266,8 @@ class Dashboard(Screen):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if event.data_table.id == "peers":
             self.app.push_screen(PeerScreen(event.row_key.value))
+        elif event.data_table.id == "services" and event.row_key.value != "none":
+            self.app.push_screen(ServiceScreen(event.row_key.value.split("/", 1)[0]))
 
     # drawing: one method per panel, each from the app's latest snapshot and rates
     def show(self) -> None:
@@ -458,13 +461,76 @@ class PeerScreen(Screen):
                            for e in eps or []])
 
 
+class ServiceScreen(Screen):
+    """One service seen from the node: how it is reached, and each backend's share of
+    the new connections and packets that started here."""
+    BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("backspace", "app.pop_screen", "back",
+                                                                     show=False)]
+
+    def __init__(self, service: str):
+        super().__init__()
+        self.service = service
+
+    def compose(self) -> ComposeResult:
+        yield Static(id="service-header")
+        yield Static(id="service-counters")
+        yield Sparkline([], id="service-spark")
+        yield _table("service-backends", [("BACKEND", "backend"), ("ADDRESS", "address"), ("NODE", "node"),
+                                          ("WEIGHT", "weight"), ("STATE", "state"), ("NEW CONN/S", "cps"),
+                                          ("PKT/S", "pps"), ("SHARE OF CONNS", "share"),
+                                          ("NEW CONNS", "connections"), ("PKTS", "packets")])
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.show()
+
+    def show(self) -> None:
+        app: StatusApp = self.app
+        snap = app.snap or {"services": [], "node": {"name": app.node}}
+        svc = next((s for s in snap.get("services", []) if s["name"] == self.service), None)
+        head = self.query_one("#service-header", Static)
+        head.border_title = f"service {self.service}"
+        if svc is None:
+            head.update(Text(f"{self.service} is no longer a service (escape: back)", style="bold red"))
+            return
+        published = " ".join(svc["publish"]) or "none"
+        head.update(Text.assemble(("service ", ""), (svc["name"], "bold"), f" seen from {snap['node']['name']}",
+                                  "   network ", (svc["network"], "bold"),
+                                  "   VIP ", (" ".join(f"{svc['vip']}:{p}" for p in svc["ports"]), "bold"),
+                                  "   published ", (published, "bold"),
+                                  "   affinity ", (svc["affinity"], "bold"), "   escape: back"))
+        rates = [app.service_rates.get(f"{svc['name']}/{b['endpoint']}") for b in svc["backends"]]
+        known = [r for r in rates if r is not None]
+        cps = sum(r[0] for r in known) if known else None
+        pps = sum(r[1] for r in known) if known else None
+        history = app.service_history.get(self.service)
+        self.query_one("#service-counters", Static).update(
+            f"{svc['connections']:,} new connections, {svc['packets']:,} packets started on this node   "
+            f"now {human(cps)} conn/s, {human(pps)} pkt/s\n"
+            f"new connections/s over the last {HISTORY_SAMPLES}s, max {human(max(history, default=0))}:")
+        self.query_one("#service-spark", Sparkline).data = [0.0] * (HISTORY_SAMPLES + 1 - len(history)) + history
+        table = self.query_one("#service-backends", DataTable)
+        table.border_title = f"backends {len(svc['backends'])}"
+        total = sum(b["connections"] for b in svc["backends"])
+        fill_table(table, [(b["endpoint"], [
+            Text(b["endpoint"], style="bold"), f"{b['ip']}:{b['port']}" if b["port"] else b["ip"],
+            b["node"] or "-", _int(b["weight"]), Text(b["state"], style=BACKEND_STYLE.get(b["state"], "")),
+            _num(r[0] if r else None), _num(r[1] if r else None),
+            Text(f"{100 * b['connections'] / total:.0f}%" if total else "-", justify="right"),
+            _num(b["connections"]), _num(b["packets"])])
+            for b, r in zip(svc["backends"], rates)])
+
+
+DETAIL_SCREENS = (PeerScreen, ServiceScreen)
+
+
 # --- the app ------------------------------------------------------------------------
 
 class StatusApp(App):
     TITLE = "xoverlay status"
     ENABLE_COMMAND_PALETTE = False
     CSS = """
-    #header { height: 2; padding: 0 1; background: $boost; }
+    #header { height: 3; padding: 0 1; background: $boost; }
     DataTable { height: auto; border: round $primary; }
     DataTable:focus { border: round $accent; }
     #peers { max-height: 35%; }
@@ -482,6 +548,9 @@ class StatusApp(App):
     #peer-header, #peer-counters { height: auto; padding: 0 1; }
     #peer-header { border: round $primary; }
     #peer-spark { height: 5; margin: 0 1; }
+    #service-header, #service-counters { height: auto; padding: 0 1; }
+    #service-header { border: round $primary; }
+    #service-spark { height: 5; margin: 0 1; }
     """
     BINDINGS = [Binding("q", "quit", "quit"), Binding("p", "pause", "pause/resume")]
 
@@ -511,6 +580,7 @@ class StatusApp(App):
         self._prev_t = 0.0
         self.peer_history = History(HISTORY_SAMPLES)
         self.endpoint_history = History(HISTORY_SAMPLES)
+        self.service_history = History(HISTORY_SAMPLES)
 
     def get_default_screen(self) -> Screen:
         self.dashboard = Dashboard()
@@ -562,6 +632,11 @@ class StatusApp(App):
             self.service_rates = service_rates(self.snap, snap, t - self._prev_t)
             self.peer_history.push({k: r.pps for k, r in self.rates.peers.items()})
             self.endpoint_history.push({k: r.pps for k, r in self.rates.endpoints.items()})
+            per_service: dict[str, float] = {}
+            for key, (cps, _) in self.service_rates.items():
+                name = key.split("/", 1)[0]
+                per_service[name] = per_service.get(name, 0.0) + cps
+            self.service_history.push(per_service)
             self.prev_known = True
         self.snap, self._prev_t = snap, t
         self.refreshed = time.strftime("%H:%M:%S")
@@ -570,7 +645,7 @@ class StatusApp(App):
         if not self.is_running:     # a refresh that lands while the app is closing
             return
         self.dashboard.show()
-        if isinstance(self.screen, PeerScreen):
+        if isinstance(self.screen, DETAIL_SCREENS):
             self.screen.show()
 
     def header_text(self) -> Text:
@@ -582,7 +657,8 @@ class StatusApp(App):
             return t
         n = snap["node"]
         t.append("node ", style="dim").append(n["name"], style="bold")
-        t.append("  underlay ", style="dim").append(f"{n['underlay_ip']}:{n['vxlan_port']}", style="bold")
+        t.append("  underlay ", style="dim").append(f"{n.get('underlay_device') or '?'} ", style="bold")
+        t.append(f"{n['underlay_ip']}:{n['vxlan_port']}", style="bold")
         if n["agent_alive"]:
             t.append("  agent ", style="dim").append(f"alive, pid {n['agent_pid']}", style="green")
         else:
@@ -603,6 +679,12 @@ class StatusApp(App):
             t.append("  store ", style="dim")
             t.append("reachable" if store["reachable"] else f"UNREACHABLE: {store['error']}",
                      style="green" if store["reachable"] else "bold red")
+        if n["pinned"]:
+            from .status import program_summary
+            t.append("\nprograms ", style="dim")
+            for i, row in enumerate(n.get("programs", [])):
+                text, ok = program_summary(row)
+                t.append(" · " if i else "", style="dim").append(text, style="" if ok else "bold red")
         t.append("\n")
         if self.paused:
             t.append(" PAUSED (p: resume) ", style="bold black on yellow").append("  ")
@@ -632,7 +714,7 @@ class StatusApp(App):
             self.notify("no other node in the store")
             return
         nxt = nodes[(nodes.index(self.node) + 1) % len(nodes)] if self.node in nodes else nodes[0]
-        while isinstance(self.screen, PeerScreen):
+        while isinstance(self.screen, DETAIL_SCREENS):
             self.pop_screen()
         self.node = nxt
         self._reset()

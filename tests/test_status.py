@@ -62,12 +62,49 @@ def test_services_section_lists_backends_with_weight_and_state():
     assert all(b["connections"] == b["packets"] == 0 for b in web["backends"])
 
 
+FACTS = {"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": 12, "prog_endpoint": 13},
+         "underlay": {"name": "eth1", "xdp_mode": "native", "xdp_id": 11, "tc_id": 12},
+         "endpoint_tc_ids": {7: 13, 8: 13}}
+
+
+def test_programs_are_shown_where_they_run():
+    rows = status.program_rows(FACTS)
+    assert [(r["program"], r["id"], r["where"], r["mode"], r["attached"], r["places"]) for r in rows] == [
+        ("prog_underlay_xdp", 11, "eth1", "native", 1, 1), ("prog_underlay_tc", 12, "eth1", None, 1, 1),
+        ("prog_endpoint", 13, "endpoint veths", None, 2, 2)]
+    assert [status.program_summary(r) for r in rows] == [
+        ("xdp #11 native on eth1", True), ("tc ingress #12 on eth1", True),
+        ("tc ingress #13 on 2/2 endpoint veths", True)]
+
+
+def test_a_detached_or_foreign_program_is_a_fault_but_xdp_off_is_a_choice():
+    facts = dict(FACTS, underlay=dict(FACTS["underlay"], xdp_id=99, tc_id=0), endpoint_tc_ids={7: 13, 8: 0})
+    assert [status.program_summary(r) for r in status.program_rows(facts)] == [
+        ("xdp #11 native NOT on eth1", False), ("tc ingress #12 NOT on eth1", False),
+        ("tc ingress #13 on 1/2 endpoint veths", False)]
+    off = dict(FACTS, underlay=dict(FACTS["underlay"], xdp_mode="off", xdp_id=0))
+    assert status.program_summary(status.program_rows(off)[0]) == ("xdp off on eth1", True)
+
+
+def test_programs_seen_from_outside_the_node_or_not_pinned():
+    rows = status.program_rows({"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": None}})
+    assert [r["attached"] for r in rows] == [None, None, None]
+    assert status.program_summary(rows[0]) == ("xdp #11 (? not visible from here)", True)
+    assert status.program_summary(rows[1]) == ("tc ingress not pinned", False)
+
+
 @pytest.mark.lab
 def test_status_json_counts_traffic_and_sees_drift(lab):
     from ctl.datapath import open_maps
     n1, n2, _ = lab.nodes()
     snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
     assert snap["node"]["agent_alive"] and snap["node"]["build_current"] and snap["drift"] == []
+    local = [e for e in lab.endpoints().values() if e["node"] == n1]
+    assert snap["node"]["underlay_device"] == "eth1"
+    assert [(p["program"], p["hook"], p["where"], p["attached"], p["places"]) for p in snap["node"]["programs"]] == [
+        ("prog_underlay_xdp", "xdp", "eth1", 1, 1), ("prog_underlay_tc", "tc ingress", "eth1", 1, 1),
+        ("prog_endpoint", "tc ingress", "endpoint veths", len(local), len(local))]
+    assert snap["node"]["programs"][0]["mode"] == "native" and all(p["id"] for p in snap["node"]["programs"])
     peer_before = {p["node"]: p for p in snap["peers"]}[n2]
     ep_before = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
     assert lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=5)

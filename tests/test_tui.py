@@ -12,7 +12,7 @@ import time
 import pytest
 from rich.console import Console
 
-from ctl.tui import Dashboard, PeerScreen, StatusApp, StoreSource, human, matches, spark
+from ctl.tui import Dashboard, PeerScreen, ServiceScreen, StatusApp, StoreSource, human, matches, spark
 from maps.drops import REASONS
 
 DROP = next(iter(REASONS.values()))
@@ -31,6 +31,13 @@ class FakeSource:
     def __init__(self):
         self.calls: list[str] = []
         self.fail_next = False
+        self.programs = [
+            {"program": "prog_underlay_xdp", "id": 11, "hook": "xdp", "where": "eth1", "mode": "native",
+             "attached": 1, "places": 1},
+            {"program": "prog_underlay_tc", "id": 12, "hook": "tc ingress", "where": "eth1", "mode": None,
+             "attached": 1, "places": 1},
+            {"program": "prog_endpoint", "id": 13, "hook": "tc ingress", "where": "endpoint veths", "mode": None,
+             "attached": 2, "places": 2}]
 
     def nodes(self) -> list[str]:
         return sorted(NODES)
@@ -47,8 +54,9 @@ class FakeSource:
                     "rx_packets": pps * tick, "rx_bytes": pps * tick * 100}
         peers = [p for p in sorted(NODES) if p != node]
         return {
-            "node": {"name": node, "underlay_ip": NODES[node], "vxlan_port": 4789, "agent_pid": 42,
-                     "agent_alive": True, "pinned": True, "build": "abc123", "build_current": True},
+            "node": {"name": node, "underlay_ip": NODES[node], "underlay_device": "eth1", "vxlan_port": 4789,
+                     "agent_pid": 42, "agent_alive": True, "pinned": True, "build": "abc123", "build_current": True,
+                     "programs": self.programs},
             "peers": [{"node": p, "underlay_ip": NODES[p], "subnets": [f"10.10.{sorted(NODES).index(p)}.0/24"],
                        **traffic(PEER_PPS[p])} for p in peers],
             "endpoints": [{"name": name, "network": "demo", "ip": ip, "netns": f"/run/netns/{name}",
@@ -144,7 +152,7 @@ def test_dashboard_shows_every_panel_with_exact_rates():
         await settled(pilot)
         text = screen_text(app)
         for expected in [
-            "node n1", "underlay 192.0.2.1:4789", "agent alive, pid 42", "abc123 (current)", "store reachable",
+            "node n1", "underlay eth1 192.0.2.1:4789", "agent alive, pid 42", "abc123 (current)", "store reachable",
             "peers 2/2, sorted by name", "n2", "192.0.2.2", "10.10.1.0/24", "n3",
             "all peers: tx 11 pkt/s 1.1kB/s, rx 11 pkt/s 1.1kB/s",
             "endpoints 2/2", "web1", "10.10.0.1", "api1", "ready",
@@ -217,6 +225,54 @@ def test_lints_panel_and_monitor_in_the_header():
         await until(pilot, lambda: app.snap is not None and app.snap["node"]["name"] == "n2")
         await pilot.pause()
         assert box.has_class("warn") and not box.has_class("bad")
+    run(app, scenario)
+
+
+def test_header_shows_where_each_program_runs_and_a_missing_one_in_red():
+    source = FakeSource()
+    app, _ = make_app(source)
+
+    async def scenario(pilot):
+        await settled(pilot)
+        text = screen_text(app)
+        expected = ("programs xdp #11 native on eth1 · tc ingress #12 on eth1 · "
+                    "tc ingress #13 on 2/2 endpoint veths")
+        assert expected in text, text
+        assert "node n1  underlay eth1 192.0.2.1:4789" in text
+        source.programs[2] = dict(source.programs[2], attached=1)    # a filter detached behind our back
+        await app.refresh_now()
+        await pilot.pause()
+        header = app.header_text()
+        missing = next(span for span in header.spans if "1/2" in header.plain[span.start:span.end])
+        assert "red" in str(missing.style)
+    run(app, scenario)
+
+
+def test_enter_on_a_service_drills_into_it_and_escape_comes_back():
+    app, _ = make_app()
+
+    async def scenario(pilot):
+        await settled(pilot)
+        app.dashboard.query_one("#services").focus()
+        await pilot.press("down", "enter")         # db1's row: its service, web
+        await pilot.pause()
+        assert isinstance(app.screen, ServiceScreen) and app.screen.service == "web"
+        await app.refresh_now()
+        await pilot.pause()
+        text = screen_text(app)
+        for expected in ["service web seen from n1", "network demo", "VIP 10.10.255.254:80/tcp",
+                         "published 8080:80/tcp", "affinity none", "now 3 conn/s, 12 pkt/s",
+                         "new connections/s over the last 60s, max 3", "backends 2"]:
+            assert expected in text, f"{expected!r} not on screen:\n{text}"
+        table = app.screen.query_one("#service-backends")
+        assert [r.key.value for r in table.ordered_rows] == ["web1", "db1"]
+        assert [str(table.get_cell("web1", c)) for c in ("cps", "pps", "share", "state")] == \
+            ["2", "8", "67%", "active"]
+        assert [str(table.get_cell("db1", c)) for c in ("cps", "pps", "share", "state")] == \
+            ["1", "4", "33%", "draining"]
+        await pilot.press("escape")
+        await pilot.pause()
+        assert isinstance(app.screen, Dashboard)
     run(app, scenario)
 
 
@@ -374,7 +430,7 @@ def test_n_moves_to_the_next_node_of_the_store():
         await pilot.pause()
         assert app.node == "n2" and source.calls[-1] == "n2"
         assert rows(app, "peers") == ["n1", "n3"] and rows(app, "endpoints") == ["db1"]
-        assert "node n2  underlay 192.0.2.2:4789" in screen_text(app)
+        assert "node n2  underlay eth1 192.0.2.2:4789" in screen_text(app)
         await pilot.press("n", "n")
         await pilot.pause()
         assert app.node == "n1"
