@@ -390,13 +390,15 @@ def peer():
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def peer_ls(ctx, node, as_json):
+    from .rates import ago
     from .status import peer_rows
     st = _store(ctx).read()
     node = _default_node(st, node)
     rows = peer_rows(st, node)
-    _print_table(f"peers of {node}", ["NODE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"],
+    _print_table(f"peers of {node}", ["NODE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
+                                      "LAST RX"],
                  [[r["node"], r["underlay_ip"], " ".join(r["subnets"]) or "-", r["tx_packets"], r["tx_bytes"],
-                   r["rx_packets"], r["rx_bytes"]] for r in rows], as_json, rows)
+                   r["rx_packets"], r["rx_bytes"], ago(r["last_rx_ago"])] for r in rows], as_json, rows)
 
 
 # --- status -------------------------------------------------------------------------
@@ -424,6 +426,7 @@ def _render_status(snap: dict):
     agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
     build = "no pinned programs" if not n["pinned"] else (
         f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
+    from .rates import ago
     from .status import program_summary
     head = Text(f"node {n['name']}  underlay {n['underlay_device'] or '?'} {n['underlay_ip']}:{n['vxlan_port']}  "
                 f"{agent}  {build}", style="bold")
@@ -442,8 +445,9 @@ def _render_status(snap: dict):
     def counts(r):
         return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
     parts = [head,
-             table("peers", ["NODE", "UNDERLAY IP", "SUBNETS", *traffic],
-                   [[p["node"], p["underlay_ip"], " ".join(p["subnets"]) or "-", *counts(p)] for p in snap["peers"]]),
+             table("peers", ["NODE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
+                   [[p["node"], p["underlay_ip"], " ".join(p["subnets"]) or "-", *counts(p), ago(p["last_rx_ago"])]
+                    for p in snap["peers"]]),
              table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
                    [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
              table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",

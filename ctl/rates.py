@@ -91,3 +91,16 @@ class History:
 
     def clear(self) -> None:
         self._series.clear()
+
+
+def ago(seconds: float | None) -> str:
+    """How long since the last packet, in the largest whole unit: 'now' (under a
+    second), '12s', '3m', '5h', '2d'; 'never' for None."""
+    if seconds is None:
+        return "never"
+    if seconds < 1:
+        return "now"
+    for div, unit in ((86400, "d"), (3600, "h"), (60, "m")):
+        if seconds >= div:
+            return f"{int(seconds // div)}{unit} ago"
+    return f"{int(seconds)}s ago"

@@ -2,6 +2,8 @@
 counters, drops by reason, map fill, and drift between the store and the kernel."""
 from __future__ import annotations
 
+import time
+
 from maps.drops import REASONS
 from maps.layout import MAPS, EndpointKey, LbBackendKey, PinnedMap, ip_be, pin_dir, sum_percpu, U32
 
@@ -18,9 +20,17 @@ def read_counters(node: str, map_name: str) -> dict:
         return {}
 
 
+def seconds_since(then_ns: int, now_ns: int) -> float | None:
+    """Seconds from a data-path time (CLOCK_MONOTONIC, coarse: up to a tick behind) to
+    now; None for 0, which means never."""
+    return max(0.0, (now_ns - then_ns) / 1e9) if then_ns else None
+
+
 def _traffic(t) -> dict:
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     return {"tx_packets": t.tx_packets if t else 0, "tx_bytes": t.tx_bytes if t else 0,
-            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0}
+            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0,
+            "last_rx_ago": seconds_since(t.last_rx_ns, now) if t else None}
 
 
 def peer_rows(state: State, node: str) -> list[dict]:

@@ -23,7 +23,7 @@ from textual.containers import Horizontal
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Sparkline, Static
 
-from .rates import History, Rates, SnapshotRates, snapshot_rates
+from .rates import History, Rates, SnapshotRates, ago, snapshot_rates
 
 REFRESH_SECONDS = 1.0
 HISTORY_SAMPLES = 60        # seconds of tx+rx pps kept per peer/endpoint (detail sparkline)
@@ -209,7 +209,8 @@ class Dashboard(Screen):
     def compose(self) -> ComposeResult:
         yield Static(id="header")
         yield _table("peers", [("NODE", "node"), ("UNDERLAY IP", "underlay_ip"), ("SUBNETS", "subnets"),
-                               *RATE_COLUMNS, ("TX PKTS", "tx_packets"), ("RX PKTS", "rx_packets"),
+                               *RATE_COLUMNS, ("LAST RX", "last_rx"), ("TX PKTS", "tx_packets"),
+                               ("RX PKTS", "rx_packets"),
                                ("TX BYTES", "tx_bytes"), ("RX BYTES", "rx_bytes")])
         yield _table("endpoints", [("NAME", "name"), ("NETWORK", "network"), ("IP", "ip"), ("STATE", "state"),
                                    *RATE_COLUMNS])
@@ -304,7 +305,7 @@ class Dashboard(Screen):
         fill_table(table, [(p["node"], [
             Text(p["node"], style="bold"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
             *_rate_cells(rates.peers.get(p["node"]), app.peer_history.get(p["node"])),
-            _num(p["tx_packets"]), _num(p["rx_packets"]), _num(p["tx_bytes"], "B"), _num(p["rx_bytes"], "B")])
+            Text(ago(p.get("last_rx_ago")), justify="right"), _num(p["tx_packets"]), _num(p["rx_packets"]), _num(p["tx_bytes"], "B"), _num(p["rx_bytes"], "B")])
             for p in ordered(peers, "node", rates.peers, app.sort)])
 
     def _endpoints(self, app) -> None:

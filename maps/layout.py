@@ -109,7 +109,9 @@ class Vni(Struct):
 
 class Traffic(Struct):
     _fields_ = [("tx_packets", ctypes.c_uint64), ("tx_bytes", ctypes.c_uint64),
-                ("rx_packets", ctypes.c_uint64), ("rx_bytes", ctypes.c_uint64)]
+                ("rx_packets", ctypes.c_uint64), ("rx_bytes", ctypes.c_uint64),
+                ("last_rx_ns", ctypes.c_uint64)]
+    _latest_ = ("last_rx_ns",)     # a time, not a count: across CPUs the latest wins
 
 
 class DropCount(Struct):
@@ -318,11 +320,13 @@ class PinnedMap:
 
 
 def sum_percpu(values: list):
-    """Add up a per-CPU counter struct."""
+    """Add up a per-CPU counter struct (its `_latest_` fields are times: the latest wins)."""
     total = type(values[0])()
+    latest = getattr(total, "_latest_", ())
     for v in values:
         for name, *_ in total._fields_:
-            setattr(total, name, getattr(total, name) + getattr(v, name))
+            mine, theirs = getattr(total, name), getattr(v, name)
+            setattr(total, name, max(mine, theirs) if name in latest else mine + theirs)
     return total
 
 

@@ -473,3 +473,25 @@ def test_traffic_counters(dp):
     assert diff["web1"] == (3, len(_web1_to_web2) + len(_web1_to_api1) + len(_dns_udp), 1, len(_ok) - ENCAP)
     assert diff["web2"] == (0, 0, 1, len(_web1_to_web2))
     assert diff["B"] == (1, len(_web1_to_api1) + ENCAP, 1, len(_ok))
+
+
+def test_rx_stamps_the_time_of_the_last_packet_seen(dp):
+    """What `status` shows as a peer's last packet: the coarse monotonic clock (up to a
+    tick behind the fine one), stamped by every rx count and by nothing else."""
+    import time
+
+    def last(e_or_ip):
+        t = (dp.traffic("xo_peer_stats", U32(ip_be(e_or_ip))) if isinstance(e_or_ip, str)
+             else dp.traffic("xo_endpoint_stats", EndpointKey(vni=e_or_ip.vni, ip=ip_be(e_or_ip.ip))))
+        return t.last_rx_ns if t else 0
+    dp.run("prog_underlay_tc", _ok)
+    peer_before, web1_before = last(T.PEER_B), last(T.WEB1)
+    time.sleep(0.05)
+    dp.run("prog_endpoint", _web1_to_api1, T.WEB1.ifindex)        # tx only: no stamp
+    assert (last(T.PEER_B), last(T.WEB1)) == (peer_before, web1_before)
+    t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    dp.run("prog_underlay_tc", _ok)
+    t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    tick = 10_000_000                                              # HZ >= 100
+    for stamp in (last(T.PEER_B), last(T.WEB1)):
+        assert t0 - tick <= stamp <= t1 and stamp > peer_before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctl.rates import History, Rates, drop_rates, per_second, row_rates, snapshot_rates, traffic_rates
+from ctl.rates import History, Rates, ago, drop_rates, per_second, row_rates, snapshot_rates, traffic_rates
 
 
 def traffic(tx_packets=0, tx_bytes=0, rx_packets=0, rx_bytes=0, **row):
@@ -123,3 +123,8 @@ def test_history_of_unknown_key_is_empty():
 def test_history_size_must_be_positive():
     with pytest.raises(ValueError):
         History(size=0)
+
+
+def test_ago_says_how_long_since_in_its_largest_whole_unit():
+    assert [ago(x) for x in [None, 0.0, 0.99, 1.0, 59.9, 60, 3599, 3600, 86399, 86400 * 3 + 5]] == [
+        "never", "now", "now", "1s ago", "59s ago", "1m ago", "59m ago", "1h ago", "23h ago", "3d ago"]

@@ -62,6 +62,19 @@ def test_services_section_lists_backends_with_weight_and_state():
     assert all(b["connections"] == b["packets"] == 0 for b in web["backends"])
 
 
+def test_seconds_since_a_data_path_time():
+    assert status.seconds_since(0, 5_000_000_000) is None                 # never
+    assert status.seconds_since(1_500_000_000, 4_000_000_000) == 2.5
+    assert status.seconds_since(4_001_000_000, 4_000_000_000) == 0.0      # the coarse clock is not ahead
+
+
+def test_per_cpu_counters_add_up_but_times_take_the_latest():
+    from maps.layout import Traffic, sum_percpu
+    total = sum_percpu([Traffic(rx_packets=2, rx_bytes=100, last_rx_ns=70), Traffic(rx_packets=3, last_rx_ns=90),
+                        Traffic()])
+    assert (total.rx_packets, total.rx_bytes, total.last_rx_ns) == (5, 100, 90)
+
+
 FACTS = {"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": 12, "prog_endpoint": 13},
          "underlay": {"name": "eth1", "xdp_mode": "native", "xdp_id": 11, "tc_id": 12},
          "endpoint_tc_ids": {7: 13, 8: 13}}
@@ -112,6 +125,7 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
     peer = {p["node"]: p for p in snap["peers"]}[n2]
     ep = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
     assert peer["tx_packets"] - peer_before["tx_packets"] >= 5
+    assert peer["last_rx_ago"] is not None and peer["last_rx_ago"] < 5, peer
     assert peer["rx_packets"] - peer_before["rx_packets"] >= 5
     assert ep["tx_packets"] - ep_before["tx_packets"] >= 5 and ep["rx_packets"] - ep_before["rx_packets"] >= 5
     assert {m["name"]: m["entries"] for m in snap["maps"]}["xo_peers"] == 2

@@ -58,7 +58,7 @@ class FakeSource:
                      "agent_pid": 42, "agent_alive": True, "pinned": True, "build": "abc123", "build_current": True,
                      "programs": self.programs},
             "peers": [{"node": p, "underlay_ip": NODES[p], "subnets": [f"10.10.{sorted(NODES).index(p)}.0/24"],
-                       **traffic(PEER_PPS[p])} for p in peers],
+                       "last_rx_ago": None if p == "n3" else 75.0, **traffic(PEER_PPS[p])} for p in peers],
             "endpoints": [{"name": name, "network": "demo", "ip": ip, "netns": f"/run/netns/{name}",
                            "state": "ready", **traffic(pps)} for name, ip, pps in ENDPOINTS[node]],
             "drops": [{"reason": DROP.name, "code": DROP.code, "text": DROP.text,
@@ -164,6 +164,7 @@ def test_dashboard_shows_every_panel_with_exact_rates():
             assert expected in text, f"{expected!r} not on screen:\n{text}"
         assert cell(app, "peers", "n2", "tx_pps") == "1"
         assert cell(app, "peers", "n3", "tx_pps") == "10" and cell(app, "peers", "n3", "rx_Bps") == "1.0k"
+        assert cell(app, "peers", "n2", "last_rx") == "1m ago" and cell(app, "peers", "n3", "last_rx") == "never"
         assert cell(app, "endpoints", "web1", "rx_pps") == "20"
         assert cell(app, "drops", DROP.name, "pps") == "3"
     run(app, scenario)

@@ -71,6 +71,7 @@ struct xo_traffic {
     __u64 tx_bytes;
     __u64 rx_packets;
     __u64 rx_bytes;
+    __u64 last_rx_ns;         /* CLOCK_MONOTONIC (coarse) of the last rx: "last packet seen" */
 };
 
 /* Per-CPU drop counters, indexed by enum xo_drop_reason. */
@@ -272,6 +273,8 @@ static __always_inline void xo_count_rx(struct xo_traffic *t, __u32 bytes)
     if (t) {
         t->rx_packets++;
         t->rx_bytes += bytes;
+        /* The coarse clock (a tick's resolution) is a load, not a clock read. */
+        t->last_rx_ns = bpf_ktime_get_coarse_ns();
     }
 }
 
