@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 
 import pytest
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.lab
 def snapshot(lab) -> tuple:
     from ctl.datapath import open_maps
     from ctl.desired import RECONCILED_MAPS
-    db = sqlite3.connect(lab.state)
-    rows = sorted(db.execute("SELECT kind, name, body FROM objects"))
-    gen = db.execute("SELECT value FROM meta").fetchall()
-    db.close()
+    gen, rows = lab.store().snapshot()      # either backend: the whole state and its generation
     kernel = {}
     for node in lab.nodes():
         maps = open_maps(node)
