@@ -208,23 +208,24 @@ class Lab:
         return f"xo-{self.prefix}st"
 
     def _etcd(self, known: dict | None) -> dict:
-        """Start Debian's etcd in the switch's netns (kept if it already runs)."""
-        if known and _alive(known["pid"]) and "etcd" in " ".join(_cmdline(known["pid"])):
+        """Start Debian's etcd in the switch's netns: kept if it runs, restarted on its
+        data if it stopped (`lab up` after an outage), new otherwise."""
+        if known and self._etcd_pids():
             return known
-        self._stop_etcd()
         host_ip, switch_ip = str(self.link_net[1]), str(self.link_net[2])
-        taken = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", str(self.link_net)], capture_output=True,
-                               text=True).stdout.strip()
-        if taken:
-            raise XoError(f"{self.link_net}, the lab's link to its etcd, is already used here: {taken[:120]}")
         ns = self.underlay_netns
-        _run("ip", "link", "add", self.store_link, "type", "veth", "peer", "name", "st", "netns", ns)
-        _run("ip", "addr", "add", f"{host_ip}/30", "dev", self.store_link)
-        _run("ip", "link", "set", self.store_link, "up")
-        _run("ip", "-n", ns, "addr", "add", f"{switch_ip}/30", "dev", "st")
-        _run("ip", "-n", ns, "link", "set", "st", "up")
-        _run("ip", "-n", ns, "link", "set", "lo", "up")
-        _run("ip", "-n", ns, "addr", "add", f"{ETCD_HOST}/{UNDERLAY_NET.prefixlen}", "dev", "br0")
+        if not os.path.exists(f"/sys/class/net/{self.store_link}"):
+            taken = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", str(self.link_net)],
+                                   capture_output=True, text=True).stdout.strip()
+            if taken:
+                raise XoError(f"{self.link_net}, the lab's link to its etcd, is already used here: {taken[:120]}")
+            _run("ip", "link", "add", self.store_link, "type", "veth", "peer", "name", "st", "netns", ns)
+            _run("ip", "addr", "add", f"{host_ip}/30", "dev", self.store_link)
+            _run("ip", "link", "set", self.store_link, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{switch_ip}/30", "dev", "st")
+            _run("ip", "-n", ns, "link", "set", "st", "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{ETCD_HOST}/{UNDERLAY_NET.prefixlen}", "dev", "br0")
         os.makedirs(self.etcd_data, mode=0o700, exist_ok=True)
         cmd = etcd_server.command(f"{self.prefix}lab".strip("-") or "lab", self.etcd_data,
                                   [f"http://{ETCD_HOST}:{ETCD_PORT}", f"http://{switch_ip}:{ETCD_PORT}"],
@@ -233,9 +234,13 @@ class Lab:
                                  netns_path=netns.resolve(ns))
         return {"url": self.etcd_url, "node_url": f"etcd://{ETCD_HOST}:{ETCD_PORT}", "pid": proc.pid}
 
+    def _etcd_pids(self) -> list[int]:
+        """Our etcd, found by its data dir (also after a crash)."""
+        return _pids_with(["etcd", f"--data-dir={self.etcd_data}"])
+
     def _stop_etcd(self) -> None:
-        """Our etcd (found by its data dir, also after a crash), its data, its host link."""
-        for pid in _pids_with(["etcd", f"--data-dir={self.etcd_data}"]):
+        """Our etcd, its data, its host link."""
+        for pid in self._etcd_pids():
             etcd_server.stop(pid)
         import shutil
         shutil.rmtree(self.etcd_data, ignore_errors=True)

@@ -67,11 +67,16 @@ def explain(url: str, text: str, tls: bool) -> XoError:
                        "or point at etcd's https port")
     if "http request to an https server" in low:
         return XoError(f"store {url}: etcd wants TLS: give --store-ca (and --store-cert/--store-key)")
-    if "bad certificate" in low or "certificate required" in low or "unknown ca" in low:
-        return XoError(f"store {url}: etcd refused our client certificate (--store-cert/--store-key)")
+    if "bad certificate" in low or "certificate required" in low or "unknown ca" in low or (
+            tls and "eof occurred in violation of protocol" in low):
+        return XoError(f"store {url}: etcd refused our client certificate: give --store-cert/--store-key, "
+                       "signed by the CA etcd trusts")
     if "too many operations in txn" in low:
         return XoError(f"store {url}: etcd refused a transaction this large: raise etcd's --max-txn-ops "
                        "(`xoverlay store serve` sets 10000)")
+    if not tls and "closed connection without response" in low:
+        return XoError(f"store {url}: etcd closed the connection without answering: if it serves TLS, give "
+                       "--store-ca (and --store-cert/--store-key)")
     if tls and ("ssl" in low or "tls" in low):
         return XoError(f"store {url}: TLS failed: {text.strip().splitlines()[-1][:200]}")
     reason = "connection refused" if "refused" in low else (
@@ -113,9 +118,13 @@ class EtcdStore(Store):
         self._closed = False
 
     def _client(self) -> Etcd3Client:
-        return Etcd3Client(host=self.host, port=self.port, protocol="https" if self.tls else "http",
-                           ca_cert=self.tls.ca, cert_cert=self.tls.cert, cert_key=self.tls.key,
-                           timeout=(CONNECT_TIMEOUT, REQUEST_TIMEOUT), api_path="/v3/")
+        client = Etcd3Client(host=self.host, port=self.port, protocol="https" if self.tls else "http",
+                             ca_cert=self.tls.ca, cert_cert=self.tls.cert, cert_key=self.tls.key,
+                             timeout=(CONNECT_TIMEOUT, REQUEST_TIMEOUT), api_path="/v3/")
+        # Exactly the CA and proxy the user gave: requests would let REQUESTS_CA_BUNDLE
+        # override --store-ca, and send etcd's traffic to an HTTP(S)_PROXY.
+        client.session.trust_env = False
+        return client
 
     def close(self) -> None:
         self._closed = True

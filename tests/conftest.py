@@ -110,3 +110,38 @@ def lab(request, tmp_path_factory):
         yield handle
     finally:
         run_xo(state, "lab", "down", check=False, timeout=180)
+
+
+class EtcdProc:
+    """A Debian etcd of one test: its own data dir and ports, stopped at the end.
+    stop()/start() restart it on the same data (an outage)."""
+
+    def __init__(self, tmp: str, tls=None):
+        from ctl import etcd_server
+        self.dir, self.tls = tmp, tls
+        self.port, self.peer = etcd_server.free_port(), etcd_server.free_port()
+        self.url = f"etcd://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "EtcdProc":
+        from ctl import etcd_server
+        cmd = etcd_server.command("t", os.path.join(self.dir, "data"),
+                                  etcd_server.client_urls("127.0.0.1", self.port, bool(self.tls)),
+                                  f"http://127.0.0.1:{self.peer}", self.tls)
+        self.proc = etcd_server.start(cmd, os.path.join(self.dir, "etcd.log"), "127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        from ctl import etcd_server
+        if self.proc:
+            etcd_server.stop(self.proc.pid)
+            self.proc = None
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    e = EtcdProc(str(tmp_path)).start()
+    try:
+        yield e
+    finally:
+        e.stop()
