@@ -211,11 +211,16 @@ class SqliteStore(Store):
             raise XoError(f"state store {self.path}: {e}") from None
 
 
-def _in_host_netns() -> bool:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
-    except OSError:
-        return True
+def _routable(url: str) -> bool:
+    """Does this netns have a route to the URL's host? (A UDP connect sends nothing.)"""
+    import socket
+    host = url[len(ETCD_SCHEME):].split("/")[0].rsplit(":", 1)[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return True
+        except OSError:
+            return False
 
 
 def lab_store(path: str) -> str | None:
@@ -223,13 +228,16 @@ def lab_store(path: str) -> str | None:
     etcd`), if any: while that lab is up, the path stands for the lab's etcd, so the host's
     CLI sees the lab's cluster with the same --state as the SQLite lab. The lab's etcd has
     an address on the underlay (for the lab's namespaces) and one on a private link to the
-    host (for the host's CLI): which one depends on where we run."""
+    host (for the host's CLI): the host's if this netns has a route to it (the host), else
+    the underlay's (a lab namespace)."""
     try:
         with open(path + LAB_SUFFIX) as f:
             etcd = json.load(f).get("etcd") or {}
     except (OSError, ValueError, AttributeError):
         return None
-    return etcd.get("url") if _in_host_netns() else etcd.get("node_url")
+    if not etcd.get("url"):
+        return None
+    return etcd["url"] if _routable(etcd["url"]) else etcd.get("node_url")
 
 
 class MemoryStore(Store):

@@ -79,9 +79,10 @@ def explain(url: str, text: str, tls: bool) -> XoError:
                        "--store-ca (and --store-cert/--store-key)")
     if tls and ("ssl" in low or "tls" in low):
         return XoError(f"store {url}: TLS failed: {text.strip().splitlines()[-1][:200]}")
-    reason = "connection refused" if "refused" in low else (
-        "timed out" if "timed out" in low or "timeout" in low else text.strip().splitlines()[-1][:160] if text.strip()
-        else "no answer")
+    known = ("connection refused", "no route to host", "network is unreachable", "name or service not known",
+             "temporary failure in name resolution", "connection reset", "connection closed", "timed out")
+    reason = next((k for k in known if k in low), None) or ("timed out" if "timeout" in low else
+                                                            text.strip().splitlines()[-1][:120] or "no answer")
     return StoreUnavailable(f"store {url} is unreachable: {reason}")
 
 
