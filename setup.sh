@@ -15,6 +15,7 @@ packages=(
   python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 bpftool   # BCC, libbpf, headers BCC compiles against
   python3-venv iproute2 iputils-ping ethtool kmod util-linux procps # venv, ip/tc/nsenter, ping, sysctl
   iperf3 sockperf nftables tmux curl                               # benchmarks, baselines, TUI checks
+  etcd-server openssl                                              # the cluster store (docs/STORE.md), test certs
 )
 missing=()
 for p in "${packages[@]}"; do
@@ -24,6 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # Debian starts the package's own etcd (127.0.0.1:2379, /var/lib/etcd) on install. We
+  # installed it for the binary: `xoverlay store serve` runs it with our flags on that port.
+  if [[ " ${missing[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+    say "disabling Debian's default etcd service (xoverlay store serve runs etcd instead)"
+    systemctl disable --now etcd.service >/dev/null 2>&1 || true
+  fi
 fi
 
 # BCC compiles against /lib/modules/$(uname -r)/build. A kernel without its own headers

@@ -17,11 +17,18 @@ from pyroute2 import IPRoute
 from . import datapath, desired, dnsd, links, model, monitor
 from .errors import XoError
 from .lbmaps import MaglevTables
-from .store import Store
+from .store import Store, StoreUnavailable
 
 log = logging.getLogger("xoverlay.agent")
 RUN_DIR = "/run/xoverlay"
 RESYNC_SECONDS = 2.0      # full re-check even without store changes: repairs drift
+LEASE_TTL = 10.0          # seconds without its agent before a node is shown down
+RETRY_FIRST, RETRY_MAX = 0.25, 5.0     # backoff while the store is unreachable
+
+
+def next_retry(previous: float | None) -> float:
+    """Seconds to wait before asking an unreachable store again: doubling, capped."""
+    return RETRY_FIRST if previous is None else min(previous * 2, RETRY_MAX)
 
 
 def pid_path(node: str) -> str:
@@ -111,16 +118,29 @@ class Agent:
     gateway_ifindex: int = 0           # xo-gw, where endpoint.c sends DNS (0: none yet)
     last_state: object = None         # the store's state of the last pass (read by metrics)
     observer: object = None           # metrics.AgentMetrics, when --metrics is on
+    lease_ttl: float = LEASE_TTL
+    store_error: str | None = None    # why the store is unreachable now (None: it answers)
+    joined: bool = False              # our node is in the store and registered alive
+    renewed: float = 0.0              # monotonic time of the last renewal of our registration
+    alive_nodes: dict | None = None   # the store's live registrations, as of the last renewal
+
+    def _join(self, s):
+        return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
 
     def start(self) -> None:
-        """Join the cluster and bring the data path up (adopting what is pinned)."""
+        """Join the cluster and bring the data path up (adopting what is pinned). With the
+        store unreachable, an agent whose data path is pinned still starts (a restart
+        during a store outage): it adopts the pins, touches no map and joins later."""
         # Every check first, so that a refusal leaves the kernel and the store as they were.
         self.underlay = find_underlay(self.ipr, self.underlay_name)
         datapath.check_bpffs()
-
-        def join(s):
-            return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
-        join(self.store.read())
+        try:
+            self._join(self.store.read())
+        except StoreUnavailable as e:
+            if not datapath.is_pinned(self.node):
+                raise XoError(f"{e}: a node's first start needs the store") from None
+            self.store_error = str(e)
+            log.error("%s: keeping the pinned data path as it is until the store answers", e)
         if self.dns:     # bound now (IP_FREEBIND: before the address exists), served later
             self.dns_server = dnsd.DnsServer(self.node, forward=self.dns_forward, upstreams=self.dns_upstreams)
         try:
@@ -129,7 +149,8 @@ class Agent:
             self.maps = datapath.open_maps(self.node)
             self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
             self.tables = MaglevTables(self.maps[desired.MAGLEV])
-            self.store.update(join)
+            if self.store_error is None:
+                self._join_and_register()
             # xo-gw exists whether or not our responder runs: DNS that endpoint.c sends
             # there must end on this node (an ICMP error at worst), never go onwards.
             self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)
@@ -143,8 +164,26 @@ class Agent:
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
                  self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)
         if self.dns_server:
-            self.dns_server.set_state(self.store.read())
+            if self.store_error is None:
+                self.dns_server.set_state(self.store.read())
             self.dns_server.start()
+
+    def _join_and_register(self) -> None:
+        self.store.update(self._join)
+        self.store.register(self.node, self.lease_ttl, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                        "underlay_ip": self.underlay.ip, "since": time.time()})
+        self.alive_nodes = self.store.alive()
+        self.joined, self.renewed = True, time.monotonic()
+
+    def _renew(self) -> None:
+        """Keep our registration alive: renewed at a third of its TTL, so one lost renewal
+        does not mark the node down."""
+        if not self.joined:
+            self._join_and_register()
+        elif time.monotonic() - self.renewed >= self.lease_ttl / 3:
+            self.store.renew()
+            self.alive_nodes = self.store.alive()
+            self.renewed = time.monotonic()
 
     def stop_dns(self) -> None:
         if self.dns_server:
@@ -154,9 +193,9 @@ class Agent:
     # --- one reconcile pass ------------------------------------------------------------
 
     def reconcile(self) -> list[str]:
-        """Make the kernel match the store once. Returns what it changed, for the log."""
-        generation = self.store.generation()
-        state = self.store.read()
+        """Make the kernel match the store once. Returns what it changed, for the log.
+        The store is read before anything is touched: unreachable, nothing changes."""
+        generation, state = self.store.snapshot()
         self.last_state = state
         if self.node not in state.nodes:
             raise XoError(f"node {self.node} was removed from the store")
@@ -251,14 +290,36 @@ class Agent:
             self._loop()
         finally:
             self.stop_dns()
+            if self.joined and self.store_error is None:
+                self.store.unregister()       # shown down at once, not after the TTL
+            self.store.close()
         log.info("agent for node %s stopping; the data path keeps forwarding (DNS does not)", self.node)
 
     def _loop(self) -> None:
         gen = -1
         last_full = 0.0
+        retry = None             # backoff while the store is unreachable
+        next_try = 0.0
+        outage_since = time.monotonic() if self.store_error else None
         while not self.stopping:
             now = time.monotonic()
-            current = self.store.generation()
+            if now < next_try:
+                time.sleep(min(0.1, next_try - now))
+                continue
+            try:
+                self._renew()
+                current = self.store.generation()
+            except XoError as e:      # unreachable (etcd), or locked too long (SQLite)
+                if self.store_error is None:
+                    outage_since = now
+                    log.error("%s: the data path keeps forwarding as it is; retrying", e)
+                self.store_error = str(e)
+                retry = next_retry(retry)
+                next_try = now + retry
+                continue
+            if self.store_error is not None:
+                log.info("store reachable again after %.1f s: full resync", now - outage_since)
+                self.store_error, retry, gen = None, None, -1
             if current != gen or now - last_full >= RESYNC_SECONDS:
                 gen = current
                 last_full = now
@@ -267,6 +328,12 @@ class Agent:
                 try:
                     changes = self.reconcile()
                     ok = True
+                except StoreUnavailable as e:
+                    self.store_error, outage_since, gen = str(e), now, -1
+                    log.error("%s: the data path keeps forwarding as it is; retrying", e)
+                    retry = next_retry(None)
+                    next_try = now + retry
+                    changes = []
                 except XoError as e:
                     log.error("%s", e)
                     if "was removed from the store" in str(e):
@@ -281,4 +348,5 @@ class Agent:
                     log.info("%s", c)
                 if changes:
                     log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
-            self.store.wait(gen, timeout=0.5)
+            if self.store_error is None:
+                self.store.wait(gen, timeout=0.5)

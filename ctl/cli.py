@@ -18,7 +18,7 @@ from . import agent as agent_mod
 from . import lab as lab_mod
 from . import model, netns
 from .errors import XoError
-from .store import open_store
+from .store import Tls, open_store
 
 # Wide when piped, so tables in logs and tests are not truncated.
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -26,7 +26,7 @@ WAIT_SECONDS = 10.0
 
 
 def _store(ctx):
-    return open_store(ctx.obj["state"])
+    return open_store(ctx.obj["state"], ctx.obj["tls"])
 
 
 def _print_table(title: str, columns: list[str], rows: list[list], as_json: bool, records: list[dict]):
@@ -63,13 +63,25 @@ def _default_node(state: model.State, node: str | None) -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--state", envvar="XOVERLAY_STATE", default=None,
-              help="state store file (default /var/lib/xoverlay/state.db; env XOVERLAY_STATE)")
+@click.option("--store", "--state", "state", envvar=["XOVERLAY_STORE", "XOVERLAY_STATE"], default=None,
+              metavar="PATH|etcd://HOST:PORT",
+              help="the cluster store: a SQLite file (default /var/lib/xoverlay/state.db) or etcd://HOST:PORT[/PREFIX] "
+                   "(env XOVERLAY_STORE or XOVERLAY_STATE)")
+@click.option("--store-ca", envvar="XOVERLAY_STORE_CA", default=None, metavar="FILE",
+              help="etcd over TLS: the CA that signed etcd's certificate (env XOVERLAY_STORE_CA)")
+@click.option("--store-cert", envvar="XOVERLAY_STORE_CERT", default=None, metavar="FILE",
+              help="etcd over TLS: our client certificate (env XOVERLAY_STORE_CERT)")
+@click.option("--store-key", envvar="XOVERLAY_STORE_KEY", default=None, metavar="FILE",
+              help="etcd over TLS: the key of --store-cert (env XOVERLAY_STORE_KEY)")
 @click.pass_context
-def cli(ctx, state):
+def cli(ctx, state, store_ca, store_cert, store_key):
     """xoverlay: a VXLAN overlay for containers with its data path in eBPF."""
     ctx.ensure_object(dict)
     ctx.obj["state"] = state
+    ctx.obj["tls"] = Tls(store_ca, store_cert, store_key)
+    for flag, path in (("--store-ca", store_ca), ("--store-cert", store_cert), ("--store-key", store_key)):
+        if path and not os.path.isfile(path):
+            raise XoError(f"{flag} {path}: no such file")
     if ctx.invoked_subcommand and "--help" not in sys.argv and "-h" not in sys.argv:
         _require_root()
 
@@ -91,8 +103,10 @@ def cli(ctx, state):
               help="where to forward (repeatable; default: the nameservers of /etc/resolv.conf)")
 @click.option("--metrics", default=None, metavar="IP:PORT",
               help="serve Prometheus metrics there, e.g. 127.0.0.1:9469 (default: off)")
+@click.option("--lease-ttl", default=agent_mod.LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
+              help="seconds without the agent before the node is shown down (its registration's lease)")
 @click.pass_context
-def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics):
+def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
     from . import dnsd
     model.check_name("node", node)
@@ -115,9 +129,10 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
         server = metrics_mod.bind(metrics) if metrics else None
         lock = agent_mod.take_pid_lock(node)
         a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port, dns=dns,
-                            dns_forward=dns_forward, dns_upstreams=upstreams)
+                            dns_forward=dns_forward, dns_upstreams=upstreams, lease_ttl=lease_ttl)
         a.start()
-        a.reconcile()
+        if a.store_error is None:
+            a.reconcile()
     except XoError as e:
         if a is not None:
             a.stop_dns()
@@ -129,7 +144,7 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
             os.write(ready_fd, f"{e}\n".encode())
         raise
     if server is not None:
-        a.observer = metrics_mod.serve(server, node, lambda: a.last_state)
+        a.observer = metrics_mod.serve(server, node, lambda: a.last_state, lambda: (a.store_error, a.alive_nodes))
         logging.getLogger("xoverlay.agent").info("metrics on http://%s/metrics", metrics)
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
@@ -138,6 +153,9 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
         click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}"
                    + (f", metrics on http://{metrics}/metrics" if metrics else "")
                    + "; Ctrl-C stops the agent, the data path keeps forwarding")
+    if a.store_error:
+        click.echo(f"xoverlay: warning: {a.store_error}: the pinned data path keeps forwarding as it is; "
+                   "the agent resyncs when the store is back", err=True)
     a.run()
     if server is not None:
         server.shutdown()
@@ -392,13 +410,14 @@ def peer():
 def peer_ls(ctx, node, as_json):
     from .rates import ago
     from .status import peer_rows
-    st = _store(ctx).read()
+    store = _store(ctx)
+    st = store.read()
     node = _default_node(st, node)
-    rows = peer_rows(st, node)
-    _print_table(f"peers of {node}", ["NODE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES",
-                                      "LAST RX"],
-                 [[r["node"], r["underlay_ip"], " ".join(r["subnets"]) or "-", r["tx_packets"], r["tx_bytes"],
-                   r["rx_packets"], r["rx_bytes"], ago(r["last_rx_ago"])] for r in rows], as_json, rows)
+    rows = peer_rows(st, node, store.alive())
+    _print_table(f"peers of {node}", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS",
+                                      "RX BYTES", "LAST RX"],
+                 [[r["node"], r["liveness"], r["underlay_ip"], " ".join(r["subnets"]) or "-", r["tx_packets"],
+                   r["tx_bytes"], r["rx_packets"], r["rx_bytes"], ago(r["last_rx_ago"])] for r in rows], as_json, rows)
 
 
 # --- status -------------------------------------------------------------------------
@@ -432,6 +451,12 @@ def _render_status(snap: dict):
                 f"{agent}  {build}", style="bold")
     if n["pinned"]:
         head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
+    store = snap.get("store")
+    if store:
+        head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
+                    f"UNREACHABLE ({store['error']}); the data path keeps forwarding as it is"),
+                    style="" if store["reachable"] else "red")
+        head.append(f"; this node {n.get('liveness', 'unknown')}")
 
     def table(title, cols, rows):
         t = Table(title=title, title_justify="left")
@@ -445,9 +470,9 @@ def _render_status(snap: dict):
     def counts(r):
         return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
     parts = [head,
-             table("peers", ["NODE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
-                   [[p["node"], p["underlay_ip"], " ".join(p["subnets"]) or "-", *counts(p), ago(p["last_rx_ago"])]
-                    for p in snap["peers"]]),
+             table("peers", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
+                   [[p["node"], p.get("liveness", "unknown"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
+                     *counts(p), ago(p["last_rx_ago"])] for p in snap["peers"]]),
              table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
                    [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
              table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",
@@ -483,15 +508,24 @@ def status(ctx, node, once, as_json):
     """What a node's data path is doing, from its pinned maps."""
     from . import status as status_mod
     store = _store(ctx)
-    node = _default_node(store.read(), node)
+    state, alive, where = status_mod.store_view(store)
+    if state is None:          # the maps still tell what the data path does
+        node = node or os.environ.get("XOVERLAY_NODE")
+        if not node:
+            raise XoError(f"{where['error']}: say which node with --node to see its data path")
+    else:
+        node = _default_node(state, node)
+
+    def snap():
+        return status_mod.snapshot(state or model.State(), node, alive, where)
     if as_json:
-        click.echo(json.dumps(status_mod.snapshot(store.read(), node), indent=2))
+        click.echo(json.dumps(snap(), indent=2))
         return
     if once or not sys.stdout.isatty():
-        console.print(_render_status(status_mod.snapshot(store.read(), node)))
+        console.print(_render_status(snap()))
         return
     from .tui import StatusApp, StoreSource
-    source = StoreSource(getattr(store, "path", ctx.obj["state"]))
+    source = StoreSource(ctx.obj["state"], ctx.obj["tls"])
     StatusApp(source.snapshot, node, source.nodes).run()
 
 
@@ -519,6 +553,56 @@ def monitor(ctx, node, reasons, endpoint, service, sample, as_json, count):
                     as_json=as_json, count=count, echo=click.echo, note=lambda msg: click.echo(f"xoverlay monitor: {msg}", err=True))
 
 
+# --- store ----------------------------------------------------------------------------
+
+@cli.group("store")
+def store_group():
+    """The cluster store: etcd for clusters of several machines (docs/STORE.md)."""
+
+
+@store_group.command("serve")
+@click.option("--listen", default=f"127.0.0.1:{2379}", show_default=True, metavar="IP:PORT",
+              help="where agents and the CLI reach etcd: an address of the underlay for a cluster")
+@click.option("--data-dir", default="/var/lib/xoverlay/etcd", show_default=True, help="etcd's data (kept)")
+@click.option("--name", default=None, help="the etcd member's name (default: this host's name)")
+@click.option("--peer-port", default=2380, show_default=True, type=click.IntRange(1, 65535),
+              help="etcd's peer port, on 127.0.0.1 (one member)")
+@click.option("--tls-cert", default=None, metavar="FILE", help="serve https with this certificate")
+@click.option("--tls-key", default=None, metavar="FILE", help="the key of --tls-cert")
+@click.option("--client-ca", default=None, metavar="FILE",
+              help="with --tls-cert: clients must show a certificate signed by this CA")
+@click.option("--detach", is_flag=True, help="run in the background (log beside the data dir)")
+def store_serve(listen, data_dir, name, peer_port, tls_cert, tls_key, client_ca, detach):
+    """Run Debian's etcd as the cluster store, with sane flags (no etcd of our own)."""
+    from . import etcd_server
+    from .metrics import parse_listen
+    host, port = parse_listen(listen)
+    given = [tls_cert, tls_key, client_ca]
+    if any(given) and not all(given):
+        raise XoError("TLS needs all three of --tls-cert, --tls-key and --client-ca")
+    for path in filter(None, given):
+        if not os.path.isfile(path):
+            raise XoError(f"{path}: no such file")
+    tls = etcd_server.ServerTls(tls_cert, tls_key, client_ca) if tls_cert else None
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)        # etcd's own requirement
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = etcd_server.command(name or socket.gethostname(), data_dir,
+                              [f"{'https' if tls else 'http'}://{hostport}"], f"http://127.0.0.1:{peer_port}", tls)
+    url = f"etcd://{hostport}"
+    hint = (" with --store-ca/--store-cert/--store-key" if tls else "")
+    if detach:
+        log = data_dir.rstrip("/") + ".log"
+        proc = etcd_server.start(cmd, log, host, port)
+        click.echo(f"etcd pid {proc.pid} serves {url} (data {data_dir}, log {log}); use --store {url}{hint}")
+        return
+    click.echo(f"etcd serves {url} (data {data_dir}); use --store {url}{hint}; Ctrl-C stops it", err=True)
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:
+        raise XoError("etcd is not installed: apt-get install etcd-server (setup.sh does it)") from None
+
+
 # --- lab ----------------------------------------------------------------------------
 
 @cli.group()
@@ -529,9 +613,12 @@ def lab():
 @lab.command("up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--xdp/--no-xdp", default=True, show_default=True)
+@click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default=None,
+              help="the lab's store: the --state file (SQLite, the default for a new lab) or a real etcd "
+                   "started for the lab (Debian's; stopped and removed by `lab down`)")
 @click.pass_context
-def lab_up(ctx, nodes, xdp):
-    lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo)
+def lab_up(ctx, nodes, xdp, store_kind):
+    lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo, store=store_kind)
 
 
 @lab.command("demo")

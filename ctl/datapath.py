@@ -122,6 +122,11 @@ def _pinned_build(pin: str) -> int | None:
         return None
 
 
+def is_pinned(node: str) -> bool:
+    """Does `node` have a data path pinned here (an agent ran and may run again)?"""
+    return _pinned_build(pin_dir(node)) is not None
+
+
 def load(node: str, force: bool = False) -> Programs:
     """Adopt the node's pinned programs if they are of this build, else compile and pin
     new ones (the caller re-attaches them and writes the new build id)."""

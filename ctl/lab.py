@@ -19,9 +19,9 @@ import subprocess
 import sys
 import time
 
-from . import agent, model, netns, teardown
+from . import agent, etcd_server, model, netns, teardown
 from .errors import XoError
-from .store import DEFAULT_STATE, default_path
+from .store import DEFAULT_STATE, LAB_SUFFIX, MemoryStore, default_path, is_etcd, open_store
 
 UNDERLAY_NET = ipaddress.IPv4Network("192.0.2.0/24")   # TEST-NET-1: never a real network
 UNDERLAY_DEV = "eth1"
@@ -32,6 +32,13 @@ WEB_SERVICE = "web"
 WEB_PORTS = ("80/tcp", "80/udp")     # the demo server answers HTTP and UDP on 80
 WEB_PUBLISH = "8080:80"
 CLIENT_HOST = 200                    # the outside client: 192.0.2.200 (tests use .250 for a DNS upstream)
+# `lab up --store etcd`: Debian's etcd runs in the switch's netns, on 192.0.2.1 of the
+# underlay (where a real cluster's etcd would be: a machine of the underlay), and on a
+# private /30 to the host from RFC 2544's benchmarking range, one per lab (the host's CLI:
+# the host cannot use underlay addresses, and several labs must not share a route).
+ETCD_HOST = str(UNDERLAY_NET.network_address + 1)
+ETCD_PORT = 2379
+HOST_LINK_NET = ipaddress.IPv4Network("198.18.0.0/15")
 
 
 SWITCH_NO_NETFILTER = ("net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
@@ -47,12 +54,17 @@ def _run(*cmd: str) -> None:
 class Lab:
     def __init__(self, store, state_path: str | None):
         self.store = store
-        self.state_path = os.path.abspath(state_path or default_path())
+        spec = state_path or default_path()
+        self.state_path = spec if is_etcd(spec) else os.path.abspath(spec)
+        digest = hashlib.sha1(self.state_path.encode()).hexdigest()
         if self.state_path == DEFAULT_STATE:
             self.prefix = ""
         else:
-            self.prefix = "x" + hashlib.sha1(self.state_path.encode()).hexdigest()[:4] + "-"
-        self.registry = self.state_path + ".lab.json"
+            self.prefix = "x" + digest[:4] + "-"
+        self.registry = (os.path.join(agent.RUN_DIR, f"lab-{digest[:8]}.json") if is_etcd(spec)
+                         else self.state_path + LAB_SUFFIX)
+        link = int(digest[4:8], 16) % (HOST_LINK_NET.num_addresses // 4)
+        self.link_net = ipaddress.IPv4Network((int(HOST_LINK_NET.network_address) + 4 * link, 30))
 
     # --- names --------------------------------------------------------------------------
 
@@ -122,15 +134,28 @@ class Lab:
 
     # --- up -----------------------------------------------------------------------------
 
-    def up(self, count: int, xdp: bool = True, echo=print) -> None:
+    def up(self, count: int, xdp: bool = True, echo=print, store: str | None = None) -> None:
+        """`store`: "sqlite" (the store file) or "etcd" (a real etcd for the lab); None:
+        what the lab already runs on, SQLite for a new one."""
         data = self._load()
+        running = "etcd" if data.get("etcd") else ("sqlite" if data["nodes"] else None)
+        if store and running and store != running:
+            raise XoError(f"the lab is up on {running}: `xoverlay lab down` first, then `lab up --store {store}`")
+        if is_etcd(self.state_path):
+            raise XoError("the lab starts its own etcd (`xoverlay lab up --store etcd`, with --state a file "
+                          "path or the default): its namespaces could not reach another one")
         self._underlay()
+        if (store or running) == "etcd":
+            data["etcd"] = self._etcd(data.get("etcd"))
+            self._save(data)
+            self.store = open_store(data["etcd"]["url"])
         nodes = [self.node_name(i) for i in range(1, count + 1)]
         data["nodes"] = sorted(set(data["nodes"]) | set(nodes), key=lambda n: int(n.rsplit("node", 1)[1]))
         self._save(data)
+        node_store = data["etcd"]["node_url"] if data.get("etcd") else self.state_path
         for i, node in enumerate(nodes, start=1):
             self._node(i, node, xdp)
-            self._agent(node, xdp, echo)
+            self._agent(node, xdp, echo, node_store)
         state = self.store.read()
         if DEMO_NETWORK not in state.networks:
             self.store.update(lambda s: model.create_network(s, DEMO_NETWORK, DEMO_SUBNET))
@@ -163,6 +188,66 @@ class Lab:
         echo(f"service {WEB_SERVICE}: {web.vip} {' '.join(web.ports)}, backends {', '.join(webs)}, published on "
              f"port {WEB_PUBLISH.split(':')[0]} of every node; outside client: netns {self.client_netns} "
              f"({self.client_ip})")
+        etcd = self._load().get("etcd")
+        echo(f"store: etcd {etcd['node_url']} for the nodes, {etcd['url']} from this host (the CLI follows it "
+             "with the lab's --state until `lab down`)" if etcd else f"store: {self.state_path} (SQLite)")
+
+    # --- the lab's etcd -----------------------------------------------------------------
+
+    @property
+    def etcd_data(self) -> str:
+        return self.state_path + ".etcd"
+
+    @property
+    def etcd_url(self) -> str:
+        """Where the host reaches the lab's etcd: the switch's end of the lab's /30."""
+        return f"etcd://{self.link_net[2]}:{ETCD_PORT}"
+
+    @property
+    def store_link(self) -> str:
+        return f"xo-{self.prefix}st"
+
+    def _etcd(self, known: dict | None) -> dict:
+        """Start Debian's etcd in the switch's netns: kept if it runs, restarted on its
+        data if it stopped (`lab up` after an outage), new otherwise."""
+        if known and self._etcd_pids():
+            return known
+        host_ip, switch_ip = str(self.link_net[1]), str(self.link_net[2])
+        ns = self.underlay_netns
+        if not os.path.exists(f"/sys/class/net/{self.store_link}"):
+            taken = subprocess.run(["ip", "-4", "-o", "addr", "show", "to", str(self.link_net)],
+                                   capture_output=True, text=True).stdout.strip()
+            if taken:
+                raise XoError(f"{self.link_net}, the lab's link to its etcd, is already used here: {taken[:120]}")
+            _run("ip", "link", "add", self.store_link, "type", "veth", "peer", "name", "st", "netns", ns)
+            _run("ip", "addr", "add", f"{host_ip}/30", "dev", self.store_link)
+            _run("ip", "link", "set", self.store_link, "up")
+            _run("ip", "-n", ns, "addr", "add", f"{switch_ip}/30", "dev", "st")
+            _run("ip", "-n", ns, "link", "set", "st", "up")
+            _run("ip", "-n", ns, "link", "set", "lo", "up")
+            _run("ip", "-n", ns, "addr", "add", f"{ETCD_HOST}/{UNDERLAY_NET.prefixlen}", "dev", "br0")
+        os.makedirs(self.etcd_data, mode=0o700, exist_ok=True)
+        cmd = etcd_server.command(f"{self.prefix}lab".strip("-") or "lab", self.etcd_data,
+                                  [f"http://{ETCD_HOST}:{ETCD_PORT}", f"http://{switch_ip}:{ETCD_PORT}"],
+                                  "http://127.0.0.1:2380", advertise=f"http://{ETCD_HOST}:{ETCD_PORT}")
+        proc = etcd_server.start(cmd, self.etcd_data + ".log", switch_ip, ETCD_PORT,
+                                 netns_path=netns.resolve(ns))
+        return {"url": self.etcd_url, "node_url": f"etcd://{ETCD_HOST}:{ETCD_PORT}", "pid": proc.pid}
+
+    def _etcd_pids(self) -> list[int]:
+        """Our etcd, found by its data dir (also after a crash)."""
+        return _pids_with(["etcd", f"--data-dir={self.etcd_data}"])
+
+    def _stop_etcd(self) -> None:
+        """Our etcd, its data, its host link."""
+        for pid in self._etcd_pids():
+            etcd_server.stop(pid)
+        import shutil
+        shutil.rmtree(self.etcd_data, ignore_errors=True)
+        if os.path.exists(self.etcd_data + ".log"):
+            os.unlink(self.etcd_data + ".log")
+        if os.path.exists(f"/sys/class/net/{self.store_link}"):
+            _run("ip", "link", "del", self.store_link)
 
     # --- the demo service and the outside client ----------------------------------------
 
@@ -322,12 +407,12 @@ class Lab:
         # next hop) answers only then; without it the mesh runs in tc.
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.conf.{UNDERLAY_DEV}.forwarding=1")
 
-    def _agent(self, node: str, xdp: bool, echo) -> None:
+    def _agent(self, node: str, xdp: bool, echo, store: str) -> None:
         from .agent import running_pid
         if running_pid(node):
             return
         cmd = ["nsenter", f"--net={netns.resolve(self.node_netns(node))}", "--",
-               sys.executable, "-m", "ctl.cli", "--state", self.state_path, "up", "--node", node,
+               sys.executable, "-m", "ctl.cli", "--store", store, "up", "--node", node,
                "--underlay", UNDERLAY_DEV, "--detach", "--xdp" if xdp else "--no-xdp"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -336,6 +421,21 @@ class Lab:
     # --- down ---------------------------------------------------------------------------
 
     def down(self, echo=print) -> None:
+        etcd = self._load().get("etcd") or os.path.isdir(self.etcd_data)
+        if etcd:
+            if not self._load().get("etcd"):      # a crash took the registry: etcd is still where it was
+                self.store = open_store(self.etcd_url)
+            try:
+                self.store.read()
+            except XoError:          # the lab's etcd is gone: its data goes too; the kernel's still
+                self.store = MemoryStore()
+        try:
+            self._down(echo)
+        finally:
+            if etcd:
+                self._stop_etcd()
+
+    def _down(self, echo) -> None:
         self._stop_demo_server()
         state = self.store.read()
         if WEB_SERVICE in state.services and state.services[WEB_SERVICE].network == DEMO_NETWORK:

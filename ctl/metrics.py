@@ -146,6 +146,28 @@ class NodeCollector:
         yield capacity
 
 
+class StoreCollector:
+    """What the agent knows of the store: reachable or not, and which nodes hold a live
+    registration (as of the agent's last renewal; docs/STORE.md)."""
+
+    def __init__(self, node: str, state: Callable[[], State | None], store: Callable[[], tuple]):
+        self.node, self.state, self.store = node, state, store
+
+    def collect(self):
+        error, alive = self.store()
+        reachable = GaugeMetricFamily("xoverlay_store_reachable", "1 if the agent's last request to the store "
+                                      "was answered, 0 while it is unreachable (the data path keeps forwarding)",
+                                      labels=["node"])
+        reachable.add_metric([self.node], 0 if error else 1)
+        yield reachable
+        up = GaugeMetricFamily("xoverlay_node_up", "1 if the node's agent holds a live registration in the store "
+                               "(lease), 0 if it is down", labels=["node", "peer"])
+        if alive is not None:
+            for name in sorted((self.state() or State()).nodes):
+                up.add_metric([self.node, name], 1 if name in alive else 0)
+        yield up
+
+
 class AgentMetrics:
     """The agent's own: reconcile latency and errors."""
 
@@ -189,11 +211,15 @@ def bind(addr: str) -> WSGIServer:
     return server
 
 
-def serve(server: WSGIServer, node: str, state: Callable[[], State | None]) -> AgentMetrics:
+def serve(server: WSGIServer, node: str, state: Callable[[], State | None],
+          store: Callable[[], tuple] | None = None) -> AgentMetrics:
     """Answer scrapes on the bound server from a daemon thread; return the agent's own
-    metrics to observe its reconcile passes into."""
+    metrics to observe its reconcile passes into. `store()` returns (why the store is
+    unreachable or None, the live registrations or None)."""
     registry = CollectorRegistry()
     registry.register(NodeCollector(node, state))
+    if store is not None:
+        registry.register(StoreCollector(node, state, store))
     agent_metrics = AgentMetrics(registry, node)
     server.set_app(make_wsgi_app(registry))
     threading.Thread(target=server.serve_forever, name="xo-metrics", daemon=True).start()

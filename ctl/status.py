@@ -33,9 +33,14 @@ def _traffic(t) -> dict:
             "last_rx_ago": seconds_since(t.last_rx_ns, now) if t else None}
 
 
-def peer_rows(state: State, node: str) -> list[dict]:
+def liveness(alive: dict | None, node: str) -> str:
+    """'up' (its agent holds a live registration), 'down', or 'unknown' (store unread)."""
+    return "unknown" if alive is None else ("up" if node in alive else "down")
+
+
+def peer_rows(state: State, node: str, alive: dict | None = None) -> list[dict]:
     stats = read_counters(node, "xo_peer_stats")
-    return [{"node": peer.name, "underlay_ip": peer.underlay_ip,
+    return [{"node": peer.name, "underlay_ip": peer.underlay_ip, "liveness": liveness(alive, peer.name),
              "subnets": sorted(s.subnet for s in state.slices.values() if s.node == peer.name),
              **_traffic(stats.get(U32(ip_be(peer.underlay_ip))))}
             for peer in peers_of(state, node)]
@@ -177,7 +182,19 @@ def program_summary(row: dict) -> tuple[str, bool]:
             row["attached"] == row["places"])
 
 
-def snapshot(state: State, node: str) -> dict:
+def store_view(store) -> tuple[State | None, dict | None, dict]:
+    """(state, live registrations, the "store" part of a snapshot); state and registrations
+    are None when the store cannot be read (the maps can still be shown)."""
+    from .errors import XoError
+    try:
+        state = store.read()
+        alive = store.alive()
+        return state, alive, {"where": store.where, "reachable": True, "error": None}
+    except XoError as e:
+        return None, None, {"where": store.where, "reachable": False, "error": str(e)}
+
+
+def snapshot(state: State, node: str, alive: dict | None = None, store: dict | None = None) -> dict:
     """Everything `status` shows for a node, as plain data (the --json schema)."""
     maps = read_maps(node)
     me = state.nodes.get(node)
@@ -193,8 +210,9 @@ def snapshot(state: State, node: str) -> dict:
                  "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
                  "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
                  "build_current": bool(cfg) and cfg.build_id == build_id(),
-                 "programs": program_rows(facts)},
-        "peers": peer_rows(state, node),
+                 "programs": program_rows(facts), "liveness": liveness(alive, node)},
+        "store": store,
+        "peers": peer_rows(state, node, alive),
         "endpoints": endpoint_rows(state, node),
         "services": service_rows(state, node),
         "drops": drop_rows(node),

@@ -86,7 +86,8 @@ def ordered(rows: list[dict], key: str, rates: dict, sort: str) -> list[dict]:
     return sorted(rows, key=lambda r: r[key])
 
 
-PEER_FIELDS = ("node", "underlay_ip", "subnets")
+PEER_FIELDS = ("node", "underlay_ip", "subnets", "liveness")
+LIVENESS_STYLE = {"up": "green", "down": "bold red", "unknown": "yellow"}
 STATE_STYLE = {"ready": "green", "pending": "yellow", "removing": "red"}
 ENDPOINT_FIELDS = ("name", "network", "ip", "state")
 BACKEND_STYLE = {"active": "green", "draining": "yellow", "gone": "red"}
@@ -114,25 +115,30 @@ class StoreSource:
     worker). If the store cannot be read, the last state read is used and the snapshot
     says so in "store"; the store file is never created here."""
 
-    def __init__(self, path: str | None = None):
-        from .store import default_path
+    def __init__(self, path: str | None = None, tls=None):
+        from .store import Tls, default_path
         self.path = path or default_path()
+        self.tls = tls or Tls()
         self._store = None
         self._state = None
+        self._alive = None
 
     def _read(self):
         import os
 
         from .errors import XoError
-        from .store import open_store
+        from .store import is_etcd, lab_store, open_store
         try:
             if self._store is None:
-                if not os.path.exists(self.path):
+                if not is_etcd(self.path) and not lab_store(os.path.abspath(self.path)) \
+                        and not os.path.exists(self.path):
                     raise XoError(f"state store {self.path}: no such file")
-                self._store = open_store(self.path)
+                self._store = open_store(self.path, self.tls)
             self._state = self._store.read()
+            self._alive = self._store.alive()
             return self._state, None
         except XoError as e:
+            self._alive = None
             return self._state, str(e)
 
     def nodes(self) -> list[str]:
@@ -143,8 +149,8 @@ class StoreSource:
         from . import status
         from .model import State
         state, error = self._read()
-        snap = status.snapshot(state or State(), node)
-        snap["store"] = {"path": self.path, "reachable": error is None, "error": error}
+        snap = status.snapshot(state or State(), node, self._alive)
+        snap["store"] = {"path": self.path, "where": self.path, "reachable": error is None, "error": error}
         snap["peer_endpoints"] = status.endpoints_by_peer(state or State(), node)
         snap["array_maps"] = status.array_maps(node)
         return snap
@@ -208,9 +214,9 @@ class Dashboard(Screen):
 
     def compose(self) -> ComposeResult:
         yield Static(id="header")
-        yield _table("peers", [("NODE", "node"), ("UNDERLAY IP", "underlay_ip"), ("SUBNETS", "subnets"),
-                               *RATE_COLUMNS, ("LAST RX", "last_rx"), ("TX PKTS", "tx_packets"),
-                               ("RX PKTS", "rx_packets"),
+        yield _table("peers", [("NODE", "node"), ("STATE", "liveness"), ("UNDERLAY IP", "underlay_ip"),
+                               ("SUBNETS", "subnets"), *RATE_COLUMNS, ("LAST RX", "last_rx"),
+                               ("TX PKTS", "tx_packets"), ("RX PKTS", "rx_packets"),
                                ("TX BYTES", "tx_bytes"), ("RX BYTES", "rx_bytes")])
         yield _table("endpoints", [("NAME", "name"), ("NETWORK", "network"), ("IP", "ip"), ("STATE", "state"),
                                    *RATE_COLUMNS])
@@ -303,9 +309,12 @@ class Dashboard(Screen):
         else:
             table.border_subtitle = "rates after the next refresh  ·  enter: details"
         fill_table(table, [(p["node"], [
-            Text(p["node"], style="bold"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
+            Text(p["node"], style="bold"),
+            Text(p.get("liveness", "unknown"), style=LIVENESS_STYLE.get(p.get("liveness"), "")),
+            p["underlay_ip"], " ".join(p["subnets"]) or "-",
             *_rate_cells(rates.peers.get(p["node"]), app.peer_history.get(p["node"])),
-            Text(ago(p.get("last_rx_ago")), justify="right"), _num(p["tx_packets"]), _num(p["rx_packets"]), _num(p["tx_bytes"], "B"), _num(p["rx_bytes"], "B")])
+            Text(ago(p.get("last_rx_ago")), justify="right"),
+            _num(p["tx_packets"]), _num(p["rx_packets"]), _num(p["tx_bytes"], "B"), _num(p["rx_bytes"], "B")])
             for p in ordered(peers, "node", rates.peers, app.sort)])
 
     def _endpoints(self, app) -> None:
@@ -680,6 +689,8 @@ class StatusApp(App):
             t.append("  store ", style="dim")
             t.append("reachable" if store["reachable"] else f"UNREACHABLE: {store['error']}",
                      style="green" if store["reachable"] else "bold red")
+            live = n.get("liveness", "unknown")
+            t.append("  registration ", style="dim").append(live, style=LIVENESS_STYLE.get(live, ""))
         if n["pinned"]:
             from .status import program_summary
             t.append("\nprograms ", style="dim")

@@ -47,9 +47,16 @@ class LabHandle:
         return {e["name"]: e for e in json.loads(self.xo("endpoint", "ls", "--json").out)}
 
     def nodes(self) -> list[str]:
+        return self.lab().nodes()
+
+    def store(self):
+        """The lab's store, whichever backend it runs on (the path follows a lab's etcd)."""
+        from ctl.store import open_store
+        return open_store(self.state)
+
+    def lab(self):
         from ctl.lab import Lab
-        from ctl.store import SqliteStore
-        return Lab(SqliteStore(self.state), self.state).nodes()
+        return Lab(self.store(), self.state)
 
     def node_netns(self, node: str) -> str:
         return f"/run/netns/xo-{node}"
@@ -79,19 +86,62 @@ def leftovers(prefix: str) -> list[str]:
         found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if prefix in n]
     if os.path.isdir("/sys/fs/bpf/xoverlay"):
         found += [f"pin {n}" for n in os.listdir("/sys/fs/bpf/xoverlay") if n.startswith(prefix)]
-    ps = subprocess.run(["pgrep", "-af", r"ctl\.(cli|demo_server)"], capture_output=True, text=True).stdout
+    ps = subprocess.run(["pgrep", "-af", r"ctl\.(cli|demo_server)|^etcd "], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in ps.splitlines() if prefix in line]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if " xo" in line]
     return found
 
 
-@pytest.fixture(scope="session")
-def lab(tmp_path_factory):
-    state = str(tmp_path_factory.mktemp("lab") / "state.db")
+# Every end-to-end test runs on both stores: the embedded SQLite file and a real etcd the
+# lab starts (`lab up --store etcd`). XOVERLAY_TEST_STORES=etcd (or sqlite) runs one only.
+LAB_STORES = [s for s in os.environ.get("XOVERLAY_TEST_STORES", "sqlite,etcd").split(",") if s]
+
+
+@pytest.fixture(scope="session", params=LAB_STORES)
+def lab(request, tmp_path_factory):
+    """A 3-node lab; `lab.state` is its --state on either store (for etcd, the path
+    stands for the lab's etcd while the lab is up)."""
+    state = str(tmp_path_factory.mktemp(f"lab-{request.param}") / "state.db")
     handle = LabHandle(state)
+    handle.backend = request.param
     try:
-        handle.xo("lab", "up", "--nodes", "3", timeout=180)
+        handle.xo("lab", "up", "--nodes", "3", "--store", request.param, timeout=180)
         yield handle
     finally:
         run_xo(state, "lab", "down", check=False, timeout=180)
+
+
+class EtcdProc:
+    """A Debian etcd of one test: its own data dir and ports, stopped at the end.
+    stop()/start() restart it on the same data (an outage)."""
+
+    def __init__(self, tmp: str, tls=None):
+        from ctl import etcd_server
+        self.dir, self.tls = tmp, tls
+        self.port, self.peer = etcd_server.free_port(), etcd_server.free_port()
+        self.url = f"etcd://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> "EtcdProc":
+        from ctl import etcd_server
+        cmd = etcd_server.command("t", os.path.join(self.dir, "data"),
+                                  etcd_server.client_urls("127.0.0.1", self.port, bool(self.tls)),
+                                  f"http://127.0.0.1:{self.peer}", self.tls)
+        self.proc = etcd_server.start(cmd, os.path.join(self.dir, "etcd.log"), "127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        from ctl import etcd_server
+        if self.proc:
+            etcd_server.stop(self.proc.pid)
+            self.proc = None
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    e = EtcdProc(str(tmp_path)).start()
+    try:
+        yield e
+    finally:
+        e.stop()

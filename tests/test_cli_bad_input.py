@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
 import subprocess
 
 import pytest
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.lab
 def snapshot(lab) -> tuple:
     from ctl.datapath import open_maps
     from ctl.desired import RECONCILED_MAPS
-    db = sqlite3.connect(lab.state)
-    rows = sorted(db.execute("SELECT kind, name, body FROM objects"))
-    gen = db.execute("SELECT value FROM meta").fetchall()
-    db.close()
+    gen, rows = lab.store().snapshot()      # either backend: the whole state and its generation
     kernel = {}
     for node in lab.nodes():
         maps = open_maps(node)
@@ -212,9 +208,12 @@ def test_dns_port_taken_refuses_before_changing_anything(lab):
     leaves the store, the pins and the node's addresses and rules as they were."""
     prefix = lab.nodes()[0][:-len("node1")]
     ns = f"xo-{prefix}dnsbusy"
+    switch = lab.lab().underlay_netns       # on the lab's underlay, as a node: it reaches the store (etcd)
     blocker = None
     try:
-        for cmd in (["netns", "add", ns], ["-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p"],
+        for cmd in (["netns", "add", ns], ["-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "pdnsbusy",
+                                           "netns", switch],
+                    ["-n", switch, "link", "set", "pdnsbusy", "master", "br0", "up"],
                     ["-n", ns, "addr", "add", "192.0.2.240/24", "dev", "eth1"], ["-n", ns, "link", "set", "eth1", "up"],
                     ["-n", ns, "link", "set", "lo", "up"]):
             subprocess.run(["ip", *cmd], check=True, capture_output=True)

@@ -273,8 +273,7 @@ def test_service_name_resolves_to_its_vip(lab):
     n1, n2, _ = names(lab)
     lab.xo("service", "create", "dnssvc", "--network", "demo", "--port", "80/tcp", "--backend", f"{n2}-a")
     try:
-        from ctl.store import SqliteStore
-        vip = SqliteStore(lab.state).read().services["dnssvc"].vip
+        vip = lab.store().read().services["dnssvc"].vip
         assert getent_ip(lab, f"{n1}-a", "dnssvc") == vip
         assert getent_ip(lab, f"{n1}-b", "dnssvc.demo") == vip
         assert ask(lab, f"{n1}-a", ("dnssvc.demo.xoverlay", "A", True))[0]["addrs"] == [vip]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import in_netns, leftovers, run_xo
+from conftest import LAB_STORES, in_netns, leftovers, run_xo
 
 pytestmark = pytest.mark.lab
 
@@ -172,13 +172,14 @@ def test_store_change_reaches_every_node_without_waiting_for_resync(lab):
         lab.xo("endpoint", "rm", "fast-ep")
 
 
-def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path):
+@pytest.mark.parametrize("store", LAB_STORES)
+def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path, store):
     state = str(tmp_path / "state.db")
-    run_xo(state, "lab", "up", "--nodes", "2", "--no-xdp", timeout=120)
+    run_xo(state, "lab", "up", "--nodes", "2", "--no-xdp", "--store", store, timeout=120)
     from ctl.lab import Lab
-    from ctl.store import SqliteStore
+    from ctl.store import open_store
     from ctl.agent import running_pid
-    lab = Lab(SqliteStore(state), state)
+    lab = Lab(open_store(state), state)
     assert leftovers(lab.prefix)
     for node in lab.nodes():         # a crash: agents gone, registry gone
         os.kill(running_pid(node), signal.SIGKILL)

@@ -25,9 +25,7 @@ PUBLISHED = 8080
 
 
 def lab_obj(lab):
-    from ctl.lab import Lab
-    from ctl.store import SqliteStore
-    return Lab(SqliteStore(lab.state), lab.state)
+    return lab.lab()
 
 
 def node_ips(lab) -> dict[str, str]:

@@ -298,8 +298,6 @@ class Monitoring:
 
 
 def _provoke_every_reason(lab, n1, n2, iso_ip):
-    from ctl.lab import Lab
-    from ctl.store import SqliteStore
     src = lab.ep(f"{n1}-a")
     lab.ping(f"{n1}-a", "10.10.250.250", count=1)                    # UNKNOWN_DESTINATION
     lab.ping(f"{n1}-a", iso_ip, count=1)                             # OTHER_NETWORK
@@ -311,7 +309,7 @@ def _provoke_every_reason(lab, n1, n2, iso_ip):
         UDP(sport=1111, dport=2222) / b"forged"
     arp = Ether(src=src["mac"], dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=src["mac"], psrc=src["ip"], pdst="10.10.0.2")
     send_frames(src["netns"], "eth0", spoofed, arp)                  # SPOOFED_SOURCE, NOT_IPV4
-    lab_ = Lab(SqliteStore(lab.state), lab.state)
+    lab_ = lab.lab()
     underlay = f"/run/netns/{lab_.underlay_netns}"
     node_ip = lab_.node_ip(1)
     eth1 = mac_of(f"/run/netns/xo-{n1}", "eth1")
