@@ -19,11 +19,12 @@ def test_three_nodes_on_one_private_network():
     assert len(set(nodes.values())) == 3
     assert len({ip.rsplit(".", 1)[0] for ip in nodes.values()}) == 1
     assert 'config.vm.box = "debian/bookworm64"' in text
-    assert 'path: "provision.sh", args: [name, ip]' in text
+    assert 'path: "provision.sh", args: [name, ip, ETCD_IP]' in text
+    assert 'ETCD_IP = NODES["node1"]' in text and 't.run = { path: "make-certs", args: [ETCD_IP] }' in text
 
 
 def _commands(script: str):
-    for line in script.splitlines():
+    for line in script.replace("\\\n", " ").splitlines():
         line = line.split("#", 1)[0].strip()
         if line.startswith("xoverlay "):
             yield shlex.split(line.split(">", 1)[0].split("||")[0])[1:]
@@ -51,6 +52,8 @@ def test_provisioning_installs_like_the_readme_and_runs_real_commands():
     assert "./setup.sh" in script
     commands = list(_commands(script))
     assert ["up", "--node", "$node", "--underlay", "$underlay", "--detach"] in commands
+    assert ["store", "serve", "--listen", "$etcd_ip:2379", "--tls-cert", "$tls/etcd.crt", "--tls-key",
+            "$tls/etcd.key", "--client-ca", "$tls/ca.crt", "--detach"] in commands
     for argv in commands:
         _assert_in_cli(argv)
 
@@ -71,3 +74,58 @@ def test_the_cross_vm_check_covers_every_path_with_real_commands():
         _assert_in_cli(argv)
     for what in ("ping -c", "iperf3 -c", "http://$vip/", "http://chkweb/", ":8080/", "trap cleanup EXIT"):
         assert what in (VAGRANT / "check").read_text(), f"vagrant/check lost its {what!r}"
+
+
+def _profile_env(script: str, **shell_vars) -> dict[str, str]:
+    """The environment provision.sh writes to /etc/profile.d/xoverlay.sh, its shell
+    variables filled in."""
+    body = re.search(r"cat > /etc/profile.d/xoverlay.sh <<ENV\n(.*?)\nENV\n", script, re.S).group(1)
+    env = {}
+    for line in body.splitlines():
+        name, value = re.fullmatch(r"export (\w+)=(\S+)", line).groups()
+        for var, sub in shell_vars.items():
+            value = value.replace(f"${var}", sub)
+        env[name] = value
+    return env
+
+
+def test_the_vms_certificates_and_store_settings_reach_a_real_tls_etcd(tmp_path):
+    """make-certs' certificates, `store serve` with provisioning's TLS flags, and the CLI
+    with the environment a VM gets: node2 reaches node1's etcd (here on 127.0.0.1, also in
+    the server certificate), and a certificate of another CA is refused."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from ctl.etcd_server import free_port, stop
+    shutil.copy(VAGRANT / "make-certs", tmp_path / "make-certs")
+    subprocess.run([str(tmp_path / "make-certs"), "127.0.0.1"], check=True, capture_output=True)
+    tls = tmp_path / "tls"
+    port = free_port()
+    serve = subprocess.run([sys.executable, "-m", "ctl.cli", "--state", str(tmp_path / "unused.db"), "store", "serve",
+                            "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "etcd"), "--peer-port",
+                            str(free_port()), "--tls-cert", str(tls / "etcd.crt"), "--tls-key", str(tls / "etcd.key"),
+                            "--client-ca", str(tls / "ca.crt"), "--detach"], capture_output=True, text=True, timeout=60)
+    assert serve.returncode == 0, serve.stderr
+    pid = int(re.search(r"etcd pid (\d+)", serve.stdout).group(1))
+    try:
+        env = _profile_env((VAGRANT / "provision.sh").read_text(), etcd_ip="127.0.0.1", tls=str(tls), node="node2")
+        env["XOVERLAY_STORE"] = env["XOVERLAY_STORE"].replace(":2379", f":{port}")
+        base = {k: v for k, v in os.environ.items() if not k.startswith("XOVERLAY_")}
+
+        def xo(*args, **extra):
+            return subprocess.run([sys.executable, "-m", "ctl.cli", *args], capture_output=True, text=True,
+                                  timeout=60, env={**base, **env, **extra})
+        r = xo("network", "create", "vnet", "--subnet", "10.77.0.0/16")
+        assert r.returncode == 0, r.stderr
+        assert "vnet" in xo("network", "ls").stdout
+        other = tmp_path / "other"
+        other.mkdir()
+        shutil.copy(VAGRANT / "make-certs", other / "make-certs")
+        subprocess.run([str(other / "make-certs"), "127.0.0.1"], check=True, capture_output=True)
+        bad = xo("network", "ls", XOVERLAY_STORE_CERT=str(other / "tls" / "node2.crt"),
+                 XOVERLAY_STORE_KEY=str(other / "tls" / "node2.key"))
+        assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    finally:
+        stop(pid)
