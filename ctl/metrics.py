@@ -17,7 +17,7 @@ from socketserver import ThreadingMixIn
 from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from maps.drops import REASONS
@@ -147,7 +147,7 @@ class NodeCollector:
 
 
 class AgentMetrics:
-    """The agent's own: reconcile latency and errors."""
+    """The agent's own: reconcile latency and errors, repairs, whether it reads the store."""
 
     def __init__(self, registry: CollectorRegistry, node: str):
         self.reconcile_seconds = Histogram("xoverlay_reconcile_duration_seconds",
@@ -155,6 +155,19 @@ class AgentMetrics:
                                            ["node"], buckets=RECONCILE_BUCKETS, registry=registry).labels(node)
         self.reconcile_errors = Counter("xoverlay_reconcile_errors", "Reconcile passes that failed",
                                         ["node"], registry=registry).labels(node)
+        self.repairs = Counter("xoverlay_repairs", "Things undone behind the agent's back that it put back "
+                               "(kind: pin, tc, xdp, endpoint)", ["node", "kind"], registry=registry)
+        self.store = Gauge("xoverlay_store_up", "1 if the agent could read the state store on its last try",
+                           ["node"], registry=registry).labels(node)
+        self.store.set(1)
+        self.node = node
+
+    def repaired(self, repairs) -> None:
+        for r in repairs:
+            self.repairs.labels(self.node, r.kind).inc()
+
+    def store_up(self, up: bool) -> None:
+        self.store.set(1 if up else 0)
 
     def observe(self, seconds: float, ok: bool) -> None:
         self.reconcile_seconds.observe(seconds)

@@ -10,7 +10,7 @@ import sqlite3
 import time
 from typing import Callable
 
-from .errors import XoError
+from .errors import StoreError
 from .model import KINDS, State
 
 DEFAULT_STATE = "/var/lib/xoverlay/state.db"
@@ -42,26 +42,51 @@ class SqliteStore(Store):
 
     def __init__(self, path: str | None = None):
         self.path = path or default_path()
+        self._open(create=True)
+
+    def _open(self, create: bool) -> None:
         directory = os.path.dirname(self.path) or "."
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if create:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             fresh = not os.path.exists(self.path)
             old_umask = os.umask(0o077)   # the state file is root's alone (0600)
             try:
-                self._db = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+                # Reopening never creates: a vanished file is an error, not an empty store.
+                target = self.path if create else f"file:{self.path}?mode=rw"
+                db = sqlite3.connect(target, timeout=15, isolation_level=None, uri=not create)
             finally:
                 os.umask(old_umask)
-            if fresh:
+            if fresh and create:
                 os.chmod(self.path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
-                             "PRIMARY KEY (kind, name))")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
+                           "PRIMARY KEY (kind, name))")
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+                db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+                ino = os.stat(self.path).st_ino
+            except BaseException:
+                db.close()        # an agent retrying every half second must not leak fds
+                raise
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
         except OSError as e:
-            raise XoError(f"state store {self.path}: {e.strerror}") from None
+            raise StoreError(f"state store {self.path}: {e.strerror}") from None
+        self._db, self._ino = db, ino
+
+    def _follow(self) -> None:
+        """A state file replaced under a long-lived reader (a restored backup, or junk
+        written over it) is reopened: the agent must see what is at the path now, not
+        an unlinked inode it still holds."""
+        try:
+            ino = os.stat(self.path).st_ino
+        except OSError as e:
+            raise StoreError(f"state store {self.path}: {e.strerror}") from None
+        if ino != self._ino:
+            old = self._db
+            self._open(create=False)
+            old.close()
 
     def close(self):
         self._db.close()
@@ -79,19 +104,20 @@ class SqliteStore(Store):
         try:
             return self._read()
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
     def generation(self) -> int:
+        self._follow()
         try:
             return self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
     def update(self, change: Callable[[State], State]) -> State:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            raise XoError(f"state store {self.path} is locked: {e}") from None
+            raise StoreError(f"state store {self.path} is locked: {e}") from None
         try:
             old = self._read()
             new = change(old)
