@@ -61,10 +61,13 @@ class SqliteStore(Store):
                 os.chmod(self.path, 0o600)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
-                db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
-                           "PRIMARY KEY (kind, name))")
-                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-                db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+                # Only a new store is written to: opening one whose lock a writer holds
+                # must still let us read it.
+                if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                    db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
+                               "PRIMARY KEY (kind, name))")
+                    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
                 ino = os.stat(self.path).st_ino
             except BaseException:
                 db.close()        # an agent retrying every half second must not leak fds
@@ -84,12 +87,16 @@ class SqliteStore(Store):
         except OSError as e:
             raise StoreError(f"state store {self.path}: {e.strerror}") from None
         if ino != self._ino:
-            old = self._db
+            # Let go of the old file first: a connection left on it could checkpoint its
+            # WAL (named after the path, so shared with the new file) into the old inode.
+            if self._db is not None:
+                self._db.close()
+                self._db, self._ino = None, None
             self._open(create=False)
-            old.close()
 
     def close(self):
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     def _read(self) -> State:
         tables = {kind: {} for kind in KINDS}
@@ -101,6 +108,7 @@ class SqliteStore(Store):
         return State(**{kind + "s": t for kind, t in tables.items()})
 
     def read(self) -> State:
+        self._follow()
         try:
             return self._read()
         except sqlite3.DatabaseError as e:
@@ -114,6 +122,7 @@ class SqliteStore(Store):
             raise StoreError(f"state store {self.path}: {e}") from None
 
     def update(self, change: Callable[[State], State]) -> State:
+        self._follow()
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
