@@ -207,13 +207,15 @@ def test_store_locked_corrupt_or_unreadable_one_line_errors_and_the_data_path_ru
     try:
         # Locked: a writer that never finishes. Readers go on (WAL); writers give up.
         locker = sqlite3.connect(state, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")
-        t0 = time.monotonic()
-        one_line_error(lab.xo("network", "create", "locked", "--subnet", "10.99.0.0/16", check=False), "locked")
-        locked_for = time.monotonic() - t0
-        assert n1 + "-a" in lab.xo("endpoint", "ls").out
-        locker.execute("ROLLBACK")
-        locker.close()
+        try:
+            locker.execute("BEGIN IMMEDIATE")
+            t0 = time.monotonic()
+            one_line_error(lab.xo("network", "create", "locked", "--subnet", "10.99.0.0/16", check=False),
+                           "locked")
+            locked_for = time.monotonic() - t0
+            assert n1 + "-a" in lab.xo("endpoint", "ls").out
+        finally:
+            locker.close()      # rolls back: the lab's teardown needs the store
 
         # Corrupt: junk where the state file was (a botched restore). A good copy first,
         # checkpointed, so the WAL beside it holds nothing the copy lacks.
