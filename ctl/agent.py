@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
 
-from . import datapath, desired, dnsd, links, model, monitor
-from .errors import XoError
+from . import datapath, desired, dnsd, links, model, monitor, repair
+from .errors import StoreError, XoError
 from .lbmaps import MaglevTables
 from .store import Store, StoreUnavailable
 
@@ -29,6 +29,11 @@ RETRY_FIRST, RETRY_MAX = 0.25, 5.0     # backoff while the store is unreachable
 def next_retry(previous: float | None) -> float:
     """Seconds to wait before asking an unreachable store again: doubling, capped."""
     return RETRY_FIRST if previous is None else min(previous * 2, RETRY_MAX)
+
+# Fault injection for tests (tests/test_e2e_faults.py): SIGKILL ourselves after this many
+# steps of the agent's loop, a step being one map operation or one endpoint plumbed or
+# removed. Only the loop counts: the reconcile that `up` runs before it is ready never dies.
+FAULT_ENV = "XOVERLAY_FAULT_KILL_AFTER_STEPS"
 
 
 def pid_path(node: str) -> str:
@@ -124,6 +129,9 @@ class Agent:
     renewed: float = 0.0              # monotonic time of the last renewal of our registration
     alive_nodes: dict | None = None   # the store's live registrations, as of the last renewal
 
+    kill_after_steps: int = 0          # FAULT_ENV; 0: never
+    steps: int = 0
+
     def _join(self, s):
         return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
 
@@ -201,9 +209,10 @@ class Agent:
             raise XoError(f"node {self.node} was removed from the store")
         if self.dns_server:
             self.dns_server.set_state(state, generation)
-        changes = []
+        changes = self._repair()
         try:                      # repairs drift; never a reason to leave the maps alone
-            self.gateway_ifindex, changes = links.ensure_gateway(self.ipr)
+            self.gateway_ifindex, gw_changes = links.ensure_gateway(self.ipr)
+            changes += gw_changes
         except Exception as e:
             log.error("gateway device %s: %s", links.GATEWAY_DEV, e)
         ifindexes, ready, gone = self._plumb(state, changes)
@@ -230,6 +239,7 @@ class Agent:
             else:
                 self.tables.apply({o.key: o.value for o in run}, [])
             changes += [f"{'delete' if deleting else 'set'} Maglev table of service id {o.key}" for o in run]
+            self._step(len(run))
         stale = monitor.clear_if_stale(self.maps["xo_monitor"])
         if stale is not None:
             changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
@@ -254,6 +264,28 @@ class Agent:
                 self.maps[op.map].set(op.key, op.value)
             if not op.map.endswith("_stats"):
                 changes.append(str(op))
+            self._step()
+
+    def _step(self, n: int = 1) -> None:
+        """Count a step that changed the node; under fault injection, die after the Nth."""
+        if not self.kill_after_steps:
+            return
+        self.steps += n
+        if self.steps >= self.kill_after_steps:
+            log.warning("fault injection: SIGKILL after step %d of this agent's loop", self.steps)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _repair(self) -> list[str]:
+        """Pins and underlay programs undone behind our back, put back (ctl/repair.py)."""
+        want = repair.Want(datapath.prog_id(self.progs.fds["prog_underlay_tc"]),
+                           datapath.prog_id(self.progs.fds["prog_underlay_xdp"]) if self.xdp_mode != "off" else 0)
+        todo = repair.plan(repair.observe(self.node, self.underlay.ifindex), want, self.underlay.name)
+        if todo:
+            fds = {**{name: m.fd for name, m in self.maps.items()}, **self.progs.fds}
+            repair.apply(self.node, todo, fds, self.underlay.ifindex, self.progs, self.xdp)
+            if self.observer is not None:
+                self.observer.repaired(todo)
+        return [str(r) for r in todo]
 
     def _plumb(self, state, changes):
         """Create the veths of this node's endpoints, remove those of endpoints gone."""
@@ -265,25 +297,32 @@ class Agent:
                 links.remove_endpoint(self.ipr, ep)
                 changes.append(f"removed endpoint {ep.name}")
                 gone.append(ep.name)
+                self._step()
         for ifname, index in links.our_veths(self.ipr).items():
             if ifname not in wanted:
                 links.unplumb(self.ipr, ifname)
                 changes.append(f"removed stray veth {ifname}")
         for ifname, ep in wanted.items():
             try:
-                ifindexes[ep.name] = links.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"],
-                                                self.headroom_bridge)
+                ifindexes[ep.name], did = links.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"],
+                                                      self.headroom_bridge)
             except XoError as e:
                 log.error("%s", e)
                 continue
             if not ep.ready:
                 ready.append(ep.name)
                 changes.append(f"plumbed endpoint {ep.name} ({ep.ip})")
+                self._step()
+            else:       # it was plumbed: whatever had to be done again was undone behind our back
+                changes += [f"repaired: endpoint {ep.name}: {d}" for d in did]
+                if did and self.observer is not None:
+                    self.observer.repaired([repair.Repair("endpoint", ep.name)] * len(did))
         return ifindexes, ready, gone
 
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> None:
+        self.kill_after_steps = int(os.environ.get(FAULT_ENV) or 0)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stopping", True))
         signal.signal(signal.SIGINT, lambda *_: setattr(self, "stopping", True))
         try:
@@ -299,54 +338,53 @@ class Agent:
         gen = -1
         last_full = 0.0
         retry = None             # backoff while the store is unreachable
-        next_try = 0.0
         outage_since = time.monotonic() if self.store_error else None
         while not self.stopping:
-            now = time.monotonic()
-            if now < next_try:
-                time.sleep(min(0.1, next_try - now))
-                continue
             try:
                 self._renew()
-                current = self.store.generation()
-            except XoError as e:      # unreachable (etcd), or locked too long (SQLite)
+                gen, last_full = self._pass(gen, last_full)
+            except XoError as e:      # unreachable (etcd); locked, unreadable or corrupt (SQLite)
+                now = time.monotonic()
                 if self.store_error is None:
                     outage_since = now
+                if str(e) != self.store_error:      # once per cause, not once per retry
                     log.error("%s: the data path keeps forwarding as it is; retrying", e)
-                self.store_error = str(e)
+                self.store_error, gen = str(e), -1
                 retry = next_retry(retry)
-                next_try = now + retry
+                deadline = now + retry
+                while not self.stopping and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 continue
             if self.store_error is not None:
-                log.info("store reachable again after %.1f s: full resync", now - outage_since)
-                self.store_error, retry, gen = None, None, -1
-            if current != gen or now - last_full >= RESYNC_SECONDS:
-                gen = current
-                last_full = now
-                started = time.monotonic()
-                ok = False
-                try:
-                    changes = self.reconcile()
-                    ok = True
-                except StoreUnavailable as e:
-                    self.store_error, outage_since, gen = str(e), now, -1
-                    log.error("%s: the data path keeps forwarding as it is; retrying", e)
-                    retry = next_retry(None)
-                    next_try = now + retry
-                    changes = []
-                except XoError as e:
-                    log.error("%s", e)
-                    if "was removed from the store" in str(e):
-                        return
-                    changes = []
-                except Exception:
-                    log.exception("reconcile failed; retrying")
-                    changes = []
-                if self.observer is not None:
-                    self.observer.observe(time.monotonic() - started, ok)
-                for c in changes:
-                    log.info("%s", c)
-                if changes:
-                    log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
-            if self.store_error is None:
-                self.store.wait(gen, timeout=0.5)
+                log.info("store reachable again after %.1f s: full resync", time.monotonic() - outage_since)
+                self.store_error, retry = None, None
+            self.store.wait(gen, timeout=0.5)
+
+    def _pass(self, gen: int, last_full: float) -> tuple[int, float]:
+        """Reconcile if the store moved or the resync is due. Store errors propagate."""
+        now = time.monotonic()
+        current = self.store.generation()
+        if current == gen and now - last_full < RESYNC_SECONDS:
+            return gen, last_full
+        started = time.monotonic()
+        ok = False
+        try:
+            changes = self.reconcile()
+            ok = True
+        except StoreError:
+            raise
+        except XoError as e:
+            log.error("%s", e)
+            if "was removed from the store" in str(e):
+                self.stopping = True
+            changes = []
+        except Exception:
+            log.exception("reconcile failed; retrying")
+            changes = []
+        if self.observer is not None:
+            self.observer.observe(time.monotonic() - started, ok)
+        for c in changes:
+            log.info("%s", c)
+        if changes:
+            log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
+        return current, now

@@ -123,21 +123,26 @@ def remove_headroom_bridge(ipr) -> None:
             ipr.link("del", index=index)
 
 
-def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -> int:
-    """Make sure the endpoint's veth pair exists and is configured; returns the host-side
-    ifindex. Attaches the endpoint program to it."""
+def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -> tuple[int, list[str]]:
+    """Make sure the endpoint's veth pair exists and is configured, with the endpoint
+    program attached. Returns the host-side ifindex and what it had to do (for an
+    endpoint already plumbed, that is a repair)."""
     host = host_ifname(ep.name)
     found = ipr.link_lookup(ifname=host)
+    did = []
     if found:
         ifindex = found[0]
         if ipr.get_links(ifindex)[0].get_attr("IFLA_MASTER") != headroom_bridge:
             ipr.link("set", index=ifindex, master=headroom_bridge)   # plumbed by an older build
+            did.append(f"put {host} back on {HEADROOM_BRIDGE}")
         _adopt_resolv_conf(ep)
     else:
         ifindex = _create(ipr, state, ep, host, headroom_bridge)
+        did.append(f"created veth {host}")
     if bpf.tc_query(ifindex) != bpf.prog_info(prog_fd).id:
         bpf.tc_attach(ifindex, prog_fd)
-    return ifindex
+        did.append(f"attached the endpoint program to {host}")
+    return ifindex, did
 
 
 def _adopt_resolv_conf(ep: Endpoint) -> None:

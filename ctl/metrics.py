@@ -169,7 +169,8 @@ class StoreCollector:
 
 
 class AgentMetrics:
-    """The agent's own: reconcile latency and errors."""
+    """The agent's own: reconcile latency and errors, and repairs (whether it reaches the store:
+    StoreCollector)."""
 
     def __init__(self, registry: CollectorRegistry, node: str):
         self.reconcile_seconds = Histogram("xoverlay_reconcile_duration_seconds",
@@ -177,6 +178,13 @@ class AgentMetrics:
                                            ["node"], buckets=RECONCILE_BUCKETS, registry=registry).labels(node)
         self.reconcile_errors = Counter("xoverlay_reconcile_errors", "Reconcile passes that failed",
                                         ["node"], registry=registry).labels(node)
+        self.repairs = Counter("xoverlay_repairs", "Things undone behind the agent's back that it put back "
+                               "(kind: pin, tc, xdp, endpoint)", ["node", "kind"], registry=registry)
+        self.node = node
+
+    def repaired(self, repairs) -> None:
+        for r in repairs:
+            self.repairs.labels(self.node, r.kind).inc()
 
     def observe(self, seconds: float, ok: bool) -> None:
         self.reconcile_seconds.observe(seconds)

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import XoError
+from .errors import StoreError, XoError
 from .model import KINDS, State
 
 DEFAULT_STATE = "/var/lib/xoverlay/state.db"
@@ -23,7 +23,7 @@ ETCD_SCHEME = "etcd://"
 LAB_SUFFIX = ".lab.json"      # a namespace lab's registry, beside the store path it was made for
 
 
-class StoreUnavailable(XoError):
+class StoreUnavailable(StoreError):
     """The store cannot be reached now (etcd down, network): worth retrying, and never a
     reason to touch the data path."""
 
@@ -121,50 +121,85 @@ class SqliteStore(Store):
     def __init__(self, path: str | None = None):
         self.path = path or default_path()
         self.where = self.path
+        self._open(create=True)
+
+    def _open(self, create: bool) -> None:
         directory = os.path.dirname(self.path) or "."
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            if create:
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             fresh = not os.path.exists(self.path)
             old_umask = os.umask(0o077)   # the state file is root's alone (0600)
             try:
-                self._db = sqlite3.connect(self.path, timeout=15, isolation_level=None)
+                # Reopening never creates: a vanished file is an error, not an empty store.
+                target = self.path if create else f"file:{self.path}?mode=rw"
+                db = sqlite3.connect(target, timeout=15, isolation_level=None, uri=not create)
             finally:
                 os.umask(old_umask)
-            if fresh:
+            if fresh and create:
                 os.chmod(self.path, 0o600)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
-                             "PRIMARY KEY (kind, name))")
-            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                # Only a new store is written to: opening one whose lock a writer holds
+                # must still let us read it.
+                if not db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone():
+                    db.execute("CREATE TABLE IF NOT EXISTS objects (kind TEXT, name TEXT, body TEXT, "
+                               "PRIMARY KEY (kind, name))")
+                    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER)")
+                    db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+                ino = os.stat(self.path).st_ino
+            except BaseException:
+                db.close()        # an agent retrying every half second must not leak fds
+                raise
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
         except OSError as e:
-            raise XoError(f"state store {self.path}: {e.strerror}") from None
+            raise StoreError(f"state store {self.path}: {e.strerror}") from None
+        self._db, self._ino = db, ino
+
+    def _follow(self) -> None:
+        """A state file replaced under a long-lived reader (a restored backup, or junk
+        written over it) is reopened: the agent must see what is at the path now, not
+        an unlinked inode it still holds."""
+        try:
+            ino = os.stat(self.path).st_ino
+        except OSError as e:
+            raise StoreError(f"state store {self.path}: {e.strerror}") from None
+        if ino != self._ino:
+            # Let go of the old file first: a connection left on it could checkpoint its
+            # WAL (named after the path, so shared with the new file) into the old inode.
+            if self._db is not None:
+                self._db.close()
+                self._db, self._ino = None, None
+            self._open(create=False)
 
     def close(self):
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
 
     def _read(self) -> State:
         return state_of(self._db.execute("SELECT kind, name, body FROM objects"))
 
     def read(self) -> State:
+        self._follow()
         try:
             return self._read()
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
     def generation(self) -> int:
+        self._follow()
         try:
             return self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0]
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
     def update(self, change: Callable[[State], State]) -> State:
+        self._follow()
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
-            raise XoError(f"state store {self.path} is locked: {e}") from None
+            raise StoreError(f"state store {self.path} is locked: {e}") from None
         try:
             old = self._read()
             new = change(old)
@@ -179,7 +214,6 @@ class SqliteStore(Store):
             self._db.execute("ROLLBACK")
             raise
 
-
     # Liveness in SQLite: a row per node with a wall-clock expiry (agents are separate
     # processes); renewing it does not move the generation, so it wakes nobody.
     def _alive_table(self):
@@ -191,11 +225,12 @@ class SqliteStore(Store):
 
     def renew(self) -> None:
         node, ttl, body = self._lease
+        self._follow()
         try:
             self._alive_table()
             self._db.execute("INSERT OR REPLACE INTO alive VALUES (?, ?, ?)", (node, time.time() + ttl, body))
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
     def unregister(self) -> None:
         try:
@@ -204,11 +239,12 @@ class SqliteStore(Store):
             pass
 
     def alive(self) -> dict[str, dict]:
+        self._follow()
         try:
             self._alive_table()
             return alive_now(self._db.execute("SELECT node, expires, body FROM alive"), time.time())
         except sqlite3.DatabaseError as e:
-            raise XoError(f"state store {self.path}: {e}") from None
+            raise StoreError(f"state store {self.path}: {e}") from None
 
 
 def _routable(url: str) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -71,10 +73,54 @@ class LabHandle:
         r = self.run_in(src, "ping", "-c", str(count), "-i", "0.1", "-W", "1", dst_ip, check=False, **kw)
         return r.returncode == 0
 
+    def ping_stream(self, src: str, dst_ip: str, seconds: float | None = None) -> subprocess.Popen:
+        """A 100 Hz ping in the background, for `seconds` or until ping_loss() stops it."""
+        return subprocess.Popen(["nsenter", f"--net={self.ep(src)['netns']}", "--", "ping", "-q", "-i", "0.01",
+                                 *(["-w", str(seconds)] if seconds else []), dst_ip],
+                                stdout=subprocess.PIPE, text=True)
+
+    def drift(self, node: str) -> list[dict]:
+        """Entries where the node's maps differ from what the store wants (ctl/status.py)."""
+        from ctl.status import drift, read_maps
+        store = self.store()
+        try:
+            return drift(store.read(), node, read_maps(node))
+        finally:
+            store.close()
+
+    def wait_converged(self, timeout: float = 15) -> None:
+        """Every endpoint ready (none pending or being removed) and no drift on any node."""
+        deadline = time.monotonic() + timeout
+        while True:
+            store = self.store()                 # not the CLI: this polls
+            eps = store.read().endpoints
+            store.close()
+            unsettled = sorted(n for n, e in eps.items() if not e.ready or e.removing)
+            drifts = {n: self.drift(n) for n in self.nodes()}
+            if not unsettled and not any(drifts.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not converged after {timeout}s: endpoints {unsettled}, drift "
+                                     + str({n: d[:3] for n, d in drifts.items() if d}))
+            time.sleep(0.2)
+
     def drops(self, node: str) -> dict[str, int]:
         from ctl.status import drop_counts
         from maps.drops import REASONS
         return {REASONS[k].name: v[0] for k, v in drop_counts(node).items()}
+
+
+def ping_loss(proc: subprocess.Popen, finish: bool = False) -> tuple[int, int]:
+    """(sent, received) of a ping_stream: stopped first if it still runs, or with
+    finish=True, waited for until its `seconds` are over."""
+    if finish:
+        proc.wait(timeout=120)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)      # ping prints its summary on SIGINT
+    out, _ = proc.communicate(timeout=60)
+    line = next(l for l in out.splitlines() if "transmitted" in l)
+    sent, received = int(line.split()[0]), int(line.split(",")[1].split()[0])
+    return sent, received
 
 
 def leftovers(prefix: str) -> list[str]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import LAB_STORES, in_netns, leftovers, run_xo
+from conftest import LAB_STORES, in_netns, leftovers, ping_loss, run_xo
 
 pytestmark = pytest.mark.lab
 
@@ -117,24 +117,11 @@ def test_endpoint_removed_stops_traffic_and_map_entries(lab):
             m.close()
 
 
-def _ping_stream(lab, src, dst_ip, seconds):
-    """A 100 Hz ping in the background; returns the process (ping -q prints the loss)."""
-    return subprocess.Popen(["nsenter", f"--net={lab.ep(src)['netns']}", "--", "ping", "-q", "-i", "0.01",
-                             "-w", str(seconds), dst_ip], stdout=subprocess.PIPE, text=True)
-
-
-def _loss(proc) -> tuple[int, int]:
-    out, _ = proc.communicate(timeout=60)
-    line = next(l for l in out.splitlines() if "transmitted" in l)
-    sent, received = int(line.split()[0]), int(line.split(",")[1].split()[0])
-    return sent, received
-
-
 def test_agent_sigkill_and_restart_lose_nothing(lab):
     from ctl.agent import running_pid
     n1, n2, _ = names(lab)
     pins_before = sorted(os.listdir(f"/sys/fs/bpf/xoverlay/{n1}"))
-    ping = _ping_stream(lab, f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
+    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
     time.sleep(1)
     os.kill(running_pid(n1), signal.SIGKILL)
     time.sleep(1)
@@ -143,7 +130,7 @@ def test_agent_sigkill_and_restart_lose_nothing(lab):
     run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
     assert running_pid(n1) is not None
     assert ping.poll() is None, "the restart finished after the ping: it was not covered"
-    sent, received = _loss(ping)
+    sent, received = ping_loss(ping)
     # ping -i 0.01 reaches 50-100 Hz on a busy 2-core machine: a few hundred probes.
     assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
     assert sorted(os.listdir(f"/sys/fs/bpf/xoverlay/{n1}")) == pins_before
@@ -205,11 +192,11 @@ def test_new_build_replaces_programs_in_place_without_loss(lab):
     cfg.build_id = 1
     cfg_map.set(U32(0), cfg)
     old = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
-    ping = _ping_stream(lab, f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
+    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
     time.sleep(0.5)
     run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
     assert ping.poll() is None, "the replacement finished after the ping: it was not covered"
-    sent, received = _loss(ping)
+    sent, received = ping_loss(ping)
     assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
     new = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
     old_id = old.split("prog/xdp id ")[1].split()[0]

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from conftest import PY, in_netns
-from test_e2e_lab import _loss, _ping_stream, names
+from conftest import PY, in_netns, ping_loss
+from test_e2e_lab import names
 
 pytestmark = pytest.mark.lab
 PROPAGATION_SECONDS = 0.3
@@ -117,12 +117,12 @@ def _gauge(text, name, node) -> float:
 def test_etcd_restarted_mid_traffic_loses_nothing(lab):
     _etcd_only(lab)
     n1, n2, _ = names(lab)
-    ping = _ping_stream(lab, f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
+    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
     time.sleep(1)
     _stop_etcd(lab)
     time.sleep(2)
     lab.xo("lab", "up", "--nodes", "3", timeout=120)      # restarts etcd on its data
-    sent, received = _loss(ping)
+    sent, received = ping_loss(ping, finish=True)
     assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
     assert "demo" in lab.store().read().networks
 
@@ -135,7 +135,7 @@ def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
     n1, n2, _ = names(lab)
     node_url = json.load(open(lab.lab().registry))["etcd"]["node_url"]
     port = free_port()
-    ping = _ping_stream(lab, f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 10)
+    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 10)
     try:
         time.sleep(0.5)
         _stop_etcd(lab)
@@ -156,6 +156,6 @@ def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
         assert _gauge(_scrape(n1, port), "xoverlay_store_reachable", n1) == 1
         assert _liveness(lab, n2, n1) == "up"
     finally:
-        sent, received = _loss(ping)
+        sent, received = ping_loss(ping, finish=True)
         lab.xo("endpoint", "rm", "late-ep", check=False)
     assert sent >= 400 and received == sent, f"lost {sent - received} of {sent}"
