@@ -92,7 +92,8 @@ def differ():
 def test_kernel_agrees_with_the_model(differ):
     from ctl import netns
 
-    @settings(max_examples=PER_PROGRAM // BATCH, derandomize=True, database=None, deadline=None,
+    # Two batches more than 20,000 frames: the few the kernel refuses to run do not count.
+    @settings(max_examples=PER_PROGRAM // BATCH + 2, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
     @given(seed=st.integers(0, 2**32 - 1))
     def one_batch(seed):
@@ -103,11 +104,9 @@ def test_kernel_agrees_with_the_model(differ):
         assert not differ.disagreements, "\n".join(map(str, differ.disagreements[:5]))
 
     one_batch()
-    # A few frames of each program are ones BPF_PROG_TEST_RUN refuses (tc: an IPv4
-    # frame under 34 bytes); the rest must make up the count.
+    # A few frames are ones BPF_PROG_TEST_RUN refuses (tc: an IPv4 frame under 34 bytes).
     for prog in F.PROGS:
-        assert differ.run[prog] + differ.refused[prog] >= PER_PROGRAM
-        assert differ.refused[prog] < PER_PROGRAM // 20, (prog, differ.refused[prog])
+        assert differ.run[prog] >= PER_PROGRAM, (prog, differ.run[prog], differ.refused[prog])
     # The frames reached every behaviour, and every drop reason a frame can cause.
     from maps.drops import REASONS
     seen = {reason for (_, _, reason) in differ.outcomes}
