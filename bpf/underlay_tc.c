@@ -24,7 +24,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     if (!cfg)
         return TC_ACT_OK;
     struct xo_tunnel t = {};
-    int verdict = xo_classify_underlay(data, data_end, cfg, &t);
+    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t);
     if (verdict == XO_NOT_VXLAN) {
         int mesh = xo_mesh_tc(skb, cfg);
         return mesh == XO_MESH_NOT_MESH ? TC_ACT_OK : mesh;

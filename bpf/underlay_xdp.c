@@ -20,12 +20,13 @@ int xo_underlay_xdp(struct xdp_md *ctx)
     struct xo_config *cfg = xo_get_config();
     if (!cfg)
         return XDP_PASS;
-    struct xo_tunnel t = {};
-    int verdict = xo_classify_underlay(data, data_end, cfg, &t);
     /* The whole frame, as tc counts skb->len: a multi-buffer (jumbo) frame is longer
      * than its first buffer, data_end - data. */
+    __u32 len = bpf_xdp_get_buff_len(ctx);
+    struct xo_tunnel t = {};
+    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t);
     if (verdict > 0)
-        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, bpf_xdp_get_buff_len(ctx), XDP_DROP);
+        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, len, XDP_DROP);
     if (verdict == XO_NOT_VXLAN)
         return xo_mesh_xdp(ctx, cfg);
     return XDP_PASS;

@@ -55,10 +55,11 @@ static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
     return ~sum;
 }
 
-/* Classify a frame arriving on the underlay. Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills
- * *t), or the drop reason. Malformed IPv4 and UDP are dropped whatever the port: the
- * stack would drop them too, and we cannot tell a truncated VXLAN packet apart. */
-static __always_inline int xo_classify_underlay(void *data, void *data_end,
+/* Classify a frame arriving on the underlay (`len`: the whole frame, which may be longer
+ * than data_end - data). Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills *t), or the drop
+ * reason. Malformed IPv4 and UDP are dropped whatever the port: the stack would drop
+ * them too, and we cannot tell a truncated VXLAN packet apart. */
+static __always_inline int xo_classify_underlay(void *data, void *data_end, __u32 len,
                                                 const struct xo_config *cfg,
                                                 struct xo_tunnel *t)
 {
@@ -111,6 +112,10 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end,
     struct ethhdr *inner = (void *)(vx + 1);
     if ((void *)(inner + 1) > data_end)
         return XO_DROP_TRUNCATED_VXLAN;
+    /* Headers all there, the rest cut short of the IPv4 total length: ip_rcv() would drop
+     * it, and decap skips ip_rcv(); it would vanish, uncounted, in the container's stack. */
+    if (bpf_ntohs(ip->tot_len) > len - ETH_HLEN)
+        return XO_DROP_TRUNCATED_UDP;
 
     t->peer_ip = peer_ip;
     t->vni = vni;
