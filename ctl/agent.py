@@ -220,6 +220,19 @@ class Agent:
             changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
+        changes += self.sync_maps(state, ifindexes)
+        stale = monitor.clear_if_stale(self.maps["xo_monitor"])
+        if stale is not None:
+            changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
+                           "no longer writes events nobody reads")
+        # Tell the store after the maps are in place: `endpoint add` waits for this.
+        self.record(ready, gone)
+        return changes
+
+    def sync_maps(self, state, ifindexes: dict[str, int]) -> list[str]:
+        """The maps part of a pass: the kernel's reconciled maps and Maglev tables made
+        equal to what `state` wants, given the plumbed local endpoints' veths."""
+        changes = []
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
                                     self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
@@ -240,21 +253,21 @@ class Agent:
                 self.tables.apply({o.key: o.value for o in run}, [])
             changes += [f"{'delete' if deleting else 'set'} Maglev table of service id {o.key}" for o in run]
             self._step(len(run))
-        stale = monitor.clear_if_stale(self.maps["xo_monitor"])
-        if stale is not None:
-            changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
-                           "no longer writes events nobody reads")
-        # Tell the store after the maps are in place: `endpoint add` waits for this.
-        if ready or gone:
-            def record(s):
-                for name in ready:
-                    s = model.set_endpoint_ready(s, name)
-                for name in gone:
-                    if name in s.endpoints and s.endpoints[name].removing:
-                        s = model.remove_endpoint(s, name)
-                return s
-            self.store.update(record)
         return changes
+
+    def record(self, ready: list[str], gone: list[str]) -> None:
+        """Endpoints now plumbed are ready; those torn down leave the store."""
+        if not (ready or gone):
+            return
+
+        def change(s):
+            for name in ready:
+                s = model.set_endpoint_ready(s, name)
+            for name in gone:
+                if name in s.endpoints and s.endpoints[name].removing:
+                    s = model.remove_endpoint(s, name)
+            return s
+        self.store.update(change)
 
     def _apply(self, ops, changes) -> None:
         for op in ops:
