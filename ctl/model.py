@@ -245,13 +245,17 @@ def mac_for(ip: str) -> str:
     return "02:58:" + ":".join(f"{b:02x}" for b in ipaddress.IPv4Address(ip).packed)
 
 
-def allocate_slice(state: State, network: Network, node: str) -> tuple[State, Slice]:
-    """The first free slice of the network, now the node's."""
+def allocate_slice(state: State, network: Network, node: str, used=frozenset()) -> tuple[State, Slice, str]:
+    """The first free slice of the network with an address not in `used` (fixed --ip
+    addresses and VIPs may fill a slice nobody has), now the node's; and that address."""
     taken = {s.subnet for s in state.slices.values() if s.network == network.name}
-    for candidate in ipaddress.IPv4Network(network.subnet).subnets(new_prefix=network.slice_prefix):
+    subnet = ipaddress.IPv4Network(network.subnet)
+    for candidate in subnet.subnets(new_prefix=network.slice_prefix):
         if str(candidate) not in taken:
-            s = Slice(network.name, node, str(candidate))
-            return state.with_("slice", s.key, s), s
+            ip = next((str(a) for a in _usable(subnet, candidate) if str(a) not in used), None)
+            if ip:
+                s = Slice(network.name, node, str(candidate))
+                return state.with_("slice", s.key, s), s, ip
     raise XoError(f"network {network.name} has no free /{network.slice_prefix} slice for node {node}")
 
 
@@ -308,12 +312,7 @@ def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
                 break
         else:
             # No slice yet, or all full: the node gets another one.
-            state, s = allocate_slice(state, net, node)
-            # Not necessarily empty: a fixed --ip or a VIP may already sit in it.
-            ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet))
-                       if str(a) not in used), None)
-            if ip is None:
-                raise XoError(f"slice {s.subnet} of network {network} has no usable address")
+            state, _, ip = allocate_slice(state, net, node, used)
     ep = Endpoint(name, network, node, ip, mac_for(ip), netns, owns_netns)
     return state.with_("endpoint", name, ep)
 

@@ -159,6 +159,18 @@ class TestIpam:
         with pytest.raises(XoError, match="map full"):
             add(s, "d")
 
+    def test_a_free_slice_filled_by_fixed_ips_is_passed_over(self):
+        # Found by tests/test_state.py: IPAM took the first free slice even when fixed
+        # --ip addresses of another node filled it, and refused although others were free.
+        s = State()
+        for i in range(2):
+            s = model.join_node(s, f"n{i}", f"192.0.2.{i + 1}")
+        s = model.create_network(s, "t", "10.9.0.0/28", slice_prefix=30)
+        s = add(add(s, "x1", "n1", "t", ip="10.9.0.1"), "x2", "n1", "t", ip="10.9.0.2")
+        s = add(s, "a", "n0", "t")
+        assert s.endpoints["a"].ip == "10.9.0.5"
+        assert [sl.subnet for sl in model.node_slices(s, "t", "n0")] == ["10.9.0.4/30"]
+
     def test_slices_run_out(self):
         s = State()
         for i in range(3):
