@@ -356,6 +356,10 @@ class Agent:
             try:
                 self._renew()
                 gen, last_full = self._pass(gen, last_full)
+                if self.store_error is not None:
+                    log.info("store reachable again after %.1f s: full resync", time.monotonic() - outage_since)
+                    self.store_error, retry = None, None
+                self.store.wait(gen, timeout=0.5)
             except XoError as e:      # unreachable (etcd); locked, unreadable or corrupt (SQLite)
                 now = time.monotonic()
                 if self.store_error is None:
@@ -367,11 +371,6 @@ class Agent:
                 deadline = now + retry
                 while not self.stopping and time.monotonic() < deadline:
                     time.sleep(0.1)
-                continue
-            if self.store_error is not None:
-                log.info("store reachable again after %.1f s: full resync", time.monotonic() - outage_since)
-                self.store_error, retry = None, None
-            self.store.wait(gen, timeout=0.5)
 
     def _pass(self, gen: int, last_full: float) -> tuple[int, float]:
         """Reconcile if the store moved or the resync is due. Store errors propagate."""
