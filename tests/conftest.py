@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,7 +136,12 @@ def leftovers(prefix: str) -> list[str]:
     ps = subprocess.run(["pgrep", "-af", r"ctl\.(cli|demo_server)|^etcd "], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in ps.splitlines() if prefix in line]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines() if " xo" in line]
+    for line in links.splitlines():
+        name = line.split(":")[1].strip()
+        # Any xo link in the host's netns is a leftover, but the etcd link of another lab
+        # that is still up (`xo-<its prefix>st`, ctl/lab.py store_link) is that lab's.
+        if name.startswith("xo") and (prefix in name or not re.match(r"xo-x[0-9a-f]{4}-st\b", name)):
+            found.append(f"link {name}")
     return found
 
 

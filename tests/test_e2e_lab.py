@@ -131,8 +131,10 @@ def test_agent_sigkill_and_restart_lose_nothing(lab):
     assert running_pid(n1) is not None
     assert ping.poll() is None, "the restart finished after the ping: it was not covered"
     sent, received = ping_loss(ping)
-    # ping -i 0.01 reaches 50-100 Hz on a busy 2-core machine: a few hundred probes.
-    assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
+    # The stream runs from before the kill to after the restart by construction; the count
+    # only shows it really probed. ping -i 0.01 reaches 30-100 Hz on a busy 2-core machine,
+    # so the whole window gives 150-600 probes (186 and 229 seen with another lab churning).
+    assert sent >= 100 and received == sent, f"lost {sent - received} of {sent}"
     assert sorted(os.listdir(f"/sys/fs/bpf/xoverlay/{n1}")) == pins_before
     log = open(f"/run/xoverlay/{n1}.log").read()
     assert "adopted programs" in log.split("loaded programs")[-1]
