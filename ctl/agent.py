@@ -118,6 +118,7 @@ class Agent:
     store_error: str | None = None     # why the store cannot be read now (None: it can)
     kill_after_steps: int = 0          # FAULT_ENV; 0: never
     steps: int = 0
+    table_memo: dict = field(default_factory=dict)   # desired.desired_tables' memo, pass to pass
 
     def start(self) -> None:
         """Join the cluster and bring the data path up (adopting what is pinned)."""
@@ -183,7 +184,8 @@ class Agent:
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
                                     self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
-        ops = desired.plan(want, actual, desired.desired_tables(state), self.tables.read())
+        ops = desired.plan(want, actual, desired.desired_tables(state, self.table_memo),
+                           self.tables.read())
         ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),
                                       self.maps["xo_endpoint_stats"].keys(),
                                       self.maps["xo_lb_service_stats"].keys(),
