@@ -181,6 +181,7 @@ class Agent:
             changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
+        links.drop_unclaimed_replies(self.ipr)      # pyroute2's stray ACKs (see there)
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
                                     self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
