@@ -131,6 +131,7 @@ class Agent:
 
     kill_after_steps: int = 0          # FAULT_ENV; 0: never
     steps: int = 0
+    table_memo: dict = field(default_factory=dict)   # desired.desired_tables' memo, pass to pass
 
     def _join(self, s):
         return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
@@ -220,6 +221,7 @@ class Agent:
             changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
+        links.drop_unclaimed_replies(self.ipr)      # pyroute2's stray ACKs (see there)
         changes += self.sync_maps(state, ifindexes)
         stale = monitor.clear_if_stale(self.maps["xo_monitor"])
         if stale is not None:
@@ -236,7 +238,8 @@ class Agent:
         want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
                                     self.gateway_ifindex)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
-        ops = desired.plan(want, actual, desired.desired_tables(state), self.tables.read())
+        ops = desired.plan(want, actual, desired.desired_tables(state, self.table_memo),
+                           self.tables.read())
         ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),
                                       self.maps["xo_endpoint_stats"].keys(),
                                       self.maps["xo_lb_service_stats"].keys(),

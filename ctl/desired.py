@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from functools import lru_cache
 
 from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, Config, Endpoint, EndpointKey,
                          EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey, LbService,
@@ -103,25 +102,37 @@ def _services(state: State, maps: dict) -> None:
                 state=LB_DRAINING if b.draining else LB_ACTIVE)
 
 
-@lru_cache(maxsize=32768)
 def _table(backends: tuple, m: int) -> tuple:
     """(M, index of slot 1, ..., index of slot M) for backends ((name, weight, index), ...)."""
     owners = maglev.build([maglev.Weighted(name, weight) for name, weight, _ in backends], m)
     return (m, *(backends[i][2] for i in owners))
 
 
-def desired_tables(state: State) -> dict[int, tuple]:
+def desired_tables(state: State, memo: dict | None = None) -> dict[int, tuple]:
     """The Maglev table of every service id with at least one active backend (as stored
     in the kernel: slot 0 = M). Draining backends are in none: no new connection goes
-    to them. Cached: 10,000 unchanged services cost nothing."""
-    out = {}
+    to them. The result depends on `state` alone. `memo`, a dict the caller passes on
+    every pass (the agent keeps one), holds per service id the last table and what it
+    was built from: 10,000 unchanged services cost nothing. It is left holding this
+    pass's services only, so it never outgrows the tables in the kernel (a global cache
+    keyed by backends kept one table per backend change, forever: backend indexes are
+    never reused)."""
+    out, fresh = {}, {}
     for svc in state.services.values():
         if svc.network not in state.networks:
             continue
         active = tuple(sorted((ep.name, b.weight, b.index) for b, ep in _live_backends(state, svc)
                               if not b.draining))
-        if active:
-            out[svc.id] = _table(active, svc.table_size or maglev.size_for(len(active)))
+        if not active:
+            continue
+        built_from = (active, svc.table_size or maglev.size_for(len(active)))
+        last = memo.get(svc.id) if memo else None
+        table = last[1] if last and last[0] == built_from else _table(*built_from)
+        out[svc.id] = table
+        fresh[svc.id] = (built_from, table)
+    if memo is not None:
+        memo.clear()
+        memo.update(fresh)
     return out
 
 

@@ -151,6 +151,21 @@ def test_no_active_backend_no_table():
     assert desired.desired_tables(s) == {}
 
 
+def test_table_memo_reuses_unchanged_tables_and_holds_only_current_services():
+    memo = {}
+    s = with_service(backends=["a", "b"])
+    first = desired.desired_tables(s, memo)
+    assert desired.desired_tables(s, memo)[1] is first[1], "an unchanged service is not rebuilt"
+    # Backends churn (a new index each time): the memo keeps one table per service, not
+    # one per backend set ever seen.
+    for change in [{"add": ["d"]}, {"rm": ["d"]}] * 5:
+        s = model.update_service(s, "web", **change)
+        assert desired.desired_tables(s, memo) == desired.desired_tables(s)
+    assert list(memo) == [1] and memo[1][1] == first[1]
+    s = model.remove_service(s, "web")
+    assert desired.desired_tables(s, memo) == {} and memo == {}
+
+
 def test_plan_orders_backends_tables_services_then_the_reverse():
     s = with_service()
     want = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)
