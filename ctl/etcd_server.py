@@ -4,7 +4,6 @@ chooses flags, waits until it answers, and stops it."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -97,20 +96,16 @@ def start(cmd: list[str], log: str, host: str, port: int, netns_path: str | None
 
 def stop(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL: etcd syncs its WAL on SIGTERM."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    from .teardown import terminate
+
+    def gone() -> bool:
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            return bool(done)
+        except ChildProcessError:       # not our child: it is gone when kill(0) fails
             try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    return
-            except ChildProcessError:       # not our child: it is gone when kill(0) fails
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    return
-            time.sleep(0.05)
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            return False
+    terminate(pid, gone, timeout)

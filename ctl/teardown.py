@@ -12,10 +12,8 @@ from . import agent, datapath, links, model, netns
 from .errors import XoError
 
 
-def stop_agent(node: str, timeout: float = 5.0) -> None:
-    pid = agent.running_pid(node)
-    if not pid:
-        return
+def terminate(pid: int, gone, timeout: float) -> None:
+    """SIGTERM, and SIGKILL if `gone()` is still false after `timeout` seconds."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.kill(pid, sig)
@@ -23,9 +21,15 @@ def stop_agent(node: str, timeout: float = 5.0) -> None:
             return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if agent.running_pid(node) is None:
+            if gone():
                 return
             time.sleep(0.05)
+
+
+def stop_agent(node: str, timeout: float = 5.0) -> None:
+    pid = agent.running_pid(node)
+    if pid:
+        terminate(pid, lambda: agent.running_pid(node) is None, timeout)
 
 
 def _pinned_underlay(node: str) -> int | None:

