@@ -194,10 +194,10 @@ def test_new_build_replaces_programs_in_place_without_loss(lab):
     cfg.build_id = 1
     cfg_map.set(U32(0), cfg)
     old = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
-    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
+    ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"])    # until stopped: covers the swap
     time.sleep(0.5)
     run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
-    assert ping.poll() is None, "the replacement finished after the ping: it was not covered"
+    time.sleep(0.5)
     sent, received = ping_loss(ping)
     assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
     new = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
