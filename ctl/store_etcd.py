@@ -240,9 +240,9 @@ class EtcdStore(Store):
     def seed(self, state: State, alive: dict[str, dict] | None = None, alive_ttl: int = 3600,
              ops_per_txn: int = ETCD_MAX_TXN_OPS) -> int:
         """Write a whole State into a prefix nobody uses yet, in transactions of at most
-        `ops_per_txn` puts (update() writes a change as one transaction, and reads the
-        whole state first: a cluster of 50,000 endpoints built one update at a time is
-        quadratic). With `alive`, those nodes are registered too, all under one lease of
+        `ops_per_txn` puts: a big cluster in update()'s one transaction is beyond etcd's
+        --max-txn-ops, and built one update at a time (each reads the whole state) it is
+        quadratic. With `alive`, those nodes are registered too, all under one lease of
         `alive_ttl` seconds. The generation is written last, so a watcher wakes once, on
         the whole of it. Not atomic: for seeding a store at scale (bench/etcd-scale), not
         for a store in use. Returns the number of transactions."""
