@@ -35,6 +35,7 @@ REQUEST_TIMEOUT = 10.0
 WATCH_IDLE = 30.0          # a silent watch is re-made this often (finds half-open TCP)
 UPDATE_SECONDS = 15.0      # how long update() retries conflicts (SQLite waits 15 s for its lock too)
 PAGE = 2000                # keys per range request of a full read
+ETCD_MAX_TXN_OPS = 128     # etcd's default --max-txn-ops (`xoverlay store serve` sets 10000)
 
 
 def parse_url(url: str) -> tuple[str, int, str]:
@@ -94,6 +95,13 @@ def _text(b64: str | None) -> str:
     return base64.b64decode(b64 or "").decode()
 
 
+def _put(key: str, value: str, lease: int = 0) -> dict:
+    put = {"key": _b64(key), "value": _b64(value)}
+    if lease:
+        put["lease"] = lease
+    return {"request_put": put}
+
+
 def _after(prefix: str) -> str:
     """The range end that covers every key starting with `prefix`."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
@@ -126,6 +134,9 @@ class EtcdStore(Store):
         # override --store-ca, and send etcd's traffic to an HTTP(S)_PROXY.
         client.session.trust_env = False
         return client
+
+    def object_key(self, kind: str, name: str) -> str:
+        return f"{self.obj_prefix}{kind}/{name}"
 
     def close(self) -> None:
         self._closed = True
@@ -211,10 +222,9 @@ class EtcdStore(Store):
             puts, deletes = changes(old, new)
             if not puts and not deletes:
                 return new
-            ops = [{"request_put": {"key": _b64(f"{self.obj_prefix}{k}/{n}"), "value": _b64(body)}}
-                   for k, n, body in puts]
-            ops += [{"request_delete_range": {"key": _b64(f"{self.obj_prefix}{k}/{n}")}} for k, n in deletes]
-            ops.append({"request_put": {"key": _b64(self.gen_key), "value": _b64(str(generation + 1))}})
+            ops = [_put(self.object_key(k, n), body) for k, n, body in puts]
+            ops += [{"request_delete_range": {"key": _b64(self.object_key(k, n))}} for k, n in deletes]
+            ops.append(_put(self.gen_key, str(generation + 1)))
             # Holds only if nobody wrote since our read: the generation key moves with every write.
             txn = {"compare": [{"key": _b64(self.gen_key), "result": "EQUAL", "target": "MOD",
                                 "mod_revision": gen_mod}], "success": ops, "failure": []}
@@ -226,6 +236,29 @@ class EtcdStore(Store):
                                        f"{UPDATE_SECONDS:.0f} s")
             time.sleep(random.uniform(0, pause))     # jitter: the losers do not collide again
             pause = min(pause * 2, 0.2)
+
+    def seed(self, state: State, alive: dict[str, dict] | None = None, alive_ttl: int = 3600,
+             ops_per_txn: int = ETCD_MAX_TXN_OPS) -> int:
+        """Write a whole State into a prefix nobody uses yet, in transactions of at most
+        `ops_per_txn` puts: a big cluster in update()'s one transaction is beyond etcd's
+        --max-txn-ops, and built one update at a time (each reads the whole state) it is
+        quadratic. With `alive`, those nodes are registered too, all under one lease of
+        `alive_ttl` seconds. The generation is written last, so a watcher wakes once, on
+        the whole of it. Not atomic: for seeding a store at scale (bench/etcd-scale), not
+        for a store in use. Returns the number of transactions."""
+        if self._range(self.obj_prefix, _after(self.obj_prefix), limit=1).get("kvs") or self.generation():
+            raise XoError(f"store {self.url} is not empty: seed() only writes a fresh prefix")
+        ops = [_put(self.object_key(kind, name), body) for kind, name, body in changes(State(), state)[0]]
+        if alive:
+            lease = int(self._post("/lease/grant", {"TTL": alive_ttl})["ID"])
+            ops += [_put(self.alive_prefix + node, json.dumps(info), lease) for node, info in sorted(alive.items())]
+        txns = 0
+        for start in range(0, len(ops), ops_per_txn):
+            self._post("/kv/txn", {"success": ops[start:start + ops_per_txn]})
+            txns += 1
+        self._post("/kv/txn", {"success": [_put(self.gen_key, "1")]})
+        self._cache = None
+        return txns + 1
 
     def wait(self, since: int, timeout: float, poll: float = 0.05) -> int:
         """Block until the watch sees the generation move past `since` (or the timeout)."""
@@ -292,8 +325,7 @@ class EtcdStore(Store):
     def register(self, node: str, ttl: float, info: dict) -> None:
         lease = self._post("/lease/grant", {"TTL": max(2, math.ceil(ttl))})
         lease_id = int(lease["ID"])
-        self._post("/kv/put", {"key": _b64(self.alive_prefix + node), "value": _b64(json.dumps(info)),
-                               "lease": lease_id})
+        self._post("/kv/put", _put(self.alive_prefix + node, json.dumps(info), lease_id)["request_put"])
         self._lease = (node, ttl, info, lease_id)
 
     def renew(self) -> None:
