@@ -132,6 +132,7 @@ class Agent:
     kill_after_steps: int = 0          # FAULT_ENV; 0: never
     steps: int = 0
     table_memo: dict = field(default_factory=dict)   # desired.desired_tables' memo, pass to pass
+    want_memo: tuple | None = None     # (inputs, desired maps) of the last pass: see sync_maps
 
     def _join(self, s):
         return model.join_node(s, self.node, self.underlay.ip, self.vxlan_port, self.underlay.mtu)
@@ -222,7 +223,7 @@ class Agent:
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
         links.drop_unclaimed_replies(self.ipr)      # pyroute2's stray ACKs (see there)
-        changes += self.sync_maps(state, ifindexes)
+        changes += self.sync_maps(state, ifindexes, generation)
         stale = monitor.clear_if_stale(self.maps["xo_monitor"])
         if stale is not None:
             changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
@@ -231,12 +232,21 @@ class Agent:
         self.record(ready, gone)
         return changes
 
-    def sync_maps(self, state, ifindexes: dict[str, int]) -> list[str]:
+    def sync_maps(self, state, ifindexes: dict[str, int], generation: int | None = None) -> list[str]:
         """The maps part of a pass: the kernel's reconciled maps and Maglev tables made
-        equal to what `state` wants, given the plumbed local endpoints' veths."""
+        equal to what `state` wants, given the plumbed local endpoints' veths. With the
+        store's `generation` of `state`, the desired maps of the last pass are reused while
+        nothing they depend on moved: the periodic resync then only reads the maps back
+        (at 50,000 endpoints, recomputing them was 0.9 s of CPU every 2 s)."""
         changes = []
-        want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
-                                    self.gateway_ifindex)
+        inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
+                  self.gateway_ifindex)
+        if generation is not None and self.want_memo and self.want_memo[0] == inputs:
+            want = self.want_memo[1]
+        else:
+            want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
+                                        self.gateway_ifindex)
+            self.want_memo = (inputs, want)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
         ops = desired.plan(want, actual, desired.desired_tables(state, self.table_memo),
                            self.tables.read())

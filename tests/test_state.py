@@ -453,7 +453,9 @@ class StoreAndKernel(RuleBasedStateMachine):
             if not e.removing:
                 self.ifindexes.setdefault(e.name, 100 + len(self.ifindexes))
         plumbed = {e.name: self.ifindexes[e.name] for e in mine if not e.removing}
-        self.agent.sync_maps(s, plumbed)
+        # With the generation, as the agent passes it: its memo of the desired maps must
+        # follow every change (and a refused one, which moves nothing, reuses it).
+        self.agent.sync_maps(s, plumbed, self.store.generation())
         self.agent.record([e.name for e in mine if not e.removing and not e.ready],
                           [e.name for e in mine if e.removing])
         s = self.state()
