@@ -34,6 +34,11 @@ TCP_PORT = 5201
 UDP_PORT = 5301                          # and up, one iperf3 server per stream
 RR_PORT = 11111
 UDP_PAYLOAD = 64
+# The 1-sender test's sender and receiver each on a CPU of its own. Unpinned, the
+# scheduler sometimes puts both on one CPU and the same path's rate moves by 15-20%
+# from one test to the next (measured); on veths the whole path runs in the sender's
+# softirq, so CPU 0 measures the path and CPU 1 only drains the socket.
+SENDER_CPU, RECEIVER_CPU = "0", "1"
 
 
 class BenchError(Exception):
@@ -358,7 +363,38 @@ class XoverlayLab(Path):
                 out[f"{node} drop {name}"] = packets
         return out
 
+    def agent_pids(self) -> list[int]:
+        from ctl.agent import running_pid
+        return [p for p in (running_pid(node) for node in self.nodes) if p]
+
+    def pause_agents(self) -> None:
+        """SIGSTOP the agents: the data path forwards without them (their periodic full
+        resync costs CPU that the measurements would share, both nodes' agents on this
+        machine's 2 CPUs). resume_agents() must follow, also on errors."""
+        for pid in self.agent_pids():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume_agents(self) -> None:
+        for pid in self.agent_pids():
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def agent_cpu(self) -> float:
+        """CPU seconds the nodes' agents have used so far (utime + stime)."""
+        total = 0.0
+        for pid in self.agent_pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            except (OSError, TypeError, IndexError, ValueError):
+                pass
+        return total
+
     def down(self) -> None:
+        self.resume_agents()        # a stopped agent would never act on `lab down`'s SIGTERM
         if os.path.exists(self.state):
             self.cli("lab", "down", check=False)
         shutil.rmtree(os.path.dirname(self.state), ignore_errors=True)
@@ -405,7 +441,8 @@ class Servers:
 
     def start(self) -> None:
         cmds = [["iperf3", "-s", "-p", str(TCP_PORT)]]
-        cmds += [["iperf3", "-s", "-p", str(UDP_PORT + i)] for i in range(self.udp_streams)]
+        cmds += [["taskset", "-c", RECEIVER_CPU, "iperf3", "-s", "-p", str(UDP_PORT)]]
+        cmds += [["iperf3", "-s", "-p", str(UDP_PORT + i)] for i in range(1, self.udp_streams)]
         cmds += [["sockperf", "sr", "-i", self.path.server_ip, "-p", str(RR_PORT)]]
         for cmd in cmds:
             # nsenter execs the server (no fork for a net namespace): the pid is the server's.
@@ -469,7 +506,8 @@ def udp(path: Path, secs: float, streams: int, key: str = "udp") -> dict:
     the whole path, down to the receiving socket, runs in the sender's softirq, so this
     is the per-packet cost of the path. Several senders on a 2-CPU machine starve the
     receivers (loss) and measure how the CPUs are shared as much as the path."""
-    cmds = [in_ns(path.client, "iperf3", "-c", path.server_ip, "-p", str(UDP_PORT + i), "-u", "-b", "0",
+    pin = ["taskset", "-c", SENDER_CPU] if streams == 1 else []
+    cmds = [in_ns(path.client, *pin, "iperf3", "-c", path.server_ip, "-p", str(UDP_PORT + i), "-u", "-b", "0",
                   "-l", str(UDP_PAYLOAD), "-t", str(secs), "-J") for i in range(streams)]
     for attempt in range(3):
         procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
@@ -914,41 +952,6 @@ class XoverlayServices(XoverlayLab):
                                  f"((service ports, backends) per node: {counts})")
             time.sleep(0.5)
 
-    def agent_pids(self) -> list[int]:
-        from ctl.agent import running_pid
-        return [p for p in (running_pid(node) for node in self.nodes) if p]
-
-    def pause_agents(self) -> None:
-        """SIGSTOP the agents: the data path forwards without them (their periodic full
-        resync costs CPU that the measurements would share, both nodes' agents on this
-        machine's 2 CPUs). resume_agents() must follow, also on errors."""
-        for pid in self.agent_pids():
-            os.kill(pid, signal.SIGSTOP)
-
-    def resume_agents(self) -> None:
-        for pid in self.agent_pids():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
-
-    def down(self) -> None:
-        self.resume_agents()        # a stopped agent would never act on `lab down`'s SIGTERM
-        super().down()
-
-    def agent_cpu(self) -> float:
-        """CPU seconds the nodes' agents have used so far (utime + stime)."""
-        total = 0.0
-        for pid in self.agent_pids():
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, TypeError, IndexError, ValueError):
-                pass
-        return total
-
-
 def _top_down(subnet: str):
     import ipaddress
     net = ipaddress.IPv4Network(subnet)
@@ -967,7 +970,7 @@ class ConnServers:
 
     def start(self) -> None:
         here = os.path.dirname(os.path.abspath(__file__))
-        for cmd in (["iperf3", "-s", "-p", str(UDP_PORT)],
+        for cmd in (["taskset", "-c", RECEIVER_CPU, "iperf3", "-s", "-p", str(UDP_PORT)],
                     [sys.executable, os.path.join(here, "connrate.py"), "serve", "--port", str(CONN_PORT),
                      "--workers", str(self.workers)]):
             self.procs.append(subprocess.Popen(in_ns(self.netns, *cmd), stdin=subprocess.DEVNULL,

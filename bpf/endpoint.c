@@ -74,18 +74,24 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         if (cfg && cfg->gateway_ifindex) {
             struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
             struct xo_traffic none = {};
-            xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&asker, &none), len);
+            xo_count_tx(xo_endpoint_traffic(&asker), len);
             return bpf_redirect(cfg->gateway_ifindex, BPF_F_INGRESS);
         }
     }
 
-    /* Services first: a VIP is no endpoint. The packet may be rewritten (and every packet
-     * pointer with it): from here on, only the values saved above and in f. */
+    /* Services only for an address that is no endpoint: a VIP never is. The packet may be
+     * rewritten (and every packet pointer with it): from here on, only the values saved
+     * above and in f. */
     __u16 self_flags = self->flags;
     struct xo_flow f = {};
     int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
+    struct xo_endpoint_key src_key = { .vni = vni, .ip = self->ip };
+    struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
+    struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
-    if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES)) {
+    if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES) && dst) {
+        xo_lb_direct(&f);
+    } else if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES)) {
         lb = xo_lb_client(skb, vni, &f);
         if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
             __u8 mac[ETH_ALEN];
@@ -96,13 +102,12 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         }
         if (lb > 0)
             return xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
-        daddr = f.daddr;
+        if (lb == XO_LB_DNAT) {
+            daddr = dst_key.ip = f.daddr;
+            dst = xo_endpoints.lookup(&dst_key);
+        }
     }
 
-    struct xo_endpoint_key src_key = { .vni = vni, .ip = self->ip };
-    struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
-    struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
-    struct xo_traffic zero = {};
     if (!dst) {
         /* Only a backend's packets can be replies of routing-mesh connections. */
         if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
@@ -111,14 +116,14 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
             xo_mac_copy(mac, self->mac);
             int mesh = cfg ? xo_mesh_reply(skb, cfg, vni, &f, mac) : XO_MESH_NOT_MESH;
             if (mesh != XO_MESH_NOT_MESH) {
-                xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
+                xo_count_tx(xo_endpoint_traffic(&src_key), len);
                 return mesh;
             }
         }
         return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
     }
 
-    xo_count_tx(xo_endpoint_stats.lookup_or_try_init(&src_key, &zero), len);
+    xo_count_tx(xo_endpoint_traffic(&src_key), len);
 
     if (dst->ifindex) {
         /* Local: hand it to the other container as if it came from its gateway. */
@@ -138,7 +143,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         __u8 gw[ETH_ALEN] = XO_GW_MAC;
         xo_mac_copy(eth->h_dest, dst_mac);
         xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), len);
+        xo_count_rx(xo_endpoint_traffic(&dst_key), len);
         xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
         return bpf_redirect_peer(dst_ifindex, 0);
     }
@@ -162,7 +167,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);
+    xo_count_tx(xo_peer_traffic(&node_ip), skb->len);
     xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
     /* NULL params: the kernel routes the outer destination and fills in the MACs. */
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);

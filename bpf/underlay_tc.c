@@ -14,6 +14,15 @@
 #include "lib/lb.h"
 #include "lib/mesh.h"
 
+/* A tunnel packet dropped before its sender and VNI were looked up: those checks come
+ * first in the reasons' order (lib/vxlan.h), so they name the drop if they fail. */
+static __always_inline int xo_drop_unproven(struct __sk_buff *skb, void *data, void *data_end, __u32 len,
+                                            const struct xo_config *cfg, struct xo_tunnel *t, int reason)
+{
+    int first = xo_classify_underlay(data, data_end, len, cfg, t, 1);
+    return xo_drop(skb, XO_HOOK_UNDERLAY_TC, first != XO_VXLAN_OK ? first : reason, len, TC_ACT_SHOT);
+}
+
 int xo_underlay_ingress(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
@@ -24,26 +33,38 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     if (!cfg)
         return TC_ACT_OK;
     struct xo_tunnel t = {};
-    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t);
+    /* The sender's and the VNI's map lookups wait: the endpoint lookups below prove both
+     * for the packets that matter (see `proven`). */
+    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 0);
     if (verdict == XO_NOT_VXLAN) {
         int mesh = xo_mesh_tc(skb, cfg);
         return mesh == XO_MESH_NOT_MESH ? TC_ACT_OK : mesh;
     }
     if (verdict != XO_VXLAN_OK)
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, verdict, len, TC_ACT_SHOT);
+        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, verdict);
 
     struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
     struct ethhdr *inner_eth = xo_parse_eth(&c);
     if (!inner_eth || inner_eth->h_proto != bpf_htons(ETH_P_IP))
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_NOT_IPV4, len, TC_ACT_SHOT);
+        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_INNER_NOT_IPV4);
     struct iphdr *inner_ip = xo_parse_ipv4(&c);
     if (!inner_ip)
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_MALFORMED_IP);
 
     struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
     struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
     struct xo_endpoint *src = xo_endpoints.lookup(&src_key);
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
+    /* The agent writes xo_peers and xo_vnis from the endpoints it writes: the node of a
+     * remote endpoint is a peer, and a VNI with a local endpoint is in use here. Anything
+     * else (our own address as the sender, say) takes the lookups, and their drop
+     * reasons, first. */
+    int proven = !t.mesh && src && !src->ifindex && src->node_ip == t.peer_ip && dst && dst->ifindex;
+    if (!proven) {
+        verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
+        if (verdict != XO_VXLAN_OK)
+            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, verdict, len, TC_ACT_SHOT);
+    }
     /* A mesh request: an outside client's packet for a backend here. A mesh reply: a
      * backend's packet for an outside client that talked to this node. */
     int mesh_request = t.mesh && dst && dst->ifindex;
@@ -64,8 +85,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         xo_mac_copy(dst_mac, dst->mac);
     }
 
-    struct xo_traffic zero = {};
-    xo_count_rx(xo_peer_stats.lookup_or_try_init(&t.peer_ip, &zero), len);
+    xo_count_peer_rx(xo_peer_traffic(&t.peer_ip), len);
 
     xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
     if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
@@ -118,6 +138,6 @@ int xo_underlay_ingress(struct __sk_buff *skb)
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
     }
 
-    xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&dst_key, &zero), skb->len);
+    xo_count_rx(xo_endpoint_traffic(&dst_key), skb->len);
     return bpf_redirect_peer(ifindex, 0);
 }

@@ -24,7 +24,7 @@ int xo_underlay_xdp(struct xdp_md *ctx)
      * than its first buffer, data_end - data. */
     __u32 len = bpf_xdp_get_buff_len(ctx);
     struct xo_tunnel t = {};
-    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t);
+    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
     if (verdict > 0)
         return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, len, XDP_DROP);
     if (verdict == XO_NOT_VXLAN)

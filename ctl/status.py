@@ -27,10 +27,14 @@ def seconds_since(then_ns: int, now_ns: int) -> float | None:
 
 
 def _traffic(t) -> dict:
-    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     return {"tx_packets": t.tx_packets if t else 0, "tx_bytes": t.tx_bytes if t else 0,
-            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0,
-            "last_rx_ago": seconds_since(t.last_rx_ns, now) if t else None}
+            "rx_packets": t.rx_packets if t else 0, "rx_bytes": t.rx_bytes if t else 0}
+
+
+def _peer_traffic(t) -> dict:
+    """A peer's counters and when it was last heard from (only peers' are stamped)."""
+    now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    return {**_traffic(t), "last_rx_ago": seconds_since(t.last_rx_ns, now) if t else None}
 
 
 def liveness(alive: dict | None, node: str) -> str:
@@ -42,7 +46,7 @@ def peer_rows(state: State, node: str, alive: dict | None = None) -> list[dict]:
     stats = read_counters(node, "xo_peer_stats")
     return [{"node": peer.name, "underlay_ip": peer.underlay_ip, "liveness": liveness(alive, peer.name),
              "subnets": sorted(s.subnet for s in state.slices.values() if s.node == peer.name),
-             **_traffic(stats.get(U32(ip_be(peer.underlay_ip))))}
+             **_peer_traffic(stats.get(U32(ip_be(peer.underlay_ip))))}
             for peer in peers_of(state, node)]
 
 

@@ -228,19 +228,30 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
 
 /* A packet from a container (vni): if it is for a service, DNAT it to a backend and
  * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
+static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
+{
+    return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
+}
+
+/* A packet of a network with services that is for no service. A new direct connection:
+ * a reply entry left from an old service connection with the same 5-tuple must not
+ * rewrite its replies. */
+static __always_inline void xo_lb_direct(const struct xo_flow *f)
+{
+    if (!xo_lb_is_syn(f))
+        return;
+    struct xo_ct_key stale = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
+                               .dport = f->sport, .proto = f->proto, .dir = XO_CT_REPLY };
+    xo_lb_ct.delete(&stale);
+}
+
 static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f)
 {
     struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
     struct xo_lb_service *svc = xo_lb_services.lookup(&sk);
-    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
+    int syn = xo_lb_is_syn(f);
     if (!svc) {
-        if (syn) {
-            /* A direct connection: a reply entry left from an old service connection
-             * with the same 5-tuple must not rewrite its replies. */
-            struct xo_ct_key stale = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
-                                       .dport = f->sport, .proto = f->proto, .dir = XO_CT_REPLY };
-            xo_lb_ct.delete(&stale);
-        }
+        xo_lb_direct(f);
         return XO_LB_NOT_SERVICE;
     }
     struct xo_lb_choice c = {};

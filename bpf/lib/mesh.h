@@ -172,14 +172,11 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     __builtin_memcpy(eth->h_dest, fib.dmac, ETH_ALEN);
     __builtin_memcpy(eth->h_source, fib.smac, ETH_ALEN);
     eth->h_proto = bpf_htons(ETH_P_IP);
-    struct xo_encap_headers hdr = {};
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
-    xo_encap_fill(&hdr, cfg->node_ip, node_ip, cfg->vxlan_port, vni, hash, inner_len, XO_VXLAN_FLAG_MESH,
-                  gw, inner_dst);
-    __builtin_memcpy(h, &hdr, sizeof(hdr));
+    xo_encap_fill(h, cfg->node_ip, node_ip, cfg->vxlan_port, vni, hash, inner_len, XO_VXLAN_FLAG_MESH, gw,
+                  inner_dst);
 
-    struct xo_traffic zero = {};
-    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), len + XO_ENCAP_LEN);
+    xo_count_tx(xo_peer_traffic(&node_ip), len + XO_ENCAP_LEN);
     if (fib.ifindex == ctx->ingress_ifindex)
         return XDP_TX;
     return bpf_redirect(fib.ifindex, 0);
@@ -224,7 +221,6 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
                       f.dport, c.port))
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
 
-    struct xo_traffic zero = {};
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
     if (ifindex) {
         data = (void *)(long)skb->data;
@@ -234,7 +230,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
         xo_mac_copy(eth->h_dest, be_mac);
         xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_stats.lookup_or_try_init(&bk, &zero), len);
+        xo_count_rx(xo_endpoint_traffic(&bk), len);
         return bpf_redirect_peer(ifindex, 0);
     }
     data = (void *)(long)skb->data;
@@ -246,7 +242,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, XO_VXLAN_FLAG_MESH, gw, be_mac);
     if (reason)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
-    xo_count_tx(xo_peer_stats.lookup_or_try_init(&node_ip, &zero), skb->len);
+    xo_count_tx(xo_peer_traffic(&node_ip), skb->len);
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
@@ -288,8 +284,7 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     int reason = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    struct xo_traffic zero = {};
-    xo_count_tx(xo_peer_stats.lookup_or_try_init(&ingress, &zero), skb->len);
+    xo_count_tx(xo_peer_traffic(&ingress), skb->len);
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
