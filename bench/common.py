@@ -886,6 +886,9 @@ class XoverlayServices(XoverlayLab):
 
     def up(self) -> None:
         super().up()
+        # The lab's demo service is not one of ours: the counts of pushed services
+        # (_wait_pushed) and of services in the maps are the bench's alone.
+        self.cli("service", "rm", "web")
         self.cli("service", "create", "measured", "--network", "demo",
                  *[a for p in SVC_PORTS for a in ("--port", p)], "--backend", f"{self.nodes[1]}-a")
         svc = json.loads(self.cli("service", "inspect", "measured", "--json"))
