@@ -73,7 +73,6 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         struct xo_config *cfg = xo_get_config();
         if (cfg && cfg->gateway_ifindex) {
             struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
-            struct xo_traffic none = {};
             xo_count_tx(xo_endpoint_traffic(&asker), len);
             return bpf_redirect(cfg->gateway_ifindex, BPF_F_INGRESS);
         }
@@ -89,9 +88,10 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
-    if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES) && dst) {
+    int services = has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES);
+    if (services && dst) {
         xo_lb_direct(&f);
-    } else if (has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES)) {
+    } else if (services) {
         lb = xo_lb_client(skb, vni, &f);
         if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
             __u8 mac[ETH_ALEN];

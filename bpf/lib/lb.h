@@ -226,8 +226,6 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
     xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&bk, &zero), len, c->fresh);
 }
 
-/* A packet from a container (vni): if it is for a service, DNAT it to a backend and
- * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
 static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
 {
     return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
@@ -245,6 +243,8 @@ static __always_inline void xo_lb_direct(const struct xo_flow *f)
     xo_lb_ct.delete(&stale);
 }
 
+/* A packet from a container (vni): if it is for a service, DNAT it to a backend and
+ * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
 static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f)
 {
     struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
