@@ -106,6 +106,14 @@ def drops_all(lab) -> dict[str, dict[str, int]]:
     return {n: lab.drops(n) for n in lab.nodes()}
 
 
+def expected_drops(batches) -> dict[str, int]:
+    """Packets each drop reason must count: the batches' counts, summed by reason."""
+    expected: dict[str, int] = {}
+    for batch, reason in batches:
+        expected[reason] = expected.get(reason, 0) + batch["count"]
+    return expected
+
+
 def delta(before, after) -> dict[str, dict[str, int]]:
     return {n: {k: v - before[n].get(k, 0) for k, v in after[n].items() if v != before[n].get(k, 0)}
             for n in after}
@@ -198,9 +206,7 @@ def test_rogue_underlay_host_gets_nothing_in_and_every_packet_is_counted(lab, ho
     after = drops_all(lab)
     losses = [ping_loss(p) for p in pings]
     seen = sniffers.stop()
-    expected = {}
-    for b, reason in batches:
-        expected[reason] = expected.get(reason, 0) + b["count"]
+    expected = expected_drops(batches)
     injected = sum(expected.values())
     print(f"injected {sent} in {took:.1f}s; drops {delta(before, after)}; pings {losses}; sniffed {seen}")
     assert sent == injected + control["count"]
@@ -241,9 +247,7 @@ def test_compromised_container_gets_nothing_through_and_neighbours_keep_talking(
     after = drops_all(lab)
     losses = [ping_loss(p) for p in pings]
     seen = sniffers.stop()
-    expected = {}
-    for b, reason in batches:
-        expected[reason] = expected.get(reason, 0) + b["count"]
+    expected = expected_drops(batches)
     print(f"injected {sent}; drops {delta(before, after)}; pings {losses}; sniffed {seen}")
     assert sent == sum(expected.values())
     assert delta(before, after) == {n1: expected, n2: {}, n3: {}}
