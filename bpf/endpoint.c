@@ -72,8 +72,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     if (xo_is_gateway_dns(&c, ip)) {
         struct xo_config *cfg = xo_get_config();
         if (cfg && cfg->gateway_ifindex) {
-            struct xo_endpoint_key asker = { .vni = vni, .ip = self->ip };
-            xo_count_tx(xo_endpoint_traffic(&asker), len);
+            xo_count_tx(xo_endpoint_traffic(self->slot), len);
             return bpf_redirect(cfg->gateway_ifindex, BPF_F_INGRESS);
         }
     }
@@ -82,9 +81,9 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
      * rewritten (and every packet pointer with it): from here on, only the values saved
      * above and in f. */
     __u16 self_flags = self->flags;
+    __u32 self_slot = self->slot;
     struct xo_flow f = {};
     int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
-    struct xo_endpoint_key src_key = { .vni = vni, .ip = self->ip };
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
@@ -116,15 +115,17 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
             xo_mac_copy(mac, self->mac);
             int mesh = cfg ? xo_mesh_reply(skb, cfg, vni, &f, mac) : XO_MESH_NOT_MESH;
             if (mesh != XO_MESH_NOT_MESH) {
-                xo_count_tx(xo_endpoint_traffic(&src_key), len);
+                xo_count_tx(xo_endpoint_traffic(self_slot), len);
                 return mesh;
             }
         }
         return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
     }
 
-    xo_count_tx(xo_endpoint_traffic(&src_key), len);
+    xo_count_tx(xo_endpoint_traffic(self_slot), len);
 
+    /* Local: the destination's counters; remote: its node's. */
+    __u32 dst_slot = dst->slot;
     if (dst->ifindex) {
         /* Local: hand it to the other container as if it came from its gateway. */
         __u32 dst_ifindex = dst->ifindex;
@@ -143,7 +144,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         __u8 gw[ETH_ALEN] = XO_GW_MAC;
         xo_mac_copy(eth->h_dest, dst_mac);
         xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_traffic(&dst_key), len);
+        xo_count_rx(xo_endpoint_traffic(dst_slot), len);
         xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
         return bpf_redirect_peer(dst_ifindex, 0);
     }
@@ -167,7 +168,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    xo_count_tx(xo_peer_traffic(&node_ip), skb->len);
+    xo_count_tx(xo_peer_traffic(dst_slot), skb->len);
     xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
     /* NULL params: the kernel routes the outer destination and fills in the MACs. */
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);

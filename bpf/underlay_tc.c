@@ -78,14 +78,16 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     if (!mesh_reply && (!dst || !dst->ifindex))
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
     __u16 src_flags = src ? src->flags : 0;
-    __u32 ifindex = 0;
+    __u32 ifindex = 0, dst_slot = XO_NO_SLOT;
     __u8 dst_mac[ETH_ALEN] = {};
     if (!mesh_reply) {
         ifindex = dst->ifindex;
+        dst_slot = dst->slot;
         xo_mac_copy(dst_mac, dst->mac);
     }
 
-    xo_count_peer_rx(xo_peer_traffic(&t.peer_ip), len);
+    /* Proven, the sender is the source endpoint's node, whose counters it names. */
+    xo_count_peer_rx(xo_peer_traffic(proven ? src->slot : t.peer_slot), len);
 
     xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
     if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
@@ -138,6 +140,6 @@ int xo_underlay_ingress(struct __sk_buff *skb)
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
     }
 
-    xo_count_rx(xo_endpoint_traffic(&dst_key), skb->len);
+    xo_count_rx(xo_endpoint_traffic(dst_slot), skb->len);
     return bpf_redirect_peer(ifindex, 0);
 }

@@ -173,6 +173,9 @@ class Agent:
         verb = "loaded" if self.progs.replaced else "adopted"
         log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
                  self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)
+        if self.progs.recreated:
+            log.warning("maps of an older layout made anew (their entries come back on the first pass, "
+                        "their counters start at zero): %s", ", ".join(self.progs.recreated))
         if self.dns_server:
             if self.store_error is None:
                 self.dns_server.set_state(self.store.read())
@@ -241,19 +244,17 @@ class Agent:
         changes = []
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
                   self.gateway_ifindex)
+        actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
         if generation is not None and self.want_memo and self.want_memo[0] == inputs:
             want = self.want_memo[1]
         else:
             want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
-                                        self.gateway_ifindex)
+                                        self.gateway_ifindex, actual)
             self.want_memo = (inputs, want)
-        actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
-        ops = desired.plan(want, actual, desired.desired_tables(state, self.table_memo),
-                           self.tables.read())
-        ops += desired.stale_counters(want, self.maps["xo_peer_stats"].keys(),
-                                      self.maps["xo_endpoint_stats"].keys(),
-                                      self.maps["xo_lb_service_stats"].keys(),
-                                      self.maps["xo_lb_backend_stats"].keys())
+        # New counter slots are zeroed before the entries that name them are written.
+        ops = desired.fresh_counters(want, actual)
+        ops += desired.plan(want, actual, desired.desired_tables(state, self.table_memo),
+                            self.tables.read())
         # Runs of table operations are applied together (one kernel wait per batch).
         for (is_table, deleting), run in groupby(ops, lambda o: (o.map == desired.MAGLEV, o.value is None)):
             if not is_table:

@@ -107,6 +107,7 @@ class Programs:
     fds: dict
     build: int
     replaced: bool       # False: adopted from pins of the same build
+    recreated: tuple = ()    # maps of another shape, pinned by an older build: made anew, empty
 
     def close(self):
         for fd in self.fds.values():
@@ -120,6 +121,26 @@ def _pinned_build(pin: str) -> int | None:
             return value.build_id if value else None
     except OSError:
         return None
+
+
+def outdated_maps(pin: str) -> list[str]:
+    """The maps pinned in `pin` whose shape (type, key and value size, entries) is not
+    what maps/layout.py (checked against bpf/lib/maps.h) declares: pinned by a build with
+    another layout. BCC would reuse such a pin as it is, and the programs would read
+    its entries with the new layout."""
+    out = []
+    for name, spec in MAPS.items():
+        path = os.path.join(pin, name)
+        if not os.path.exists(path):
+            continue
+        fd = bpf.obj_get(path)
+        try:
+            info = bpf.map_info(fd)
+        finally:
+            os.close(fd)
+        if (info.type, info.key_size, info.value_size, info.max_entries) != spec.shape:
+            out.append(name)
+    return out
 
 
 def is_pinned(node: str) -> bool:
@@ -137,12 +158,17 @@ def load(node: str, force: bool = False) -> Programs:
     pins = {name: os.path.join(pin, name) for name in PROGRAMS}
     if not force and _pinned_build(pin) == build and all(os.path.exists(p) for p in pins.values()):
         return Programs({name: bpf.obj_get(p) for name, p in pins.items()}, build, replaced=False)
+    # An outdated map is unpinned for BCC to make anew; the old programs keep theirs
+    # until they are replaced, and the agent fills the new one on its next pass.
+    recreated = tuple(outdated_maps(pin))
+    for name in recreated:
+        os.unlink(os.path.join(pin, name))
     fds = compile_programs(pin)
     for name, fd in fds.items():
         if os.path.exists(pins[name]):
             os.unlink(pins[name])
         bpf.obj_pin(fd, pins[name])
-    return Programs(fds, build, replaced=True)
+    return Programs(fds, build, replaced=True, recreated=recreated)
 
 
 def prog_id(fd: int) -> int:

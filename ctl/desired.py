@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, Config, Endpoint, EndpointKey,
-                         EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey, LbService,
-                         LbServiceKey, LocalEndpoint, Mesh, MeshKey, Peer, U32, Vni,
-                         ip_be, mac_bytes, port_be, subnet_key, Subnet)
+from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LB_MAX_BACKENDS, MAPS, Config, Endpoint,
+                         EndpointKey, EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey,
+                         LbService, LbServiceKey, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_PEERS, Mesh, MeshKey,
+                         NO_SLOT, Peer, U32, Vni, ip_be, mac_bytes, port_be, subnet_key, Subnet)
 
 from . import maglev
 from .model import State, parse_port
@@ -19,47 +19,112 @@ RECONCILED_MAPS = ("xo_config", "xo_peers", "xo_vnis", "xo_subnets", "xo_endpoin
                    "xo_local_endpoints", "xo_lb_backends", "xo_lb_services", "xo_lb_mesh")
 MAGLEV = "xo_lb_maglev"
 
+# Maps whose entries name a counter slot (bpf/lib/maps.h): the counters' map, how many
+# slots it has, and what a slot stays with (from an entry's key and value).
+SLOTTED = {
+    "xo_peers": ("xo_peer_stats", MAX_PEERS, lambda k, v: k.value),
+    # By address, not by veth: a re-plumbed endpoint keeps its counters.
+    "xo_local_endpoints": ("xo_endpoint_stats", MAX_LOCAL_ENDPOINTS, lambda k, v: (v.vni, v.ip)),
+    "xo_lb_backends": ("xo_lb_backend_stats", LB_MAX_BACKENDS, lambda k, v: (k.service, k.index)),
+}
+
 
 def _mac(mac: str):
     return (type(Endpoint().mac)).from_buffer_copy(mac_bytes(mac))
 
 
 def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_ifindex: int,
-                 build_id: int, gateway_ifindex: int = 0) -> dict[str, dict]:
+                 build_id: int, gateway_ifindex: int = 0, actual: dict[str, dict] | None = None
+                 ) -> dict[str, dict]:
     """What every reconciled map should hold on `node`. `ifindexes` maps the names of the
     local endpoints that are plumbed to their host-side veth; the others are left out
-    until they are (a map entry pointing at no veth would black-hole traffic)."""
+    until they are (a map entry pointing at no veth would black-hole traffic). Peers, local
+    endpoints and backends keep the counter slots they have in `actual` (the maps as they
+    are): see assign_slots."""
+    had = slots_in(actual or {})
     me = state.nodes[node]
     maps: dict[str, dict] = {name: {} for name in RECONCILED_MAPS}
     maps["xo_config"][U32(0)] = Config(node_ip=ip_be(me.underlay_ip), underlay_ifindex=underlay_ifindex,
                                        vxlan_port=int.from_bytes(me.vxlan_port.to_bytes(2, "big"), "little"),
                                        gateway_ifindex=gateway_ifindex, build_id=build_id)
-    for peer in state.nodes.values():
-        if peer.name != node:
-            maps["xo_peers"][U32(ip_be(peer.underlay_ip))] = Peer()
+    peers = sorted(ip_be(p.underlay_ip) for p in state.nodes.values() if p.name != node)
+    peer_slot = assign_slots(had["xo_peers"], peers, MAX_PEERS)
+    for ip, slot in peer_slot.items():
+        maps["xo_peers"][U32(ip)] = Peer(slot=slot)
     for net in state.networks.values():
         maps["xo_subnets"][subnet_key(net.subnet)] = Subnet(vni=net.vni)
     flags_of = endpoint_flags(state)
-    for ep in state.endpoints.values():
-        if ep.removing or ep.network not in state.networks or ep.node not in state.nodes:
+    live = [ep for ep in sorted(state.endpoints.values(), key=lambda e: e.name)
+            if not ep.removing and ep.network in state.networks and ep.node in state.nodes]
+    plumbed = [(state.networks[ep.network].vni, ip_be(ep.ip)) for ep in live
+               if ep.node == node and ifindexes.get(ep.name)]
+    endpoint_slot = assign_slots(had["xo_local_endpoints"], plumbed, MAX_LOCAL_ENDPOINTS)
+    for ep in live:
+        if ep.node == node and not ifindexes.get(ep.name):
             continue
         vni = state.networks[ep.network].vni
         key = EndpointKey(vni=vni, ip=ip_be(ep.ip))
         flags = flags_of[ep.name]
         if ep.node == node:
-            ifindex = ifindexes.get(ep.name)
-            if not ifindex:
-                continue
+            ifindex, slot = ifindexes[ep.name], endpoint_slot[(vni, key.ip)]
             maps["xo_endpoints"][key] = Endpoint(node_ip=ip_be(me.underlay_ip), ifindex=ifindex,
-                                                 mac=_mac(ep.mac), flags=flags)
-            maps["xo_local_endpoints"][U32(ifindex)] = LocalEndpoint(vni=vni, ip=ip_be(ep.ip),
-                                                                     mac=_mac(ep.mac), flags=flags)
+                                                 mac=_mac(ep.mac), flags=flags, slot=slot)
+            maps["xo_local_endpoints"][U32(ifindex)] = LocalEndpoint(vni=vni, ip=key.ip, mac=_mac(ep.mac),
+                                                                     flags=flags, slot=slot)
             maps["xo_vnis"][U32(vni)] = Vni()
         else:
-            maps["xo_endpoints"][key] = Endpoint(node_ip=ip_be(state.nodes[ep.node].underlay_ip),
-                                                 mac=_mac(ep.mac), flags=flags)
-    _services(state, maps)
+            node_ip = ip_be(state.nodes[ep.node].underlay_ip)
+            maps["xo_endpoints"][key] = Endpoint(node_ip=node_ip, mac=_mac(ep.mac), flags=flags,
+                                                 slot=peer_slot[node_ip])
+    _services(state, maps, had["xo_lb_backends"])
     return maps
+
+
+def slots_in(maps: dict[str, dict]) -> dict[str, dict]:
+    """The counter slots held in `maps`, per SLOTTED map: {what it stays with: slot}."""
+    return {name: {ident(k, v): v.slot for k, v in maps.get(name, {}).items()}
+            for name, (_, _, ident) in SLOTTED.items()}
+
+
+def assign_slots(had: dict, wanted: list, capacity: int) -> dict:
+    """A counter slot (0..capacity-1) for each key of `wanted`: the one it has in `had`
+    (key -> slot, as in the kernel now), else the lowest slot nobody in `had` holds: a
+    leaving entry still counts into its slot until it is deleted, after the new ones are
+    written (diff). Only when those run out, a slot of a leaving entry; past `capacity`,
+    NO_SLOT (not counted; its map is full anyway). The same inputs give the same slots."""
+    slots, taken = {}, set()
+    for key in wanted:
+        slot = had.get(key)
+        if slot is not None and slot < capacity and slot not in taken:
+            slots[key] = slot
+            taken.add(slot)
+    held = set(had.values())
+    free = (s for s in range(capacity) if s not in held)
+    leaving = (s for s in range(capacity) if s in held and s not in taken)
+    for key in wanted:
+        if key not in slots:
+            slot = next(free, None)
+            if slot is None:
+                slot = next(leaving, NO_SLOT)
+            slots[key] = slot
+            taken.add(slot)
+    return slots
+
+
+def fresh_counters(desired: dict[str, dict], actual: dict[str, dict]) -> list[MapOp]:
+    """Zero the counter slots that `desired` gives to an entry that did not hold them in
+    `actual` (a slot keeps what its last holder counted), and those of service ids that
+    are new (a service's counters are at its id). Applied before the entries that name
+    them."""
+    had = slots_in(actual)
+    ops = []
+    for name, (stats, _, ident) in SLOTTED.items():
+        zero = MAPS[stats].value()
+        ops += [MapOp(stats, U32(v.slot), zero) for k, v in desired[name].items()
+                if v.slot != NO_SLOT and had[name].get(ident(k, v)) != v.slot]
+    had_ids = {v.id for v in actual.get("xo_lb_services", {}).values()}
+    new_ids = sorted({v.id for v in desired["xo_lb_services"].values()} - had_ids)
+    return ops + [MapOp("xo_lb_service_stats", U32(sid), MAPS["xo_lb_service_stats"].value()) for sid in new_ids]
 
 
 def endpoint_flags(state: State) -> dict[str, int]:
@@ -79,9 +144,17 @@ def _live_backends(state: State, svc):
             yield b, ep
 
 
-def _services(state: State, maps: dict) -> None:
+def _services(state: State, maps: dict, had_slot: dict) -> None:
     """The same on every node: a client anywhere may use any service of its network, and
-    a published port answers on every node's underlay IP (xo_lb_mesh)."""
+    a published port answers on every node's underlay IP (xo_lb_mesh). Backends keep the
+    counter slots of `had_slot` ((service id, index) -> slot)."""
+    live = [(svc, b, ep) for svc in state.services.values() if svc.network in state.networks
+            for b, ep in _live_backends(state, svc)]
+    slot = assign_slots(had_slot, sorted((svc.id, b.index) for svc, b, _ in live), LB_MAX_BACKENDS)
+    for svc, b, ep in live:
+        maps["xo_lb_backends"][LbBackendKey(service=svc.id, index=b.index)] = LbBackend(
+            ip=ip_be(ep.ip), port=port_be(b.port) if b.port else 0,
+            state=LB_DRAINING if b.draining else LB_ACTIVE, slot=slot[(svc.id, b.index)])
     for svc in state.services.values():
         net = state.networks.get(svc.network)
         if net is None:
@@ -96,10 +169,6 @@ def _services(state: State, maps: dict) -> None:
             port, proto = parse_port(target)
             maps["xo_lb_mesh"][MeshKey(port=port_be(int(published)), proto=IPPROTO[proto])] = Mesh(
                 service=svc.id, flags=value.flags, vni=net.vni, port=port_be(port))
-        for b, ep in _live_backends(state, svc):
-            maps["xo_lb_backends"][LbBackendKey(service=svc.id, index=b.index)] = LbBackend(
-                ip=ip_be(ep.ip), port=port_be(b.port) if b.port else 0,
-                state=LB_DRAINING if b.draining else LB_ACTIVE)
 
 
 def _table(backends: tuple, m: int) -> tuple:
@@ -178,20 +247,6 @@ def plan(desired: dict[str, dict], actual: dict[str, dict], want_tables: dict[in
     sets, service_sets = first(sets, {"xo_lb_services", "xo_lb_mesh"})
     deletes, backend_deletes = first(deletes, {"xo_lb_backends"})
     return sets + table_sets + service_sets + deletes + table_deletes + backend_deletes
-
-
-def stale_counters(desired: dict[str, dict], peer_keys, endpoint_keys, service_keys=(),
-                   backend_keys=()) -> list[MapOp]:
-    """Counter entries of peers, endpoints, services and backends that are gone (the data
-    path creates them)."""
-    peers = set(desired["xo_peers"])
-    endpoints = set(desired["xo_endpoints"])
-    services = {U32(v.id) for v in desired["xo_lb_services"].values()}
-    backends = set(desired["xo_lb_backends"])
-    return ([MapOp("xo_peer_stats", k, None) for k in peer_keys if k not in peers] +
-            [MapOp("xo_endpoint_stats", k, None) for k in endpoint_keys if k not in endpoints] +
-            [MapOp("xo_lb_service_stats", k, None) for k in service_keys if k not in services] +
-            [MapOp("xo_lb_backend_stats", k, None) for k in backend_keys if k not in backends])
 
 
 def in_network(ip: str, subnet: str) -> bool:

@@ -9,6 +9,8 @@ import ipaddress
 import re
 from dataclasses import dataclass, field, replace
 
+from maps import layout
+
 from .errors import XoError
 
 VNI_MIN, VNI_MAX = 1, (1 << 24) - 1
@@ -17,9 +19,9 @@ DEFAULT_SLICE_PREFIX = 24       # each node gets a /24 of a network's subnet
 DEFAULT_VXLAN_PORT = 4789
 GATEWAY_IP = "169.254.1.1"      # every container's next hop (link-local, in no subnet)
 MAX_ENDPOINTS = 65536           # size of the xo_endpoints map
-MAX_LOCAL_ENDPOINTS = 4096      # size of the xo_local_endpoints map
+MAX_LOCAL_ENDPOINTS = layout.MAX_LOCAL_ENDPOINTS    # size of the xo_local_endpoints map
 MAX_NETWORKS = 1024             # size of the xo_subnets map
-MAX_NODES = 1024                # size of the xo_peers map
+MAX_NODES = layout.MAX_PEERS    # size of the xo_peers map
 _NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,62}$")
 
 

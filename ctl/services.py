@@ -49,7 +49,9 @@ def read_counters(state: State, name: str) -> dict:
     {"service": {...}, "backends": {index: {...}}}. Zeros until anything was counted."""
     import os
 
-    from maps.layout import MAPS, LbBackendKey, PinnedMap, U32, pin_dir, sum_percpu
+    from maps.layout import MAPS, PinnedMap, U32, pin_dir, sum_percpu
+
+    from .status import slotted_counters
 
     svc = state.services.get(name)
     if svc is None:
@@ -72,11 +74,9 @@ def read_counters(state: State, name: str) -> dict:
                 values = m.get(U32(svc.id))
                 if values:
                     add(out["service"], sum_percpu(values))
-            with PinnedMap(pin_dir(node), MAPS["xo_lb_backend_stats"]) as m:
-                for b in svc.backends:
-                    values = m.get(LbBackendKey(service=svc.id, index=b.index))
-                    if values:
-                        add(out["backends"][b.index], sum_percpu(values))
         except OSError:
             continue
+        for (sid, index), counts in slotted_counters(node, "xo_lb_backends").items():
+            if sid == svc.id and counts and index in out["backends"]:
+                add(out["backends"][index], counts)
     return out

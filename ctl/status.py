@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from maps.drops import REASONS
-from maps.layout import MAPS, EndpointKey, LbBackendKey, PinnedMap, ip_be, pin_dir, sum_percpu, U32
+from maps.layout import MAPS, PinnedMap, ip_be, pin_dir, sum_percpu, U32
 
 from . import agent, desired
 from .model import State, peers_of
@@ -42,21 +42,38 @@ def liveness(alive: dict | None, node: str) -> str:
     return "unknown" if alive is None else ("up" if node in alive else "down")
 
 
+def slotted_counters(node: str, name: str) -> dict:
+    """The counters of the entries of a slotted map (desired.SLOTTED: xo_peers,
+    xo_local_endpoints, xo_lb_backends), summed over CPUs, by what each entry is (an
+    underlay IP, (vni, ip), (service id, index)), through the slot it names. Only those
+    slots are read: the arrays are mostly unused."""
+    stats, _, ident = desired.SLOTTED[name]
+    try:
+        with PinnedMap(pin_dir(node), MAPS[name]) as entries, PinnedMap(pin_dir(node), MAPS[stats]) as counters:
+            out = {}
+            for k, v in entries.items().items():
+                values = counters.get(U32(v.slot))
+                out[ident(k, v)] = sum_percpu(values) if values else None
+            return out
+    except OSError:
+        return {}
+
+
 def peer_rows(state: State, node: str, alive: dict | None = None) -> list[dict]:
-    stats = read_counters(node, "xo_peer_stats")
+    stats = slotted_counters(node, "xo_peers")
     return [{"node": peer.name, "underlay_ip": peer.underlay_ip, "liveness": liveness(alive, peer.name),
              "subnets": sorted(s.subnet for s in state.slices.values() if s.node == peer.name),
-             **_peer_traffic(stats.get(U32(ip_be(peer.underlay_ip))))}
+             **_peer_traffic(stats.get(ip_be(peer.underlay_ip)))}
             for peer in peers_of(state, node)]
 
 
 def endpoint_rows(state: State, node: str) -> list[dict]:
-    stats = read_counters(node, "xo_endpoint_stats")
+    stats = slotted_counters(node, "xo_local_endpoints")
     rows = []
     for ep in sorted(state.endpoints.values(), key=lambda e: e.name):
         if ep.node != node or ep.network not in state.networks:
             continue
-        key = EndpointKey(vni=state.networks[ep.network].vni, ip=ip_be(ep.ip))
+        key = (state.networks[ep.network].vni, ip_be(ep.ip))
         rows.append({"name": ep.name, "network": ep.network, "ip": ep.ip, "netns": ep.netns,
                      "state": "removing" if ep.removing else ("ready" if ep.ready else "pending"),
                      **_traffic(stats.get(key))})
@@ -67,7 +84,7 @@ def service_rows(state: State, node: str) -> list[dict]:
     """Every service, with this node's counters: those of connections that started here
     (a client on this node, or an outside client through this node's published ports)."""
     svc_stats = read_counters(node, "xo_lb_service_stats")
-    be_stats = read_counters(node, "xo_lb_backend_stats")
+    be_stats = slotted_counters(node, "xo_lb_backends")
 
     def counts(s):
         return {"packets": s.packets if s else 0, "bytes": s.bytes if s else 0,
@@ -80,7 +97,7 @@ def service_rows(state: State, node: str) -> list[dict]:
             st = "gone" if ep is None or ep.removing else ("draining" if b.draining else "active")
             backends.append({"endpoint": b.endpoint, "id": b.index, "ip": ep.ip if ep else None,
                              "node": ep.node if ep else None, "port": b.port or None, "weight": b.weight,
-                             "state": st, **counts(be_stats.get(LbBackendKey(service=svc.id, index=b.index)))})
+                             "state": st, **counts(be_stats.get((svc.id, b.index)))})
         rows.append({"name": svc.name, "id": svc.id, "network": svc.network, "vip": svc.vip,
                      "ports": list(svc.ports), "publish": list(svc.publish), "affinity": svc.affinity,
                      **counts(svc_stats.get(U32(svc.id))), "backends": backends})
@@ -134,7 +151,7 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
     if node not in state.nodes:
         return []
     want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
-                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0)
+                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual)
     rows = []
     for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
         kind = "unexpected" if op.value is None else (

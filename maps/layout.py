@@ -70,11 +70,12 @@ class EndpointKey(Struct):
 
 class Endpoint(Struct):
     _fields_ = [("node_ip", ctypes.c_uint32), ("ifindex", ctypes.c_uint32), ("mac", Mac),
-                ("flags", ctypes.c_uint16)]
+                ("flags", ctypes.c_uint16), ("slot", ctypes.c_uint32)]
 
 
 class LocalEndpoint(Struct):
-    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("flags", ctypes.c_uint16)]
+    _fields_ = [("vni", ctypes.c_uint32), ("ip", ctypes.c_uint32), ("mac", Mac), ("flags", ctypes.c_uint16),
+                ("slot", ctypes.c_uint32)]
 
 
 def _flags(header: str, prefix: str) -> dict[str, int]:
@@ -100,7 +101,7 @@ class Subnet(Struct):
 
 
 class Peer(Struct):
-    _fields_ = [("flags", ctypes.c_uint32)]
+    _fields_ = [("flags", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
 
 
 class Vni(Struct):
@@ -133,7 +134,7 @@ class LbBackendKey(Struct):
 
 class LbBackend(Struct):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8)]
+                ("pad", ctypes.c_uint8), ("slot", ctypes.c_uint32)]
 
 
 class CtKey(Struct):
@@ -165,6 +166,9 @@ LB_AFFINITY = 1
 LB_ACTIVE, LB_DRAINING = 1, 2
 CT_SERVICE, CT_REPLY, CT_MESH = 1, 2, 3
 LB_MAX_SERVICES = 16384
+LB_MAX_BACKENDS = 65536                          # slots of xo_lb_backend_stats
+MAX_LOCAL_ENDPOINTS, MAX_PEERS = 4096, 1024     # slots of xo_endpoint_stats, xo_peer_stats
+NO_SLOT = _flags("maps.h", "XO_NO_")["SLOT"]
 IPPROTO = {"tcp": 6, "udp": 17}
 
 
@@ -212,30 +216,54 @@ class MapSpec:
     desired: bool = True
     # A ring buffer: no keys, max_entries is its size in bytes, `value` its record type.
     ringbuf: bool = False
+    # The BPF map type, as bpf/lib/maps.h declares it (a key of MAP_TYPES).
+    kind: str = "hash"
+
+    @property
+    def map_type(self) -> int:
+        return MAP_TYPES[self.kind]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(type, key size, value size, max entries) as the kernel reports a map made from
+        bpf/lib/maps.h (a ring buffer has neither keys nor values)."""
+        if self.ringbuf:
+            return self.map_type, 0, 0, self.max_entries
+        return self.map_type, ctypes.sizeof(self.key), ctypes.sizeof(self.value), self.max_entries
+
+
+# BPF_MAP_TYPE_* of the kinds we use (include/uapi/linux/bpf.h).
+MAP_TYPES = {"hash": 1, "array": 2, "percpu_hash": 5, "percpu_array": 6, "lru_hash": 9, "lpm_trie": 11,
+             "array_of_maps": 12, "ringbuf": 27}
 
 
 MAPS = {spec.name: spec for spec in [
-    MapSpec("xo_config", U32, Config, 1),
+    MapSpec("xo_config", U32, Config, 1, kind="array"),
     MapSpec("xo_endpoints", EndpointKey, Endpoint, 65536),
-    MapSpec("xo_local_endpoints", U32, LocalEndpoint, 4096),
-    MapSpec("xo_subnets", SubnetKey, Subnet, 1024),
-    MapSpec("xo_peers", U32, Peer, 1024),
+    MapSpec("xo_local_endpoints", U32, LocalEndpoint, MAX_LOCAL_ENDPOINTS),
+    MapSpec("xo_subnets", SubnetKey, Subnet, 1024, kind="lpm_trie"),
+    MapSpec("xo_peers", U32, Peer, MAX_PEERS),
     MapSpec("xo_vnis", U32, Vni, 4096),
-    MapSpec("xo_peer_stats", U32, Traffic, 1024, percpu=True, desired=False),
-    MapSpec("xo_endpoint_stats", EndpointKey, Traffic, 65536, percpu=True, desired=False),
-    MapSpec("xo_drops", U32, DropCount, 32, percpu=True, desired=False),
+    # Counters by the slot in the entries above (ctl/desired.py gives the slots).
+    MapSpec("xo_peer_stats", U32, Traffic, MAX_PEERS, percpu=True, desired=False, kind="percpu_array"),
+    MapSpec("xo_endpoint_stats", U32, Traffic, MAX_LOCAL_ENDPOINTS, percpu=True, desired=False,
+            kind="percpu_array"),
+    MapSpec("xo_drops", U32, DropCount, 32, percpu=True, desired=False, kind="percpu_array"),
     MapSpec("xo_lb_services", LbServiceKey, LbService, 65536),
-    MapSpec("xo_lb_backends", LbBackendKey, LbBackend, 65536),
+    MapSpec("xo_lb_backends", LbBackendKey, LbBackend, LB_MAX_BACKENDS),
     # The template of the Maglev tables (never written) and the tables by service id: a
     # lookup gives the inner map's id, an update takes an inner map's fd (ctl/lbmaps.py).
-    MapSpec("xo_lb_maglev_inner", U32, U32, 1, desired=False),
-    MapSpec("xo_lb_maglev", U32, U32, LB_MAX_SERVICES, desired=False),
+    MapSpec("xo_lb_maglev_inner", U32, U32, 1, desired=False, kind="array"),
+    MapSpec("xo_lb_maglev", U32, U32, LB_MAX_SERVICES, desired=False, kind="array_of_maps"),
     MapSpec("xo_lb_mesh", MeshKey, Mesh, 65536),
-    MapSpec("xo_lb_ct", CtKey, Ct, 131072, desired=False),
-    MapSpec("xo_lb_service_stats", U32, LbStats, LB_MAX_SERVICES, percpu=True, desired=False),
-    MapSpec("xo_lb_backend_stats", LbBackendKey, LbStats, 65536, percpu=True, desired=False),
-    MapSpec("xo_monitor", U32, Monitor, 1, desired=False),
-    MapSpec("xo_events", U32, Event, EVENTS_BYTES, desired=False, ringbuf=True),
+    MapSpec("xo_lb_ct", CtKey, Ct, 131072, desired=False, kind="lru_hash"),
+    # By service id, and by the slot in a backend's entry.
+    MapSpec("xo_lb_service_stats", U32, LbStats, LB_MAX_SERVICES, percpu=True, desired=False,
+            kind="percpu_array"),
+    MapSpec("xo_lb_backend_stats", U32, LbStats, LB_MAX_BACKENDS, percpu=True, desired=False,
+            kind="percpu_array"),
+    MapSpec("xo_monitor", U32, Monitor, 1, desired=False, kind="array"),
+    MapSpec("xo_events", U32, Event, EVENTS_BYTES, desired=False, ringbuf=True, kind="ringbuf"),
 ]}
 
 

@@ -133,13 +133,19 @@ def service_table(svc: Svc, backends=None) -> tuple:
     return (m, *(backends[i][1] for i in owners))
 
 
+def backend_slot(service: int, index: int) -> int:
+    """A backend's counter slot, unique and never 0 (see peer_slot)."""
+    return 100 * service + index
+
+
 def write_service(maps: dict, svc: Svc, tables=None) -> None:
     from ctl.lbmaps import MaglevTables
     from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LbBackend, LbBackendKey, LbService,
                              LbServiceKey, port_be)
     for ep, index, port in svc.backends:
         maps["xo_lb_backends"].set(LbBackendKey(service=svc.id, index=index), LbBackend(
-            ip=ip_be(ep.ip), port=port_be(port) if port else 0, state=LB_ACTIVE))
+            ip=ip_be(ep.ip), port=port_be(port) if port else 0, state=LB_ACTIVE,
+            slot=backend_slot(svc.id, index)))
     tables = tables or MaglevTables(maps["xo_lb_maglev"])
     if svc.backends:
         tables.set(svc.id, service_table(svc))
@@ -162,6 +168,19 @@ def endpoint_flags(ep: Ep, topo=Topology) -> int:
     return flags
 
 
+# Counter slots as the agent would give them, but none at 0: a program that counted into
+# slot 0 by mistake (an unset slot) would show nowhere a test looks.
+def peer_slot(ip: str, topo=Topology) -> int:
+    return 5 + list(topo.PEERS).index(ip)
+
+
+def endpoint_slot(ep: Ep, topo=Topology) -> int:
+    """A local endpoint's own slot; a remote one's is its node's (peer_slot)."""
+    if not ep.ifindex:
+        return peer_slot(ep.node_ip, topo)
+    return 3 + [e for e in topo.ENDPOINTS if e.ifindex].index(ep)
+
+
 def fill_maps(maps: dict, topo=Topology) -> None:
     """What the agent would write for node A of `topo`."""
     maps["xo_config"].set(U32(0), Config(
@@ -169,17 +188,18 @@ def fill_maps(maps: dict, topo=Topology) -> None:
         gateway_ifindex=topo.GATEWAY_IFINDEX,
         vxlan_port=int.from_bytes(VXLAN_PORT.to_bytes(2, "big"), "little")))
     for peer in topo.PEERS:
-        maps["xo_peers"].set(U32(ip_be(peer)), Peer())
+        maps["xo_peers"].set(U32(ip_be(peer)), Peer(slot=peer_slot(peer, topo)))
     for cidr, vni in topo.SUBNETS:
         maps["xo_subnets"].set(subnet_key(cidr), Subnet(vni=vni))
     for ep in topo.ENDPOINTS:
         key = EndpointKey(vni=ep.vni, ip=ip_be(ep.ip))
         flags = endpoint_flags(ep, topo)
+        slot = endpoint_slot(ep, topo)
         maps["xo_endpoints"].set(key, Endpoint(node_ip=ip_be(ep.node_ip), ifindex=ep.ifindex,
-                                               mac=_mac(ep.mac), flags=flags))
+                                               mac=_mac(ep.mac), flags=flags, slot=slot))
         if ep.ifindex:
             maps["xo_local_endpoints"].set(U32(ep.ifindex), LocalEndpoint(
-                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac), flags=flags))
+                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac), flags=flags, slot=slot))
             maps["xo_vnis"].set(U32(ep.vni), Vni())
     for svc in topo.SERVICES:
         write_service(maps, svc)
@@ -245,9 +265,16 @@ class Datapath:
             out[code] = (total.packets, total.bytes)
         return out
 
-    def traffic(self, map_name: str, key):
-        values = self.maps[map_name].get(key)
+    def traffic(self, map_name: str, slot: int):
+        values = self.maps[map_name].get(U32(slot))
         return sum_percpu(values) if values else None
+
+    def endpoint_traffic(self, ep: Ep):
+        """A local endpoint's counters."""
+        return self.traffic("xo_endpoint_stats", endpoint_slot(ep))
+
+    def peer_traffic(self, ip: str):
+        return self.traffic("xo_peer_stats", peer_slot(ip))
 
 
 def drop_delta(before: dict, after: dict) -> dict[str, tuple[int, int]]:

@@ -330,6 +330,35 @@ def test_client_port_reused_through_another_node_replies_through_that_node(dp):
                                      inner_src_mac=T.WEB2.mac).hex()
 
 
+def test_mesh_traffic_counts_in_the_slots_its_entries_name(dp):
+    """Each mesh path counts where the entries it used say, and nowhere else: XDP's and
+    tc's encap to B (B's slot, from the backend's endpoint entry), tc's delivery to a
+    local backend (its own), a request from B (not proven by the endpoint lookups: B's
+    slot from xo_peers) and web2's reply back to B (B's slot from xo_peers)."""
+    from bpfrun import endpoint_slot, peer_slot
+    from test_bpf_programs import _all_slots, _moved
+    B, web2 = ("xo_peer_stats", peer_slot(T.PEER_B)), ("xo_endpoint_stats", endpoint_slot(T.WEB2))
+
+    def counted(prog, frame, verdict, ifindex=None):
+        before = _all_slots(dp)
+        assert run(dp, prog, frame, ifindex).verdict == verdict
+        return _moved(before, _all_slots(dp))
+    to_b = outside(TCP(sport=50700, dport=8080, flags="S"))
+    assert counted("prog_underlay_xdp", to_b, XDP_TX) == {B: (1, len(to_b) + ENCAP, 0, 0)}
+    to_b = outside(TCP(sport=50701, dport=8080, flags="S"))
+    assert counted("prog_underlay_tc", to_b, TC_ACT_REDIRECT) == {B: (1, len(to_b) + ENCAP, 0, 0)}
+    to_web2 = outside(TCP(sport=50702, dport=8081, flags="S"))
+    assert counted("prog_underlay_tc", to_web2, TC_ACT_REDIRECT) == {web2: (0, 0, 1, len(to_web2))}
+    inner = bytes(IP(src=CLIENT, dst=T.WEB2.ip) / TCP(sport=50703, dport=80, flags="S"))
+    request = vxlan(inner=Ether(src=GW_MAC, dst=T.WEB2.mac) / IP(inner), flags=0x09)
+    assert counted("prog_underlay_tc", request, TC_ACT_REDIRECT) == {
+        B: (0, 0, 1, len(request)), web2: (0, 0, 1, len(request) - ENCAP)}
+    reply = bytes(Ether(src=T.WEB2.mac, dst=GW_MAC) / IP(src=T.WEB2.ip, dst=CLIENT) /
+                  TCP(sport=80, dport=50703, flags="SA"))
+    assert counted("prog_endpoint", reply, TC_ACT_REDIRECT, T.WEB2.ifindex) == {
+        B: (1, len(reply) + ENCAP, 0, 0), web2: (1, len(reply), 0, 0)}
+
+
 def test_mesh_request_with_an_overlay_source_is_spoofed(dp):
     inner = Ether(src=GW_MAC, dst=T.WEB1.mac) / IP(src=T.DB1.ip, dst=T.WEB1.ip) / TCP(sport=50410, dport=80)
     frame = vxlan(inner=inner, flags=0x09)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from maps.layout import EndpointKey, U32, ip_be, mac_bytes
+from maps.layout import U32, ip_be, mac_bytes, sum_percpu
 
 from bpfrun import (GW_MAC, SPORT_MAX, SPORT_MIN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
                     VXLAN_PORT, XDP_DROP, XDP_PASS, Datapath, Topology as T, drop_delta,
@@ -452,27 +452,37 @@ def test_vxlan_source_port_follows_the_flow(dp):
 
 # --- traffic counters --------------------------------------------------------------------------
 
+def _all_slots(dp) -> dict:
+    """Every counter slot of both arrays: (map, slot) -> (tx packets, tx bytes, rx packets, rx bytes)."""
+    out = {}
+    for name in ("xo_endpoint_stats", "xo_peer_stats"):
+        for key, values in dp.maps[name].items().items():
+            t = sum_percpu(values)
+            out[(name, key.value)] = (t.tx_packets, t.tx_bytes, t.rx_packets, t.rx_bytes)
+    return out
+
+
+def _moved(before: dict, after: dict) -> dict:
+    return {k: tuple(a - b for a, b in zip(after[k], before[k])) for k in after if after[k] != before[k]}
+
+
 def test_traffic_counters(dp):
-    def ep(e):
-        return dp.traffic("xo_endpoint_stats", EndpointKey(vni=e.vni, ip=ip_be(e.ip)))
-
-    def peer(ip):
-        return dp.traffic("xo_peer_stats", U32(ip_be(ip)))
-
-    def snap():
-        return {k: (v.tx_packets, v.tx_bytes, v.rx_packets, v.rx_bytes) if v else (0, 0, 0, 0)
-                for k, v in {"web1": ep(T.WEB1), "web2": ep(T.WEB2), "B": peer(T.PEER_B)}.items()}
-
-    before = snap()
+    """Each packet counts in the slots its entries name, and nowhere else."""
+    from bpfrun import endpoint_slot, peer_slot
+    before = _all_slots(dp)
     dp.run("prog_endpoint", _web1_to_web2, T.WEB1.ifindex)
     dp.run("prog_endpoint", _web1_to_api1, T.WEB1.ifindex)
     dp.run("prog_endpoint", _dns_udp, T.WEB1.ifindex)      # a query to the node: sent too
-    dp.run("prog_underlay_tc", _ok)
-    after = snap()
-    diff = {k: tuple(a - b for a, b in zip(after[k], before[k])) for k in after}
-    assert diff["web1"] == (3, len(_web1_to_web2) + len(_web1_to_api1) + len(_dns_udp), 1, len(_ok) - ENCAP)
-    assert diff["web2"] == (0, 0, 1, len(_web1_to_web2))
-    assert diff["B"] == (1, len(_web1_to_api1) + ENCAP, 1, len(_ok))
+    dp.run("prog_underlay_tc", _ok)                         # proven by the endpoint lookups
+    dp.run("prog_underlay_tc", _from_c)                     # another peer: its own slot
+    dp.run("prog_underlay_tc", vxlan(outer_src=T.STRANGER)) # dropped: no peer's
+    assert _moved(before, _all_slots(dp)) == {
+        ("xo_endpoint_stats", endpoint_slot(T.WEB1)):
+            (3, len(_web1_to_web2) + len(_web1_to_api1) + len(_dns_udp), 1, len(_ok) - ENCAP),
+        ("xo_endpoint_stats", endpoint_slot(T.WEB2)): (0, 0, 2, len(_web1_to_web2) + len(_from_c) - ENCAP),
+        ("xo_peer_stats", peer_slot(T.PEER_B)): (1, len(_web1_to_api1) + ENCAP, 1, len(_ok)),
+        ("xo_peer_stats", peer_slot(T.PEER_C)): (0, 0, 1, len(_from_c)),
+    }
 
 
 def test_rx_stamps_the_time_of_the_last_packet_seen(dp):
@@ -482,8 +492,7 @@ def test_rx_stamps_the_time_of_the_last_packet_seen(dp):
     import time
 
     def last(e_or_ip):
-        t = (dp.traffic("xo_peer_stats", U32(ip_be(e_or_ip))) if isinstance(e_or_ip, str)
-             else dp.traffic("xo_endpoint_stats", EndpointKey(vni=e_or_ip.vni, ip=ip_be(e_or_ip.ip))))
+        t = dp.peer_traffic(e_or_ip) if isinstance(e_or_ip, str) else dp.endpoint_traffic(e_or_ip)
         return t.last_rx_ns if t else 0
     dp.run("prog_underlay_tc", _ok)
     peer_before, web1_before = last(T.PEER_B), last(T.WEB1)
@@ -495,5 +504,5 @@ def test_rx_stamps_the_time_of_the_last_packet_seen(dp):
     t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
     tick = 10_000_000                                              # HZ >= 100
     assert t0 - tick <= last(T.PEER_B) <= t1 and last(T.PEER_B) > peer_before
-    assert dp.traffic("xo_endpoint_stats", EndpointKey(vni=T.WEB1.vni, ip=ip_be(T.WEB1.ip))).rx_packets
+    assert dp.endpoint_traffic(T.WEB1).rx_packets
     assert last(T.WEB1) == web1_before == 0

@@ -16,8 +16,8 @@ import struct
 
 import pytest
 
-from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, drop_delta, service_table,
-                    write_service)
+from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, backend_slot, drop_delta,
+                    service_table, write_service)
 from ctl.lbmaps import MaglevTables, flow_hash, slot_of
 from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, LB_DRAINING, CtKey, EndpointKey, LbBackend, LbBackendKey, U32,
                          ip_be, mac_bytes, port_be, sum_percpu)
@@ -327,7 +327,8 @@ def _set_backends(dp, svc, active, draining=(), removed=()):
         if ep in removed:
             dp.maps["xo_lb_backends"].delete(key)
         elif ep in draining:
-            dp.maps["xo_lb_backends"].set(key, LbBackend(ip=ip_be(ep.ip), state=LB_DRAINING))
+            dp.maps["xo_lb_backends"].set(key, LbBackend(ip=ip_be(ep.ip), state=LB_DRAINING,
+                                                         slot=backend_slot(svc.id, index)))
     backends = tuple(b for b in svc.backends if b[0] in active)
     table = service_table(svc, backends)
     MaglevTables(dp.maps["xo_lb_maglev"]).set(svc.id, table)
@@ -430,11 +431,18 @@ def test_every_service_drop_reason_is_covered():
 # --- counters -------------------------------------------------------------------------------------
 
 def test_counters_per_service_and_backend(dp):
+    """At the service's id and its backend's slot; and no other slot moves (the sums over
+    every slot move by as much)."""
+    def total(name):
+        every = [sum_percpu(v) for v in dp.maps[name].items().values()]
+        return sum(x.packets for x in every), sum(x.bytes for x in every), sum(x.connections for x in every)
+
     def snap():
         s = dp.maps["xo_lb_service_stats"].get(U32(T.ONE.id))
-        b = dp.maps["xo_lb_backend_stats"].get(LbBackendKey(service=T.ONE.id, index=1))
+        b = dp.maps["xo_lb_backend_stats"].get(U32(backend_slot(T.ONE.id, 1)))
         s, b = (sum_percpu(v) if v else None for v in (s, b))
-        return [(x.packets, x.bytes, x.connections) if x else (0, 0, 0) for x in (s, b)]
+        return ([(x.packets, x.bytes, x.connections) if x else (0, 0, 0) for x in (s, b)] +
+                [total("xo_lb_service_stats"), total("xo_lb_backend_stats")])
 
     before = snap()
     first = container(T.WEB1, T.ONE.vip, l4=syn(45001))

@@ -105,6 +105,10 @@ def test_map_layout_matches_c(bcc_module, name):
     assert not problems, f"{name}: maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
     assert table.max_entries == spec.max_entries, \
         f"{name}: max_entries C {table.max_entries}, Python {spec.max_entries}"
+    # The type too: datapath.load() compares pinned maps to the specs to find the ones a
+    # new build must recreate.
+    from maps import bpf
+    assert bpf.map_info(table.map_fd).type == spec.map_type, f"{name}: C map type is not {spec.kind!r}"
 
 
 def test_every_c_map_is_known_to_python(bcc_module):
@@ -140,3 +144,41 @@ def test_layout_check_catches_a_moved_field():
     assert same_layout(C, A) == []
     problems = same_layout(B, A)
     assert any("field x" in p for p in problems) and any("field y" in p for p in problems)
+
+
+def test_freshly_pinned_maps_are_not_outdated(bcc_module):
+    from ctl import datapath
+    _, pin = bcc_module
+    assert datapath.outdated_maps(pin) == []
+
+
+def test_new_build_remakes_only_the_maps_whose_layout_changed():
+    """A map pinned by a build with another layout (here xo_peers as it was before it had
+    counter slots: a 4-byte value) is made anew, empty; the others keep their entries."""
+    from ctl import datapath
+    from maps import bpf
+    from maps.layout import MAP_TYPES, Peer, PinnedMap, Vni, U32
+    node = f"pytest-upgrade-{os.getpid()}"
+    pin = datapath.pin_dir(node)
+    try:
+        datapath.load(node).close()
+        with PinnedMap(pin, MAPS["xo_vnis"]) as vnis:
+            vnis.set(U32(4096), Vni())
+        os.unlink(os.path.join(pin, "xo_peers"))
+        old = bpf.map_create(MAP_TYPES["hash"], "xo_peers", 4, 4, 1024)
+        try:
+            bpf.obj_pin(old, os.path.join(pin, "xo_peers"))
+            bpf.map_update(old, bytes(U32(7)), bytes(4))
+        finally:
+            os.close(old)
+        assert datapath.outdated_maps(pin) == ["xo_peers"]
+        progs = datapath.load(node, force=True)
+        progs.close()
+        assert progs.recreated == ("xo_peers",)
+        assert datapath.outdated_maps(pin) == []
+        with PinnedMap(pin, MAPS["xo_peers"]) as peers, PinnedMap(pin, MAPS["xo_vnis"]) as vnis:
+            assert peers.items() == {} and list(vnis.items()) == [U32(4096)]
+            peers.set(U32(7), Peer(slot=3))      # the new layout, all 8 bytes
+            assert peers.get(U32(7)).slot == 3
+    finally:
+        datapath.unpin(node)

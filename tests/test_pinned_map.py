@@ -10,11 +10,11 @@ import shutil
 import pytest
 
 from maps import bpf
-from maps.layout import (MAPS, PIN_ROOT, EndpointKey, PinnedMap, Subnet, Traffic, U32, subnet_key)
+from maps.layout import (MAP_TYPES, MAPS, PIN_ROOT, EndpointKey, PinnedMap, Subnet, Traffic, U32, subnet_key)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF maps need root")
 
-HASH, PERCPU_HASH, LPM_TRIE = 1, 5, 11
+HASH, LPM_TRIE = 1, 11
 BPF_F_NO_PREALLOC = 1
 
 
@@ -49,14 +49,18 @@ def test_hash_map_in_batches_equals_entry_by_entry(pin):
     m.close()
 
 
-def test_per_cpu_counters_in_batches(pin):
-    m = _pinned(pin, MAPS["xo_peer_stats"], PERCPU_HASH)
+@pytest.mark.parametrize("kind", ["percpu_array", "percpu_hash"])
+def test_per_cpu_counters_in_batches(pin, kind):
+    """Our counters' per-CPU array (every slot there, zero or not), and a per-CPU hash."""
+    spec = MAPS["xo_peer_stats"]
+    m = _pinned(pin, spec, MAP_TYPES[kind])
     for i in range(300):
         m.set(U32(i), Traffic(tx_packets=i, rx_bytes=2 * i))
     batched = m.items()
-    assert len(batched) == 300
+    assert len(batched) == (spec.max_entries if kind == "percpu_array" else 300)
     for key, per_cpu in batched.items():
-        assert [(c.tx_packets, c.rx_bytes) for c in per_cpu] == [(key.value, 2 * key.value)] * bpf.possible_cpus()
+        i = key.value if key.value < 300 else 0
+        assert [(c.tx_packets, c.rx_bytes) for c in per_cpu] == [(i, 2 * i)] * bpf.possible_cpus()
     m.close()
 
 

@@ -1,7 +1,7 @@
 """Desired maps from the store, and the diff that gets the kernel there (pure)."""
 from ctl import desired, model
 from ctl.model import State
-from maps.layout import EndpointKey, U32, ip_be, ip_str, mac_str, subnet_key
+from maps.layout import EndpointKey, NO_SLOT, Traffic, U32, ip_be, ip_str, mac_str, subnet_key
 
 
 def state():
@@ -75,12 +75,68 @@ def test_diff_changed_value_is_one_set():
     assert sum(o.value is None for o in ops) == 1     # local_endpoints[8] goes, [7] comes
 
 
-def test_stale_counters_pruned():
-    want = desired.desired_maps(state(), "n1", {"a": 7}, 2, 1)
-    gone_peer, gone_ep = U32(ip_be("192.0.2.77")), EndpointKey(vni=1, ip=1)
-    live_peer = next(iter(want["xo_peers"]))
-    ops = desired.stale_counters(want, [gone_peer, live_peer], [gone_ep])
-    assert [(o.map, o.key) for o in ops] == [("xo_peer_stats", gone_peer), ("xo_endpoint_stats", gone_ep)]
+# --- counter slots ------------------------------------------------------------------------
+
+def test_slots_kept_then_lowest_free_then_leaving():
+    assert desired.assign_slots({}, ["a", "b", "c"], 8) == {"a": 0, "b": 1, "c": 2}
+    # Kept; a newcomer takes the lowest slot nobody holds, not the one of leaving "b".
+    assert desired.assign_slots({"a": 0, "b": 1, "c": 2}, ["c", "a", "d"], 8) == {"c": 2, "a": 0, "d": 3}
+    # Full but for leaving entries: their slots, lowest first; then none.
+    assert desired.assign_slots({"a": 0, "b": 1, "c": 2}, ["a", "d"], 3) == {"a": 0, "d": 1}
+    assert desired.assign_slots({"a": 0, "b": 1}, ["a", "b", "d"], 2) == {"a": 0, "b": 1, "d": NO_SLOT}
+    # Two holders of one slot (drift) or one out of range: the first keeps it, the other moves.
+    assert desired.assign_slots({"a": 1, "b": 1, "c": 9}, ["a", "b", "c"], 4) == {"a": 1, "b": 0, "c": 2}
+
+
+def test_every_peer_and_local_endpoint_has_its_own_slot_and_remote_ones_their_nodes():
+    s = model.join_node(state(), "n3", "192.0.2.3")
+    s = model.add_endpoint(s, "e", "app", "n3", "/run/netns/e", True)
+    s = model.add_endpoint(s, "f", "app", "n1", "/run/netns/f", True)
+    m = desired.desired_maps(s, "n1", {"a": 7, "f": 8}, 2, 1)
+    peer = {ip_str(k.value): v.slot for k, v in m["xo_peers"].items()}
+    assert sorted(peer.values()) == [0, 1]
+    local = [v.slot for v in m["xo_local_endpoints"].values()]
+    assert sorted(local) == [0, 1]
+    for name, ep in s.endpoints.items():
+        entry = m["xo_endpoints"][EndpointKey(vni=s.networks[ep.network].vni, ip=ip_be(ep.ip))]
+        if ep.node == "n1":
+            ifindex = {"a": 7, "f": 8}[name]
+            assert entry.slot == m["xo_local_endpoints"][U32(ifindex)].slot, name
+        else:
+            assert entry.slot == peer[s.nodes[ep.node].underlay_ip], name
+
+
+def test_slots_survive_changes_and_new_ones_are_zeroed_first():
+    """Slots come from the maps as they are: a peer leaving, an endpoint re-plumbed on a
+    new veth, another added: the others keep theirs (their counters go on), the new
+    holders' slots are zeroed (a slot keeps what its last holder counted)."""
+    s = model.join_node(state(), "n3", "192.0.2.3")
+    s = model.add_endpoint(s, "f", "app", "n1", "/run/netns/f", True)
+    before = desired.desired_maps(s, "n1", {"a": 7, "f": 8}, 2, 1)
+    assert desired.fresh_counters(before, before) == []
+    fresh = desired.fresh_counters(before, {})
+    assert sorted((o.map, o.key.value) for o in fresh) == [
+        ("xo_endpoint_stats", 0), ("xo_endpoint_stats", 1), ("xo_peer_stats", 0), ("xo_peer_stats", 1)]
+    assert all(o.value == Traffic() for o in fresh)
+
+    n2 = before["xo_peers"][U32(ip_be("192.0.2.2"))].slot
+    s2 = model.join_node(model.remove_node(s, "n3"), "n4", "192.0.2.4")
+    s2 = model.add_endpoint(s2, "g", "app", "n1", "/run/netns/g", True)
+    after = desired.desired_maps(s2, "n1", {"a": 17, "f": 8, "g": 9}, 2, 1, actual=before)
+    assert after["xo_peers"][U32(ip_be("192.0.2.2"))].slot == n2
+    by_ip = {(v.vni, v.ip): v.slot for v in after["xo_local_endpoints"].values()}
+    was = {(v.vni, v.ip): v.slot for v in before["xo_local_endpoints"].values()}
+    assert {k: by_ip[k] for k in was} == was            # "a" on veth 17 now: same slot
+    fresh = desired.fresh_counters(after, before)
+    n4 = after["xo_peers"][U32(ip_be("192.0.2.4"))].slot
+    g = next(v.slot for v in after["xo_local_endpoints"].values() if v.ip == ip_be(s2.endpoints["g"].ip))
+    assert [(o.map, o.key.value) for o in fresh] == [("xo_peer_stats", n4), ("xo_endpoint_stats", g)]
+    assert n4 == 2 and g == 2
+
+
+def test_drift_check_and_agent_agree_on_slots():
+    """Without the maps as they are, slots are given afresh: the same inputs, the same slots."""
+    assert desired.desired_maps(state(), "n1", {"a": 7}, 2, 1) == desired.desired_maps(state(), "n1", {"a": 7}, 2, 1)
 
 
 # --- services ----------------------------------------------------------------------------
@@ -195,13 +251,27 @@ def o_table_ok(table, s):
     return table[0] == s.services["web"].table_size and set(table[1:]) == {1, 2, 3}
 
 
-def test_stale_service_counters_pruned():
+def test_backends_keep_their_slots_and_new_services_and_backends_are_zeroed():
     s = with_service()
     want = desired.desired_maps(s, "n1", {}, 2, 1)
-    ops = desired.stale_counters(want, [], [], [U32(1), U32(9)],
-                                 [LbBackendKey(service=1, index=1), LbBackendKey(service=1, index=7)])
-    assert [(o.map, o.key) for o in ops] == [("xo_lb_service_stats", U32(9)),
-                                             ("xo_lb_backend_stats", LbBackendKey(service=1, index=7))]
+    slots = {k: v.slot for k, v in want["xo_lb_backends"].items()}
+    assert sorted(slots.values()) == list(range(len(slots)))
+    fresh = desired.fresh_counters(want, {})
+    assert [(o.map, o.key.value) for o in fresh if o.map.startswith("xo_lb")] == (
+        [("xo_lb_backend_stats", x) for x in sorted(slots.values())] + [("xo_lb_service_stats", 1)])
+    # Backend 1 leaves, one comes, a second service: the others keep their slots; the new
+    # backend takes a slot nobody holds, and only it and the new service are zeroed.
+    s2 = model.update_service(s, "web", add=["d"], rm=["a"])
+    s2 = model.create_service(s2, "db", "app", ports=["5432/tcp"], backends=["b"])
+    after = desired.desired_maps(s2, "n1", {}, 2, 1, actual=want)
+    kept = {k: v.slot for k, v in after["xo_lb_backends"].items() if k in slots}
+    assert kept == {k: v for k, v in slots.items() if k in kept} and len(kept) == len(slots) - 1
+    new = {k: v.slot for k, v in after["xo_lb_backends"].items() if k not in slots}
+    assert sorted(new.values()) == [len(slots), len(slots) + 1]
+    fresh = desired.fresh_counters(after, want)
+    db = s2.services["db"].id
+    assert sorted((o.map, o.key.value) for o in fresh) == sorted(
+        [("xo_lb_backend_stats", x) for x in new.values()] + [("xo_lb_service_stats", db)])
 
 
 def test_tables_are_what_maglev_builds():

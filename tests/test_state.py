@@ -33,7 +33,7 @@ from ctl.agent import Agent, Underlay
 from ctl.errors import XoError
 from ctl.lbmaps import MaglevTables
 from ctl.store import SqliteStore
-from maps.layout import ip_be
+from maps.layout import MAX_LOCAL_ENDPOINTS, MAX_PEERS, ip_be
 
 from invariants import violations
 
@@ -463,8 +463,9 @@ class StoreAndKernel(RuleBasedStateMachine):
         Counts.kernel_checks += 1
 
         maps = self.agent.maps
-        want = desired.desired_maps(s, ME, plumbed, 7, self.agent.progs.build, 9)
         have = {name: maps[name].items() for name in desired.RECONCILED_MAPS}
+        # Counter slots are kept from the maps as they are (checked on their own below).
+        want = desired.desired_maps(s, ME, plumbed, 7, self.agent.progs.build, 9, actual=have)
         for name in desired.RECONCILED_MAPS:
             assert have[name] == want[name], f"{name}: kernel differs from the store"
         tables = MaglevTables(maps[desired.MAGLEV]).read()      # a new reader: the kernel, not a cache
@@ -477,6 +478,14 @@ class StoreAndKernel(RuleBasedStateMachine):
             {(s.networks[e.network].vni, ip_be(e.ip)): ip_be(UNDERLAY[e.node]) for e in live}
         assert len(have["xo_local_endpoints"]) == sum(1 for e in live if e.node == ME)
         assert len(have["xo_peers"]) == len(s.nodes) - 1
+        # Counter slots: one per peer and per local endpoint, in range; an endpoint entry
+        # names its own (local) or its node's (remote).
+        peer_slot = {k.value: v.slot for k, v in have["xo_peers"].items()}
+        local_slot = {(v.vni, v.ip): v.slot for v in have["xo_local_endpoints"].values()}
+        for slots, limit in ((peer_slot, MAX_PEERS), (local_slot, MAX_LOCAL_ENDPOINTS)):
+            assert len(set(slots.values())) == len(slots) and all(x < limit for x in slots.values())
+        for k, v in have["xo_endpoints"].items():
+            assert v.slot == (local_slot[(k.vni, k.ip)] if v.ifindex else peer_slot[v.node_ip])
         assert len(have["xo_lb_services"]) == sum(len(v.ports) for v in s.services.values())
         assert len(have["xo_lb_backends"]) == sum(len(v.backends) for v in s.services.values())
         assert len(have["xo_lb_mesh"]) == sum(len(v.publish) for v in s.services.values())

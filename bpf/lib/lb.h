@@ -153,6 +153,7 @@ struct xo_lb_choice {
     __be32 ip;
     __be16 port;              /* target port: the backend's own, or the default given */
     int fresh;                /* a new connection (Maglev chose) rather than a known one */
+    __u32 slot;               /* the backend's counters */
 };
 
 /* Which backend of service `sid` the flow goes to: the one the connection table
@@ -201,6 +202,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
     }
     c->ip = be->ip;
     c->port = be->port ? be->port : default_port;
+    c->slot = be->slot;
     return 0;
 }
 
@@ -220,10 +222,9 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
         struct xo_ct rev = { .service = sid, .backend = c->bk.index, .vip = f->daddr, .vport = f->dport };
         xo_lb_ct.update(&rk, &rev);
     }
-    struct xo_lb_stats zero = {};
-    struct xo_lb_backend_key bk = c->bk;
-    xo_lb_count(xo_lb_service_stats.lookup_or_try_init(&sid, &zero), len, c->fresh);
-    xo_lb_count(xo_lb_backend_stats.lookup_or_try_init(&bk, &zero), len, c->fresh);
+    __u32 slot = c->slot;
+    xo_lb_count(xo_lb_service_stats.lookup(&sid), len, c->fresh);
+    xo_lb_count(xo_lb_backend_stats.lookup(&slot), len, c->fresh);
 }
 
 static __always_inline int xo_lb_is_syn(const struct xo_flow *f)

@@ -105,6 +105,7 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     if (be->ifindex)
         return XDP_PASS;          /* here: only tc can hand it into the container */
     __be32 node_ip = be->node_ip;
+    __u32 peer_slot = be->slot;
     __u8 inner_dst[ETH_ALEN];
     xo_mac_copy(inner_dst, be->mac);
 
@@ -176,7 +177,7 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     xo_encap_fill(h, cfg->node_ip, node_ip, cfg->vxlan_port, vni, hash, inner_len, XO_VXLAN_FLAG_MESH, gw,
                   inner_dst);
 
-    xo_count_tx(xo_peer_traffic(&node_ip), len + XO_ENCAP_LEN);
+    xo_count_tx(xo_peer_traffic(peer_slot), len + XO_ENCAP_LEN);
     if (fib.ifindex == ctx->ingress_ifindex)
         return XDP_TX;
     return bpf_redirect(fib.ifindex, 0);
@@ -208,6 +209,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
     __u32 ifindex = be->ifindex;
     __be32 node_ip = be->node_ip;
+    __u32 slot = be->slot;        /* local: the backend's counters; remote: its node's */
     __u8 be_mac[ETH_ALEN];
     xo_mac_copy(be_mac, be->mac);
     if (!ifindex) {
@@ -230,7 +232,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
         xo_mac_copy(eth->h_dest, be_mac);
         xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_traffic(&bk), len);
+        xo_count_rx(xo_endpoint_traffic(slot), len);
         return bpf_redirect_peer(ifindex, 0);
     }
     data = (void *)(long)skb->data;
@@ -242,7 +244,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, XO_VXLAN_FLAG_MESH, gw, be_mac);
     if (reason)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
-    xo_count_tx(xo_peer_traffic(&node_ip), skb->len);
+    xo_count_tx(xo_peer_traffic(slot), skb->len);
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
@@ -284,7 +286,8 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     int reason = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    xo_count_tx(xo_peer_traffic(&ingress), skb->len);
+    struct xo_peer *peer = xo_peers.lookup(&ingress);
+    xo_count_tx(peer ? xo_peer_traffic(peer->slot) : NULL, skb->len);
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 

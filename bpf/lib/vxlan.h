@@ -33,6 +33,7 @@ struct xo_tunnel {
     __u32 vni;
     struct ethhdr *inner_eth; /* NULL when the packet ends right after VXLAN */
     int mesh;                 /* XO_VXLAN_FLAG_MESH was set */
+    __u32 peer_slot;          /* the sender's counters, if looked up (membership); else XO_NO_SLOT */
 };
 
 enum xo_verdict_kind {
@@ -108,10 +109,15 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
 
     __be32 peer_ip = ip->saddr;
     __u32 vni = bpf_ntohl(vx->vni_reserved2) >> 8;
-    if (membership && !xo_peers.lookup(&peer_ip))
-        return XO_DROP_UNKNOWN_PEER;
-    if (membership && !xo_vnis.lookup(&vni))
-        return XO_DROP_UNKNOWN_VNI;
+    __u32 peer_slot = XO_NO_SLOT;
+    if (membership) {
+        struct xo_peer *peer = xo_peers.lookup(&peer_ip);
+        if (!peer)
+            return XO_DROP_UNKNOWN_PEER;
+        peer_slot = peer->slot;
+        if (!xo_vnis.lookup(&vni))
+            return XO_DROP_UNKNOWN_VNI;
+    }
 
     struct ethhdr *inner = (void *)(vx + 1);
     if ((void *)(inner + 1) > data_end)
@@ -124,6 +130,7 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
     t->peer_ip = peer_ip;
     t->vni = vni;
     t->mesh = vx->flags & XO_VXLAN_FLAG_MESH;
+    t->peer_slot = peer_slot;
     t->inner_eth = inner;
     return XO_VXLAN_OK;
 }
