@@ -19,13 +19,13 @@ RECONCILED_MAPS = ("xo_config", "xo_peers", "xo_vnis", "xo_subnets", "xo_endpoin
                    "xo_local_endpoints", "xo_lb_backends", "xo_lb_services", "xo_lb_mesh")
 MAGLEV = "xo_lb_maglev"
 
-# Maps whose entries name a counter slot (bpf/lib/maps.h): the counters' map, how many
-# slots it has, and what a slot stays with (from an entry's key and value).
+# Maps whose entries name a counter slot (bpf/lib/maps.h): the counters' map, and what
+# a slot stays with (from an entry's key and value).
 SLOTTED = {
-    "xo_peers": ("xo_peer_stats", MAX_PEERS, lambda k, v: k.value),
+    "xo_peers": ("xo_peer_stats", lambda k, v: k.value),
     # By address, not by veth: a re-plumbed endpoint keeps its counters.
-    "xo_local_endpoints": ("xo_endpoint_stats", MAX_LOCAL_ENDPOINTS, lambda k, v: (v.vni, v.ip)),
-    "xo_lb_backends": ("xo_lb_backend_stats", LB_MAX_BACKENDS, lambda k, v: (k.service, k.index)),
+    "xo_local_endpoints": ("xo_endpoint_stats", lambda k, v: (v.vni, v.ip)),
+    "xo_lb_backends": ("xo_lb_backend_stats", lambda k, v: (k.service, k.index)),
 }
 
 
@@ -83,7 +83,7 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
 def slots_in(maps: dict[str, dict]) -> dict[str, dict]:
     """The counter slots held in `maps`, per SLOTTED map: {what it stays with: slot}."""
     return {name: {ident(k, v): v.slot for k, v in maps.get(name, {}).items()}
-            for name, (_, _, ident) in SLOTTED.items()}
+            for name, (_, ident) in SLOTTED.items()}
 
 
 def assign_slots(had: dict, wanted: list, capacity: int) -> dict:
@@ -118,7 +118,7 @@ def fresh_counters(desired: dict[str, dict], actual: dict[str, dict]) -> list[Ma
     them."""
     had = slots_in(actual)
     ops = []
-    for name, (stats, _, ident) in SLOTTED.items():
+    for name, (stats, ident) in SLOTTED.items():
         zero = MAPS[stats].value()
         ops += [MapOp(stats, U32(v.slot), zero) for k, v in desired[name].items()
                 if v.slot != NO_SLOT and had[name].get(ident(k, v)) != v.slot]

@@ -49,9 +49,9 @@ def read_counters(state: State, name: str) -> dict:
     {"service": {...}, "backends": {index: {...}}}. Zeros until anything was counted."""
     import os
 
-    from maps.layout import MAPS, PinnedMap, U32, pin_dir, sum_percpu
+    from maps.layout import pin_dir
 
-    from .status import slotted_counters
+    from .status import service_counters, slotted_counters
 
     svc = state.services.get(name)
     if svc is None:
@@ -69,13 +69,9 @@ def read_counters(state: State, name: str) -> dict:
     for node in state.nodes:
         if not os.path.isdir(pin_dir(node)):
             continue
-        try:
-            with PinnedMap(pin_dir(node), MAPS["xo_lb_service_stats"]) as m:
-                values = m.get(U32(svc.id))
-                if values:
-                    add(out["service"], sum_percpu(values))
-        except OSError:
-            continue
+        counts = service_counters(node, [svc.id]).get(svc.id)
+        if counts:
+            add(out["service"], counts)
         for (sid, index), counts in slotted_counters(node, "xo_lb_backends").items():
             if sid == svc.id and counts and index in out["backends"]:
                 add(out["backends"][index], counts)

@@ -47,7 +47,7 @@ def slotted_counters(node: str, name: str) -> dict:
     xo_local_endpoints, xo_lb_backends), summed over CPUs, by what each entry is (an
     underlay IP, (vni, ip), (service id, index)), through the slot it names. Only those
     slots are read: the arrays are mostly unused."""
-    stats, _, ident = desired.SLOTTED[name]
+    stats, ident = desired.SLOTTED[name]
     try:
         with PinnedMap(pin_dir(node), MAPS[name]) as entries, PinnedMap(pin_dir(node), MAPS[stats]) as counters:
             out = {}
@@ -55,6 +55,16 @@ def slotted_counters(node: str, name: str) -> dict:
                 values = counters.get(U32(v.slot))
                 out[ident(k, v)] = sum_percpu(values) if values else None
             return out
+    except OSError:
+        return {}
+
+
+def service_counters(node: str, ids) -> dict:
+    """{service id: its counters on `node`} for the ids given (their slots only: the
+    array has one for every possible id)."""
+    try:
+        with PinnedMap(pin_dir(node), MAPS["xo_lb_service_stats"]) as counters:
+            return {sid: sum_percpu(v) for sid in ids if (v := counters.get(U32(sid)))}
     except OSError:
         return {}
 
@@ -83,7 +93,7 @@ def endpoint_rows(state: State, node: str) -> list[dict]:
 def service_rows(state: State, node: str) -> list[dict]:
     """Every service, with this node's counters: those of connections that started here
     (a client on this node, or an outside client through this node's published ports)."""
-    svc_stats = read_counters(node, "xo_lb_service_stats")
+    svc_stats = service_counters(node, [s.id for s in state.services.values()])
     be_stats = slotted_counters(node, "xo_lb_backends")
 
     def counts(s):
@@ -100,7 +110,7 @@ def service_rows(state: State, node: str) -> list[dict]:
                              "state": st, **counts(be_stats.get((svc.id, b.index)))})
         rows.append({"name": svc.name, "id": svc.id, "network": svc.network, "vip": svc.vip,
                      "ports": list(svc.ports), "publish": list(svc.publish), "affinity": svc.affinity,
-                     **counts(svc_stats.get(U32(svc.id))), "backends": backends})
+                     **counts(svc_stats.get(svc.id)), "backends": backends})
     return rows
 
 

@@ -29,7 +29,6 @@ Run this file to print the per-packet cost of each main path (a measurement, not
 from __future__ import annotations
 
 import ctypes
-import os
 from dataclasses import dataclass
 
 from maps import bpf

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from maps.layout import U32, ip_be, mac_bytes, sum_percpu
+from maps.layout import U32, mac_bytes, sum_percpu
 
 from bpfrun import (GW_MAC, SPORT_MAX, SPORT_MIN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
                     VXLAN_PORT, XDP_DROP, XDP_PASS, Datapath, Topology as T, drop_delta,

@@ -20,7 +20,7 @@ from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as 
                     service_table, write_service)
 from ctl.lbmaps import MaglevTables, flow_hash, slot_of
 from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, LB_DRAINING, CtKey, EndpointKey, LbBackend, LbBackendKey, U32,
-                         ip_be, mac_bytes, port_be, sum_percpu)
+                         ip_be, port_be, sum_percpu)
 
 pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
