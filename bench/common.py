@@ -1013,15 +1013,15 @@ def conn_rate(t: Target, secs: float, procs: int) -> dict:
 # --- per-packet cost of the load balancer (BPF_PROG_TEST_RUN) -------------------------
 
 def _services_state(c: BpfCostCluster, total: int):
-    """c's cluster with `total` services: four measured ones (VIP-LOCAL: backend a2 on
-    this node; VIP-REMOTE: b1 on node B; LOOP-1 and LOOP-2, for the looped runs, below)
-    and fillers with two backends each, all made by ctl.model."""
+    """c's cluster with `total` services: two measured ones (VIP-LOCAL: backend a2 on
+    this node; VIP-REMOTE: b1 on node B) and fillers with two backends each, all made by
+    ctl.model."""
     from dataclasses import replace as dc_replace
     from ctl import model
     s = c.state
-    for name, backend in (("vip-local", "a2"), ("vip-remote", "b1"), ("loop-1", "a2"), ("loop-2", "a2")):
+    for name, backend in (("vip-local", "a2"), ("vip-remote", "b1")):
         s = model.create_service(s, name, c.NET, [f"{UDP_PORT}/udp", f"{UDP_PORT}/tcp"], [backend])
-    fillers = max(0, total - 4)
+    fillers = max(0, total - 2)
     if fillers:
         s = model.create_service(s, "filler-0", c.NET, [FILLER_PORT], ["a2", "b1"])
         tpl = s.services["filler-0"]
@@ -1058,30 +1058,23 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
       outlives the runs: a UDP packet to a VIP is a new flow once (a warm-up run) and an
       established one (table hit) in every timed run; a TCP SYN is a new connection in
       every run (Maglev pick, both table entries written).
-    loop: repeat=`repeat` on one skb. A DNAT rewrites the packet: from its second run on
-      a program would see a packet to the backend, not to the VIP, and time the non-
-      service path. So, for the loop only, two services point at each other: LOOP-1's
-      backend entry holds LOOP-2's VIP and LOOP-2's holds LOOP-1's, and both VIPs are
-      entries of xo_endpoints that lead to a2's veth (the sender's MAC is the gateway's,
-      as in bpf_costs' local-delivery loop). Every run then takes the full path (service
-      lookup, connection table, backend lookup, DNAT with checksums, counters, endpoint
-      lookup, local delivery), alternating between the two VIPs. The loop counts only
-      when, after it, the two services' packet counters moved by exactly `repeat` (and
-      their connection counters by `repeat` for SYNs, by 0 for established UDP), no
-      drop was counted, the verdict is the single run's, and the last output is the
-      expected VIP with valid checksums (scapy)."""
+    loop: repeat=`repeat` on one skb, for the path without a service only. A DNAT
+      rewrites the packet: from its second run on a program would see a packet to the
+      backend, not to the VIP. (Two services pointing at each other's VIP, both VIPs
+      also endpoint entries, made a loop through the full service path until the
+      endpoint program looked endpoints up before services: a VIP that is an endpoint
+      is now direct traffic, so no loop can stay on the service path.)"""
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.l2 import Ether
     from ctl import datapath, desired
     from ctl.lbmaps import MaglevTables
     from maps import bpf
-    from maps.layout import EndpointKey, LbBackendKey, LbStats, U32, ip_be, sum_percpu
+    from maps.layout import U32, sum_percpu
 
     c = BpfCostCluster()
     a1, a2, b1 = c.ep["a1"], c.ep["a2"], c.ep["b1"]
     gw = "ee:ee:ee:ee:ee:ee"
     payload = b"x" * UDP_PAYLOAD
-    vni = c.VNI
     progs, maps, empty = None, {}, {}
     out = []
     try:
@@ -1094,10 +1087,6 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
 
         def drops() -> int:
             return sum(sum_percpu(maps["xo_drops"].get(U32(i))).packets for i in range(32))
-
-        def svc_stats(sid: int):
-            v = maps["xo_lb_service_stats"].get(U32(sid))
-            return sum_percpu(v) if v else LbStats()
 
         def single(packet: bytes) -> float:
             return statistics.median(bpf.prog_test_run(fd, packet, ctx, 1)[2] for _ in range(samples))
@@ -1154,61 +1143,23 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
                             "ns_single_raw": ns, "empty_single": base_single, "ns_loop": None,
                             "ns_loop_raw": None, "empty_loop": base_loop, "loop_note": "", "problem": problem})
 
-            # --- the loops -----------------------------------------------------------
-            _sender_is_gateway(maps, c, b"")                 # a1's MAC := the gateway's
-            l1, l2 = svc["loop-1"], svc["loop-2"]
-            a2_entry = maps["xo_endpoints"].get(EndpointKey(vni=vni, ip=ip_be(a2.ip)))
-            for s_, other in ((l1, l2), (l2, l1)):
-                bkey = LbBackendKey(service=s_.id, index=s_.backends[0].index)
-                be = maps["xo_lb_backends"].get(bkey)
-                be.ip = ip_be(other.vip)
-                maps["xo_lb_backends"].set(bkey, be)
-                maps["xo_endpoints"].set(EndpointKey(vni=vni, ip=ip_be(s_.vip)), a2_entry)
+            # --- the loop: the path without a service ----------------------------------
+            _sender_is_gateway(maps, c, b"")          # a1's MAC := the gateway's (until the next count's maps)
             sport += 10
-            loops = [
-                (0, "direct to a local endpoint (UDP), no service", frame(a2.ip, udp_(sport), gw), None),
-                (1, "VIP, local backend: UDP, established flow", frame(l1.vip, udp_(sport + 1), gw), "udp"),
-                (2, "VIP, local backend: TCP SYN, new connection (Maglev)", frame(l1.vip, syn_(sport + 2), gw),
-                 "syn"),
-            ]
-            row_of = {r["name"]: r for r in out if r["services"] == total}
-            for _, name, packet, kind in loops:
-                row = row_of[name]
-                if kind:
-                    # Warm-up: both directions' flows known to the connection table.
-                    v1, o1, _ = bpf.prog_test_run(fd, packet, ctx, 1)
-                    bpf.prog_test_run(fd, o1, ctx, 1)
-                s0 = [svc_stats(x.id) for x in (l1, l2)]
-                d0 = drops()
-                verdict, result, _ = bpf.prog_test_run(fd, packet, ctx, 1)
-                lv, lout, lns = bpf.prog_test_run(fd, packet, ctx, repeat)
-                note = ""
-                if lv != verdict or verdict != TC_ACT_REDIRECT or drops() != d0:
-                    note = f"loop not valid: verdict {lv}, {drops() - d0} drops"
-                elif kind:
-                    s1 = [svc_stats(x.id) for x in (l1, l2)]
-                    pk = sum(b.packets - a.packets for a, b in zip(s0, s1))
-                    conns = sum(b.connections - a.connections for a, b in zip(s0, s1))
-                    # repeat + 1: the single run just before the loop counts too.
-                    want_conns = repeat + 1 if kind == "syn" else 0
-                    last = IP(lout[14:])
-                    want_dst = l1.vip if repeat % 2 == 0 else l2.vip
-                    if pk != repeat + 1 or conns != want_conns:
-                        note = f"loop not valid: {pk} service packets, {conns} connections counted"
-                    elif last.dst != want_dst or not _l4_checksums_ok(lout[14:]):
-                        note = f"loop not valid: last output to {last.dst}, expected {want_dst}, or bad checksums"
-                elif lout != result:
-                    note = "loop not valid: output differs from one run's"
-                if note:
-                    row["loop_note"] = note
-                else:
-                    row["ns_loop_raw"], row["ns_loop"] = lns, round(lns - base_loop, 1)
+            packet = frame(a2.ip, udp_(sport), gw)
+            row = next(r for r in out if r["services"] == total and r["name"].startswith("direct to a local"))
+            d0 = drops()
+            verdict, result, _ = bpf.prog_test_run(fd, packet, ctx, 1)
+            lv, lout, lns = bpf.prog_test_run(fd, packet, ctx, repeat)
+            if lv != verdict or verdict != TC_ACT_REDIRECT or drops() != d0:
+                row["loop_note"] = f"loop not valid: verdict {lv}, {drops() - d0} drops"
+            elif lout != result:
+                row["loop_note"] = "loop not valid: output differs from one run's"
+            else:
+                row["ns_loop_raw"], row["ns_loop"] = lns, round(lns - base_loop, 1)
             for r in out:
                 if r["services"] == total and r["ns_loop"] is None and not r["loop_note"]:
-                    r["loop_note"] = "rewrites its packet into another path's (encap): single runs only"
-            # Back to what the control plane wrote, for the next count.
-            for s_ in (l1, l2):
-                maps["xo_endpoints"].delete(EndpointKey(vni=vni, ip=ip_be(s_.vip)))
+                    r["loop_note"] = "rewrites its packet (DNAT, encap): single runs only"
         return out
     finally:
         if empty:
