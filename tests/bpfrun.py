@@ -154,6 +154,23 @@ def write_service(maps: dict, svc: Svc, tables=None) -> None:
             LbService(id=svc.id, flags=LB_AFFINITY if svc.affinity else 0))
 
 
+def checksum_problems(ip_bytes: bytes) -> list[str]:
+    """The checksums of an IPv4 packet that scapy, recomputing them, finds wrong:
+    [] or some of "IPv4", "TCP", "UDP" (a UDP checksum of 0, "none", is left as it is)."""
+    from scapy.layers.inet import IP, TCP, UDP
+    pkt = IP(ip_bytes)
+    fresh = IP(ip_bytes)
+    del fresh.chksum
+    l4 = fresh.payload
+    if isinstance(l4, (TCP, UDP)) and not (isinstance(l4, UDP) and l4.chksum == 0):
+        del l4.chksum
+    again = IP(bytes(fresh))
+    problems = [] if again.chksum == pkt.chksum else ["IPv4"]
+    if isinstance(pkt.payload, (TCP, UDP)) and again.payload.chksum != pkt.payload.chksum:
+        problems.append(pkt.payload.name)
+    return problems
+
+
 def _mac(mac: str):
     return (ctypes.c_uint8 * 6).from_buffer_copy(mac_bytes(mac))
 
