@@ -25,11 +25,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def dp():
-    datapath = Datapath(f"pytest-fuzzfound-{os.getpid()}")
-    try:
+    with Datapath(f"pytest-fuzzfound-{os.getpid()}") as datapath:
         yield datapath
-    finally:
-        datapath.close()
 
 
 _ok = vxlan()

@@ -47,11 +47,8 @@ ENCAP = IPH + UDPH + VXH + ETH          # what encap adds after the outer Ethern
 def dp():
     """The three programs of a throwaway node, pinned under /sys/fs/bpf/xoverlay/, maps
     filled with bpfrun.Topology; unpinned at the end whatever happens."""
-    datapath = Datapath(f"pytest-bpf-{os.getpid()}")
-    try:
+    with Datapath(f"pytest-bpf-{os.getpid()}") as datapath:
         yield datapath
-    finally:
-        datapath.close()
 
 
 # --- frames ---------------------------------------------------------------------------------

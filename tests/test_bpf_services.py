@@ -39,11 +39,8 @@ EPS = {ep.ip: ep for ep in T.ENDPOINTS}
 
 @pytest.fixture(scope="module")
 def dp():
-    datapath = Datapath(f"pytest-lb-{os.getpid()}")
-    try:
+    with Datapath(f"pytest-lb-{os.getpid()}") as datapath:
         yield datapath
-    finally:
-        datapath.close()
 
 
 # --- expected packets, built by scapy ---------------------------------------------------------
