@@ -98,20 +98,16 @@ def worker(path: str, index: int, prefix: str, nodes: list[str], seed: int, roun
                     return model.update_service(s, target, add=[ep])
                 return model.update_service(s, target, **{rnd.choice(["rm", "drain"]): [ep]})
             run(change)
-        # Remove one of ours now and then: an endpoint (its IP is released when its
-        # agent has torn it down) or a service.
-        if r % 2 == 1 and rec["endpoints"]:
-            victim = rnd.choice(sorted(rec["endpoints"]))
-            st, gen = run(lambda s: model.mark_endpoint_removing(s, victim))
-            if st:
-                rec["endpoints"].discard(victim)
-                rec["released"].append((victim, gen))
-        if r % 3 == 2 and rec["services"]:
-            victim = rnd.choice(sorted(rec["services"]))
-            st, gen = run(lambda s: model.remove_service(s, victim))
-            if st:
-                rec["services"].discard(victim)
-                rec["released"].append((victim, gen))
+        # Remove one of ours now and then: an endpoint every second round (its IP is
+        # released when its agent has torn it down), a service every third.
+        for kind, every, remove in (("endpoints", 2, model.mark_endpoint_removing),
+                                    ("services", 3, model.remove_service)):
+            if r % every == every - 1 and rec[kind]:
+                victim = rnd.choice(sorted(rec[kind]))
+                st, gen = run(lambda s, remove=remove, victim=victim: remove(s, victim))
+                if st:
+                    rec[kind].discard(victim)
+                    rec["released"].append((victim, gen))
     store.close()
     out.put((index, rec))
 
