@@ -54,10 +54,11 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
     for net in state.networks.values():
         maps["xo_subnets"][subnet_key(net.subnet)] = Subnet(vni=net.vni)
     flags_of = endpoint_flags(state)
-    live = [ep for ep in sorted(state.endpoints.values(), key=lambda e: e.name)
+    live = [ep for ep in state.endpoints.values()
             if not ep.removing and ep.network in state.networks and ep.node in state.nodes]
-    plumbed = [(state.networks[ep.network].vni, ip_be(ep.ip)) for ep in live
-               if ep.node == node and ifindexes.get(ep.name)]
+    # Sorted: the same endpoints get the same new slots whatever order the store gave.
+    plumbed = sorted((state.networks[ep.network].vni, ip_be(ep.ip)) for ep in live
+                     if ep.node == node and ifindexes.get(ep.name))
     endpoint_slot = assign_slots(had["xo_local_endpoints"], plumbed, MAX_LOCAL_ENDPOINTS)
     for ep in live:
         if ep.node == node and not ifindexes.get(ep.name):
