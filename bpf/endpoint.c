@@ -16,6 +16,7 @@
 #include "lib/vxlan.h"
 #include "lib/lb.h"
 #include "lib/mesh.h"
+#include "lib/route.h"
 
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
 {
@@ -168,8 +169,10 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
+    int verdict = xo_redirect_underlay(skb, cfg, node_ip, XO_HOOK_ENDPOINT, len);
+    if (verdict == TC_ACT_SHOT)
+        return verdict;
     xo_count_tx(xo_peer_traffic(dst_slot), skb->len);
     xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
-    /* NULL params: the kernel routes the outer destination and fills in the MACs. */
-    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+    return verdict;
 }

@@ -113,7 +113,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
 
     if (mesh_reply) {
         /* Source := this node's IP:published port, the address the client talked to;
-         * then out of the underlay to it (the kernel fills in the MACs). */
+         * then out of the underlay to it. */
         if (!has_flow)
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
         struct xo_ct_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport,
@@ -126,7 +126,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         if (xo_lb_rewrite(skb, &f, XO_IP_SADDR_OFF, f.saddr, vip, f.l4_off + offsetof(struct tcphdr, source),
                           f.sport, vport))
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
-        return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+        return xo_redirect_underlay(skb, cfg, f.daddr, XO_HOOK_UNDERLAY_TC, len);
     }
     if (mesh_request) {
         if (has_flow)

@@ -121,6 +121,7 @@ class Agent:
     dns_upstreams: list | None = None  # (address, port) to forward to; None: /etc/resolv.conf
     dns_server: dnsd.DnsServer | None = None
     gateway_ifindex: int = 0           # xo-gw, where endpoint.c sends DNS (0: none yet)
+    fib_main_only: bool = False        # XO_CFG_FIB_MAIN_ONLY: no rule of the operator's (links)
     last_state: object = None         # the store's state of the last pass (read by metrics)
     observer: object = None           # metrics.AgentMetrics, when --metrics is on
     lease_ttl: float = LEASE_TTL
@@ -220,6 +221,11 @@ class Agent:
             changes += gw_changes
         except Exception as e:
             log.error("gateway device %s: %s", links.GATEWAY_DEV, e)
+        try:
+            self.fib_main_only = links.fib_main_only(self.ipr)
+        except Exception as e:    # the full lookup is always right, only slower
+            self.fib_main_only = False
+            log.error("reading the routing rules: %s", e)
         ifindexes, ready, gone = self._plumb(state, changes)
         try:
             changes += links.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
@@ -243,13 +249,13 @@ class Agent:
         (at 50,000 endpoints, recomputing them was 0.9 s of CPU every 2 s)."""
         changes = []
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
-                  self.gateway_ifindex)
+                  self.gateway_ifindex, self.fib_main_only)
         actual = {name: self.maps[name].items() for name in desired.RECONCILED_MAPS}
         if generation is not None and self.want_memo and self.want_memo[0] == inputs:
             want = self.want_memo[1]
         else:
             want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
-                                        self.gateway_ifindex, actual)
+                                        self.gateway_ifindex, actual, self.fib_main_only)
             self.want_memo = (inputs, want)
         # New counter slots are zeroed before the entries that name them are written.
         ops = desired.fresh_counters(want, actual)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LB_MAX_BACKENDS, MAPS, Config, Endpoint,
+from maps.layout import (CFG_FIB_MAIN_ONLY, IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LB_MAX_BACKENDS, MAPS, Config, Endpoint,
                          EndpointKey, EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey,
                          LbService, LbServiceKey, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_PEERS, Mesh, MeshKey,
                          NO_SLOT, Peer, U32, Vni, ip_be, mac_bytes, port_be, subnet_key, Subnet)
@@ -34,18 +34,20 @@ def _mac(mac: str):
 
 
 def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_ifindex: int,
-                 build_id: int, gateway_ifindex: int = 0, actual: dict[str, dict] | None = None
-                 ) -> dict[str, dict]:
+                 build_id: int, gateway_ifindex: int = 0, actual: dict[str, dict] | None = None,
+                 fib_main_only: bool = False) -> dict[str, dict]:
     """What every reconciled map should hold on `node`. `ifindexes` maps the names of the
     local endpoints that are plumbed to their host-side veth; the others are left out
     until they are (a map entry pointing at no veth would black-hole traffic). Peers, local
     endpoints and backends keep the counter slots they have in `actual` (the maps as they
-    are): see assign_slots."""
+    are): see assign_slots. `fib_main_only`: the node's routing rules let the data path
+    look underlay routes up in the main table (links.main_table_suffices)."""
     had = slots_in(actual or {})
     me = state.nodes[node]
     maps: dict[str, dict] = {name: {} for name in RECONCILED_MAPS}
     maps["xo_config"][U32(0)] = Config(node_ip=ip_be(me.underlay_ip), underlay_ifindex=underlay_ifindex,
                                        vxlan_port=int.from_bytes(me.vxlan_port.to_bytes(2, "big"), "little"),
+                                       flags=CFG_FIB_MAIN_ONLY if fib_main_only else 0,
                                        gateway_ifindex=gateway_ifindex, build_id=build_id)
     peers = sorted(ip_be(p.underlay_ip) for p in state.nodes.values() if p.name != node)
     peer_slot = assign_slots(had["xo_peers"], peers, MAX_PEERS)

@@ -403,8 +403,8 @@ class Lab:
         _run("ip", "-n", ns, "addr", "add", f"{self.node_ip(i)}/{UNDERLAY_NET.prefixlen}", "dev", UNDERLAY_DEV)
         _run("ip", "-n", ns, "link", "set", UNDERLAY_DEV, "up")
         _run("ip", "-n", ns, "link", "set", "lo", "up")
-        # As on a Docker host: the underlay forwards. XDP's FIB lookup (the routing mesh's
-        # next hop) answers only then; without it the mesh runs in tc.
+        # As on a Docker host: the underlay forwards. The data path's FIB lookups (the next
+        # hop of tunnel packets, in tc and in XDP) answer only then (docs/DESIGN.md).
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.conf.{UNDERLAY_DEV}.forwarding=1")
 
     def _agent(self, node: str, xdp: bool, echo, store: str) -> None:

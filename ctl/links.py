@@ -254,6 +254,42 @@ def _return_rules(ipr) -> list:
             if r.get_attr("FRA_TABLE") == RETURN_TABLE or r["table"] == RETURN_TABLE]
 
 
+# --- which routing table the data path may consult directly --------------------------
+
+FR_ACT_TO_TBL = 1
+# The IPv4 rules every policy starts with: lookup local, main, default (shape below).
+KERNEL_RULES = frozenset({(0, 255, FR_ACT_TO_TBL, ()), (32766, 254, FR_ACT_TO_TBL, ()),
+                          (32767, 253, FR_ACT_TO_TBL, ())})
+# Ours: what leaves from GATEWAY_IP (DNS replies) by RETURN_TABLE. No packet the data
+# path routes has that source.
+OUR_RULE = (RETURN_RULE_PRIORITY, RETURN_TABLE, FR_ACT_TO_TBL, (("FRA_SRC", GATEWAY_IP), ("src_len", 32)))
+_NOT_SELECTORS = {"FRA_TABLE", "FRA_PRIORITY", "FRA_PROTOCOL"}
+NO_SUPPRESS = 0xffffffff
+
+
+def rule_shape(msg) -> tuple:
+    """An IPv4 rule as (priority, table, action, selectors): selectors are what it matches
+    (or suppresses) on, in a fixed order; a rule with none applies to every packet."""
+    attrs = dict(msg["attrs"])
+    selectors = tuple(sorted((k, v) for k, v in attrs.items() if k not in _NOT_SELECTORS
+                             and not (k == "FRA_SUPPRESS_PREFIXLEN" and v == NO_SUPPRESS)))
+    selectors += tuple((k, msg[k]) for k in ("dst_len", "src_len", "tos", "flags") if msg[k])
+    return (attrs.get("FRA_PRIORITY", 0), attrs.get("FRA_TABLE", msg["table"]), msg["action"], selectors)
+
+
+def main_table_suffices(shapes) -> bool:
+    """Whether the main table alone routes every packet the data path sends out of the
+    underlay (config flag XO_CFG_FIB_MAIN_ONLY, bpf/lib/route.h) as the whole policy
+    would: the rules are the kernel's three and ours, nothing else. Our destinations are
+    never local addresses (the local table), and a miss in main falls back to the
+    kernel's full route. Any rule of the operator's, and it is the whole policy."""
+    return set(shapes) - {OUR_RULE} == KERNEL_RULES
+
+
+def fib_main_only(ipr) -> bool:
+    return main_table_suffices(rule_shape(r) for r in ipr.get_rules(family=socket.AF_INET))
+
+
 def ensure_gateway(ipr) -> tuple[int, list[str]]:
     """xo-gw: up, GW_MAC, GATEWAY_IP/32 (scope link: never picked as the source of
     anything else), loose reverse-path filtering (a query comes in on xo-gw, its reply

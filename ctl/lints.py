@@ -124,6 +124,18 @@ def lint_vxlan_port(port: int, node_ip: str, sockets: list[dict]) -> list[dict]:
                  "give one of the two another port (xoverlay up --vxlan-port, or the other tool's setting)")]
 
 
+def lint_forwarding(device: str, forwarding: bool | None) -> list[dict]:
+    """forwarding: net.ipv4.conf.DEVICE.forwarding in the node's netns (None: unread)."""
+    if forwarding is not False:
+        return []
+    return [lint("underlay-not-forwarding", "warning", device,
+                 f"{device} does not forward: the kernel's FIB lookup for BPF answers only for a forwarding "
+                 "device, so every tunnel packet takes the kernel's full output route (slower), blackhole or "
+                 "unreachable routes to peers are not honoured, and the routing mesh runs in tc instead of XDP",
+                 f"sysctl -w net.ipv4.conf.{device}.forwarding=1 (Docker hosts have ip_forward=1; the host then "
+                 "routes what arrives on it)")]
+
+
 def lint_monitor(state: str, pid: int) -> list[dict]:
     if state != "stale":
         return []
@@ -152,6 +164,7 @@ def evaluate(facts: dict) -> list[dict]:
             out += lint_xdp(u["name"], u["xdp_mode"], u["xdp_id"], facts.get("our_xdp_id"))
         out += lint_offloads(u["name"], u.get("driver"), u.get("features", {}))
         out += lint_mtu(u["name"], u["mtu"], facts.get("smallest_peer_mtu"), facts.get("endpoint_mtus", {}))
+        out += lint_forwarding(u["name"], u.get("forwarding"))
         if facts.get("vxlan_port") and facts.get("node_ip"):
             out += lint_vxlan_port(facts["vxlan_port"], facts["node_ip"], facts.get("udp_sockets", []))
     if facts.get("monitor"):
@@ -201,6 +214,15 @@ def _pinned_prog_id(node: str, name: str) -> int | None:
         os.close(fd)
 
 
+def _forwarding(device: str) -> bool | None:
+    """net.ipv4.conf.DEVICE.forwarding of this thread's netns."""
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{device}/forwarding") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return None
+
+
 def gather(state: State, node: str) -> dict:
     """The facts `evaluate` judges, read now. Anything that cannot be read is left out."""
     from maps import bpf
@@ -239,6 +261,7 @@ def gather(state: State, node: str) -> dict:
             underlay["xdp_mode"], underlay["xdp_id"] = XDP_MODES.get(mode, f"mode {mode}"), prog
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
+            underlay["forwarding"] = _forwarding(dev["name"])
             underlay["driver"] = ethtool.driver(dev["name"])
             underlay["features"] = ethtool.features(dev["name"])
             with open("/proc/thread-self/net/udp") as f:

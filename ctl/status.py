@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from maps.drops import REASONS
-from maps.layout import MAPS, PinnedMap, ip_be, pin_dir, sum_percpu, U32
+from maps.layout import CFG_FIB_MAIN_ONLY, MAPS, PinnedMap, ip_be, pin_dir, sum_percpu, U32
 
 from . import agent, desired
 from .model import State, peers_of
@@ -161,7 +161,8 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
     if node not in state.nodes:
         return []
     want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
-                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual)
+                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual,
+                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY))
     rows = []
     for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
         kind = "unexpected" if op.value is None else (

@@ -60,7 +60,7 @@ Mac = ctypes.c_uint8 * 6
 
 class Config(Struct):
     _fields_ = [("node_ip", ctypes.c_uint32), ("underlay_ifindex", ctypes.c_uint32),
-                ("vxlan_port", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("gateway_ifindex", ctypes.c_uint32),
+                ("vxlan_port", ctypes.c_uint16), ("flags", ctypes.c_uint16), ("gateway_ifindex", ctypes.c_uint32),
                 ("build_id", ctypes.c_uint64)]
 
 
@@ -87,6 +87,7 @@ def _flags(header: str, prefix: str) -> dict[str, int]:
                 re.findall(rf"^#define {prefix}(\w+) (0x[0-9a-fA-F]+)", f.read(), re.MULTILINE)}
 
 
+CFG_FIB_MAIN_ONLY = _flags("maps.h", "XO_CFG_")["FIB_MAIN_ONLY"]
 EP_FLAGS = _flags("maps.h", "XO_EP_")
 EP_NETWORK_HAS_SERVICES = EP_FLAGS["NETWORK_HAS_SERVICES"]
 EP_SERVICE_BACKEND = EP_FLAGS["SERVICE_BACKEND"]

@@ -416,12 +416,14 @@ def test_dns_without_a_gateway_device_is_dropped(dp):
 
 def test_every_drop_reason_is_covered():
     """Each reason the data path can produce on bad input has a row (ENCAP_FAILED and
-    DECAP_FAILED are kernel failures we cannot provoke from a frame)."""
+    DECAP_FAILED are kernel failures we cannot provoke from a frame; UNDERLAY_UNREACHABLE
+    comes from the node's routes, in test_bpf_route.py)."""
     from maps.drops import REASONS
     covered = {c.drop for c in ENDPOINT + UNDERLAY_TC + UNDERLAY_XDP if c.drop}
     # Services' reasons have their rows in test_bpf_services.py, the mesh's in test_bpf_mesh.py.
     lb = {r.name for r in REASONS.values() if r.name.startswith(("LB_", "MESH_"))}
-    assert {r.name for r in REASONS.values()} - covered - lb == {"ENCAP_FAILED", "DECAP_FAILED"}
+    assert {r.name for r in REASONS.values()} - covered - lb == {"ENCAP_FAILED", "DECAP_FAILED",
+                                                                  "UNDERLAY_UNREACHABLE"}
 
 
 # --- VXLAN source port: entropy from the inner flow --------------------------------------------

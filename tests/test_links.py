@@ -20,3 +20,42 @@ def test_stray_acks_of_get_requests_are_dropped():
         assert ipr.asyncore.msg_queue.root.empty()
         assert ipr.get_links(lo)[0].get_attr("IFLA_IFNAME") == "lo"
         assert links.drop_unclaimed_replies(ipr) == 1
+
+
+def _rule(priority, table, action=1, src=None, dst=None, **more):
+    """An IPv4 rule as pyroute2 reads it (the attributes links.rule_shape looks at)."""
+    attrs = [("FRA_TABLE", table), ("FRA_SUPPRESS_PREFIXLEN", 0xffffffff), ("FRA_PROTOCOL", 2)]
+    if priority:
+        attrs.append(("FRA_PRIORITY", priority))
+    if src:
+        attrs.append(("FRA_SRC", src))
+    if dst:
+        attrs.append(("FRA_DST", dst))
+    attrs += list(more.items())
+    return {"attrs": attrs, "dst_len": 32 if dst else 0, "src_len": 32 if src else 0, "tos": 0,
+            "table": table if table < 256 else 252, "action": action, "flags": 0}
+
+
+KERNEL = [_rule(0, 255), _rule(32766, 254), _rule(32767, 253)]
+OURS = _rule(links.RETURN_RULE_PRIORITY, links.RETURN_TABLE, src=links.GATEWAY_IP)
+
+
+def suffices(rules):
+    return links.main_table_suffices(links.rule_shape(r) for r in rules)
+
+
+def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
+    """The data path skips the policy rules (XO_CFG_FIB_MAIN_ONLY) only when they could
+    not route its packets anywhere but by main: any rule of the operator's, a default one
+    missing or changed, or ours matching more than DNS replies, and it must not."""
+    assert suffices(KERNEL)
+    assert suffices(KERNEL + [OURS])
+    assert not suffices(KERNEL + [OURS, _rule(100, 100, dst="192.0.2.2")])
+    assert not suffices(KERNEL + [_rule(100, 254, FRA_FWMARK=1)])           # a match on a mark
+    assert not suffices(KERNEL + [_rule(200, 253)])                          # default table first
+    assert not suffices(KERNEL[1:] + [OURS])                                 # no `lookup local`
+    assert not suffices([KERNEL[0], _rule(32766, 254, action=2), KERNEL[2], OURS])   # main -> goto
+    assert not suffices(KERNEL + [_rule(links.RETURN_RULE_PRIORITY, links.RETURN_TABLE, src="192.0.2.1")])
+    suppress = _rule(32766, 254)
+    suppress["attrs"][1] = ("FRA_SUPPRESS_PREFIXLEN", 0)                   # main, suppress_prefixlength 0
+    assert not suffices([KERNEL[0], suppress, KERNEL[2]])

@@ -91,6 +91,14 @@ def test_vxlan_port():
     assert "a kernel socket" not in x["message"], "only sockets on our address or on all addresses"
 
 
+def test_underlay_not_forwarding():
+    assert lints.lint_forwarding("eth1", True) == []
+    assert lints.lint_forwarding("eth1", None) == []           # could not read it: say nothing
+    [x] = lints.lint_forwarding("eth1", False)
+    assert (x["id"], x["severity"], x["subject"]) == ("underlay-not-forwarding", "warning", "eth1")
+    assert "net.ipv4.conf.eth1.forwarding=1" in x["fix"]
+
+
 def test_monitor_flag():
     assert lints.lint_monitor("off", 0) == [] and lints.lint_monitor("running", 5) == []
     [x] = lints.lint_monitor("stale", 5)
@@ -102,9 +110,10 @@ def test_evaluate_orders_by_severity_and_skips_what_it_cannot_see():
              "monitor": {"state": "stale", "pid": 5}, "our_xdp_id": 7, "smallest_peer_mtu": 1500,
              "endpoint_mtus": {"a": 1450},
              "underlay": {"name": "eth1", "mtu": 1480, "xdp_mode": "off", "xdp_id": 0, "driver": "veth",
-                          "features": {}},
+                          "features": {}, "forwarding": False},
              "udp_sockets": lints.parse_proc_udp(PROC_UDP)}
-    assert ids(lints.evaluate(facts)) == ["mtu-headroom", "vxlan-port-in-use", "monitor-flag-stale", "xdp-off"]
+    assert ids(lints.evaluate(facts)) == ["mtu-headroom", "vxlan-port-in-use", "underlay-not-forwarding",
+                                          "monitor-flag-stale", "xdp-off"]
     blind = {k: v for k, v in facts.items() if k not in ("underlay", "udp_sockets")}
     assert ids(lints.evaluate(blind)) == ["monitor-flag-stale", "underlay-not-found"]
     assert ids(lints.evaluate({"node": "n1", "bpffs": False, "pinned": False})) == ["bpffs-not-mounted"]
@@ -143,13 +152,15 @@ def test_lints_on_a_misconfigured_lab_node(lab):
                 eth1 = ipr.link_lookup(ifname="eth1")[0]
             detach_xdp(eth1)
         in_netns(node_ns, "ip", "link", "set", "eth1", "mtu", "1480")
+        in_netns(node_ns, "sysctl", "-qw", "net.ipv4.conf.eth1.forwarding=0")
         dead = subprocess.Popen(["true"])
         dead.wait()
         flag = open_maps(n3)["xo_monitor"]
         flag.set(U32(0), Monitor(events=1, pid=dead.pid, pid_start=1))
 
         found = status_lints()
-        assert sorted(found) == ["monitor-flag-stale", "mtu-headroom", "vxlan-port-in-use", "xdp-off"]
+        assert sorted(found) == ["monitor-flag-stale", "mtu-headroom", "underlay-not-forwarding",
+                                 "vxlan-port-in-use", "xdp-off"]
         assert found["vxlan-port-in-use"]["message"].count(f"pid {holder.pid} (python") == 1
         assert f"{n3}-a (1450)" in found["mtu-headroom"]["message"]
         assert found["xdp-off"]["subject"] == "eth1"
@@ -159,6 +170,7 @@ def test_lints_on_a_misconfigured_lab_node(lab):
         holder.kill()
         holder.wait()
         in_netns(node_ns, "ip", "link", "set", "eth1", "mtu", "1500")
+        in_netns(node_ns, "sysctl", "-qw", "net.ipv4.conf.eth1.forwarding=1")
         lab.xo("lab", "up", "--nodes", "3", timeout=120)    # the agent: XDP back, stale flag cleared
     deadline = time.monotonic() + 5
     while status_lints() and time.monotonic() < deadline:

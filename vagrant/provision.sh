@@ -32,6 +32,9 @@ xoverlay network ls >/dev/null
 # The private network's device is whichever one carries our address.
 underlay=$(ip -o -4 addr show | awk -v ip="$ip" '$4 ~ "^"ip"/" {print $2; exit}')
 [ -n "$underlay" ] || { echo "provision: no device has $ip" >&2; exit 1; }
+# As on a Docker host: the underlay forwards, so the data path can ask the kernel's FIB
+# for the next hop (docs/DESIGN.md, "Out of the underlay"; lint underlay-not-forwarding).
+sysctl -qw "net.ipv4.conf.$underlay.forwarding=1"
 xoverlay down --node "$node" >/dev/null 2>&1 || true
 xoverlay up --node "$node" --underlay "$underlay" --detach
 xoverlay peer ls --node "$node"

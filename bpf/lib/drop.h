@@ -29,7 +29,8 @@
     XO_DROP(LB_NAT_FAILED, 22, "could not rewrite a service packet's address (kernel refused)") \
     XO_DROP(MESH_OVERLAY_SOURCE, 23, "packet to a published port from an address of an overlay network") \
     XO_DROP(MESH_NO_CONNECTION, 24, "routing-mesh reply for a connection this node has no entry for") \
-    XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated")
+    XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated") \
+    XO_DROP(UNDERLAY_UNREACHABLE, 26, "the underlay's routing has a blackhole, unreachable or prohibit route to the peer")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

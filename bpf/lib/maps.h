@@ -16,10 +16,13 @@ struct xo_config {
     __be32 node_ip;           /* our underlay IPv4 address */
     __u32 underlay_ifindex;   /* where encapsulated packets leave */
     __be16 vxlan_port;        /* UDP destination port, 4789 unless configured */
-    __u16 pad;
+    __u16 flags;              /* XO_CFG_* */
     __u32 gateway_ifindex;    /* the node's xo-gw, holding 169.254.1.1: DNS goes there */
     __u64 build_id;           /* hash of the BPF sources that were loaded */
 };
+
+/* Config flags. maps/layout.py reads these lines (one definition). */
+#define XO_CFG_FIB_MAIN_ONLY 0x1  /* no policy rule routes our packets: underlay routes from main */
 
 /* Endpoint flags: the service lookups the data path may skip for an endpoint. maps/layout.py
  * reads these lines (one definition). */

@@ -23,6 +23,7 @@
 #include "parsing.h"
 #include "vxlan.h"
 #include "lb.h"
+#include "route.h"
 
 #define XO_MESH_NOT_MESH (-1)     /* not a routing-mesh packet: carry on */
 
@@ -119,7 +120,7 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     fib.ipv4_src = cfg->node_ip;
     fib.ipv4_dst = node_ip;
     fib.ifindex = cfg->underlay_ifindex;
-    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), BPF_FIB_LOOKUP_OUTPUT);
+    long rc = bpf_fib_lookup(ctx, &fib, sizeof(fib), xo_fib_flags(cfg));
     if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
         return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_MESH_TOO_BIG, len, XDP_DROP);
     if (rc != BPF_FIB_LKUP_RET_SUCCESS)
@@ -244,8 +245,11 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, XO_VXLAN_FLAG_MESH, gw, be_mac);
     if (reason)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
+    int verdict = xo_redirect_underlay(skb, cfg, node_ip, XO_HOOK_UNDERLAY_TC, len);
+    if (verdict == TC_ACT_SHOT)
+        return verdict;
     xo_count_tx(xo_peer_traffic(slot), skb->len);
-    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+    return verdict;
 }
 
 /* --- replies ------------------------------------------------------------------------------- */
@@ -267,8 +271,7 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
         if (xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
                           f->sport, vport))
             return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
-        /* The kernel routes the client's address and fills in the MACs. */
-        return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+        return xo_redirect_underlay(skb, cfg, f->daddr, XO_HOOK_ENDPOINT, len);
     }
     k.dir = XO_CT_MESH;
     ct = xo_lb_ct.lookup(&k);
@@ -286,9 +289,12 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     int reason = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
+    int verdict = xo_redirect_underlay(skb, cfg, ingress, XO_HOOK_ENDPOINT, len);
+    if (verdict == TC_ACT_SHOT)
+        return verdict;
     struct xo_peer *peer = xo_peers.lookup(&ingress);
     xo_count_tx(peer ? xo_peer_traffic(peer->slot) : NULL, skb->len);
-    return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
+    return verdict;
 }
 
 /* On the backend's node, decap of a mesh packet from the node the client talked to

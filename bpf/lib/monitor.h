@@ -142,6 +142,10 @@ static __always_inline void xo_count_drop(int reason, __u32 bytes)
 static __always_inline int xo_drop_skb(struct __sk_buff *skb, int hook, int reason, __u32 bytes,
                                        int verdict)
 {
+    /* LLVM 14 may keep &skb->ingress_ifindex from another drop site in a register and
+     * load through it here, which the verifier refuses (a moved context pointer): the
+     * empty asm makes skb a new value, so the field is read from skb itself. */
+    asm volatile("" : "+r"(skb));
     xo_count_drop(reason, bytes);
     struct xo_monitor *mon = xo_monitor_get();
     if (mon && (mon->events & XO_MON_DROPS)) {
