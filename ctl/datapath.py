@@ -4,7 +4,7 @@ decisions about what goes in the maps live in desired.py).
 Pinned under /sys/fs/bpf/xoverlay/<node>/: every map (BCC pins them at compile time) and
 the three programs. Programs and maps outlive the agent: a new agent with the same build
 adopts them without touching the kernel; one with a new build replaces the programs in
-place (tc filter replace, XDP replace), keeping the maps and their contents."""
+place (tcx replace, XDP replace), keeping the maps and their contents."""
 from __future__ import annotations
 
 import hashlib

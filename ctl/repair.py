@@ -1,8 +1,8 @@
 """What was undone behind the agent's back, and putting it back: pins deleted (the data
 path still runs, but `status`, the CLI and the next agent find nothing: the next agent
-would even start over with empty maps), the underlay's tc filter or XDP program
+would even start over with empty maps), the underlay's tc program or XDP program
 detached. Checked on every reconcile pass, cheaply: a stat per pin, two netlink
-queries. (An endpoint's veth or its tc filter is put back by links.plumb, which says
+queries. (An endpoint's veth or its tc program is put back by links.plumb, which says
 what it fixed.) The decision is pure (plan); observe and apply are the side effects."""
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class Repair:
 
     def __str__(self):
         return {"pin": f"repaired: pin {self.what} was deleted: pinned again",
-                "tc": f"repaired: the tc filter on {self.what} was detached or replaced: attached again",
+                "tc": f"repaired: the tc program on {self.what} was detached or replaced: attached again",
                 "xdp": f"repaired: the XDP program on {self.what} was detached or replaced: attached again",
                 }[self.kind]
 

@@ -4,12 +4,10 @@ namespace, so these tests enter one of their own, with an underlay device and th
 each case needs; the verdict and the drop counters say what the lookup decided."""
 from __future__ import annotations
 
-import ctypes
 import os
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import pytest
 
@@ -17,9 +15,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bpfrun import Datapath, Topology as T               # noqa: E402
 from test_bpf_programs import Case, container, run_case     # noqa: E402
 
+from ctl import netns                                    # noqa: E402
 from maps.layout import CFG_FIB_MAIN_ONLY, U32            # noqa: E402
 
-CLONE_NEWNET = 0x40000000
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 NETNS = f"xotest-route-{os.getpid()}"
 TO_B = container(T.WEB1, T.API1.ip)          # a remote endpoint on peer B
@@ -30,23 +28,8 @@ def ip(*args: str, check: bool = True) -> None:
     subprocess.run(["ip", "-n", NETNS, *args], check=check, capture_output=True)
 
 
-@contextmanager
 def entered(name: str):
-    """This thread in netns `name`, and back to where it was."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET):
-            raise OSError(ctypes.get_errno(), f"setns into {name}")
-        try:
-            yield
-        finally:
-            if libc.setns(back, CLONE_NEWNET):
-                raise OSError(ctypes.get_errno(), "setns back")
-    finally:
-        os.close(target)
-        os.close(back)
+    return netns.entered(f"/run/netns/{name}")
 
 
 @pytest.fixture(scope="module")

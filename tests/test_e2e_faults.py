@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -140,11 +141,13 @@ def test_agent_sigkilled_mid_reconcile_20_times_converges_and_loses_nothing(lab)
 # --- undone behind the agent's back -----------------------------------------------------------
 
 def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
-    """Pins deleted, an endpoint's veth deleted, tc filters and XDP detached: within a
+    """Pins deleted, an endpoint's veth deleted, tc programs and XDP detached: within a
     resync or two the agent has put everything back, says so in its log, and traffic
     that does not cross node1 never noticed."""
     from ctl.agent import RESYNC_SECONDS
+    from ctl import netns
     from ctl.links import host_ifname
+    from maps import bpf
     from maps.layout import pin_dir
     n1, n2, n3 = lab.nodes()
     ns = lab.node_netns(n1)
@@ -155,14 +158,15 @@ def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
         for name in pins:
             os.unlink(os.path.join(pin_dir(n1), name))
         in_netns(ns, "ip", "link", "del", host_ifname(f"{n1}-b"))
-        in_netns(ns, "tc", "filter", "del", "dev", host_ifname(f"{n1}-a"), "ingress")
-        in_netns(ns, "tc", "filter", "del", "dev", "eth1", "ingress")
+        with netns.entered(ns):                               # tcx: no `tc filter` to delete
+            for dev in (host_ifname(f"{n1}-a"), "eth1"):
+                bpf.tc_detach(socket.if_nametoindex(dev))
         in_netns(ns, "ip", "link", "set", "eth1", "xdp", "off")
         t0 = time.monotonic()
         wanted = [f"repaired: pin {name} was deleted" for name in pins] + [
             f"repaired: endpoint {n1}-b: created veth {host_ifname(f'{n1}-b')}",
             f"repaired: endpoint {n1}-a: attached the endpoint program",
-            "repaired: the tc filter on eth1", "repaired: the XDP program on eth1"]
+            "repaired: the tc program on eth1", "repaired: the XDP program on eth1"]
         wait_for("the repairs in the log", lambda: all(w in log_of(n1)[logged:] for w in wanted),
                  timeout=2 * RESYNC_SECONDS + 3)
         took = time.monotonic() - t0

@@ -30,4 +30,4 @@ def test_pins_checked_are_every_map_and_program():
 
 def test_repairs_say_what_was_done():
     assert str(Repair("pin", "xo_peers")) == "repaired: pin xo_peers was deleted: pinned again"
-    assert "tc filter on eth1" in str(Repair("tc", "eth1"))
+    assert "tc program on eth1" in str(Repair("tc", "eth1"))
