@@ -36,6 +36,31 @@ def test_noop_update_keeps_generation(tmp_path):
     assert store.generation() == gen
 
 
+def test_snapshot_reads_again_only_when_something_moved(tmp_path):
+    """Another process's write, or the file replaced by one with the same generation (a
+    restored copy): a new state. Nothing moved: the same state, not read again."""
+    path = str(tmp_path / "state.db")
+    store, writer = SqliteStore(path), SqliteStore(path)
+    writer.update(lambda s: model.create_network(s, "a", "10.1.0.0/16"))
+    gen, first = store.snapshot()
+    assert set(first.networks) == {"a"}
+    assert store.snapshot() == (gen, first) and store.snapshot()[1] is first
+    writer.update(lambda s: model.create_network(s, "b", "10.2.0.0/16"))
+    gen2, second = store.snapshot()
+    assert gen2 == gen + 1 and set(second.networks) == {"a", "b"}
+
+    other = str(tmp_path / "other.db")           # two writes as well: the same generation
+    restored = SqliteStore(other)
+    restored.update(lambda s: model.create_network(s, "c", "10.3.0.0/16"))
+    restored.update(lambda s: model.create_network(s, "d", "10.4.0.0/16"))
+    restored.close()                              # its WAL checkpointed into the file
+    writer.close()
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")    # so is the old file's (see _follow)
+    os.replace(other, path)
+    gen3, third = store.snapshot()
+    assert gen3 == gen2 and set(third.networks) == {"c", "d"}
+
+
 def _allocate(path, node, count, queue):
     store = SqliteStore(path)
     for i in range(count):
