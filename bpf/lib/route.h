@@ -45,10 +45,11 @@ static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const str
     if (rc == BPF_FIB_LKUP_RET_BLACKHOLE || rc == BPF_FIB_LKUP_RET_UNREACHABLE ||
         rc == BPF_FIB_LKUP_RET_PROHIBIT)
         return xo_drop(skb, hook, XO_DROP_UNDERLAY_UNREACHABLE, len, TC_ACT_SHOT);
-    /* No route at all, or one the lookup cannot follow (too big for the device, a
-     * tunnel route): the kernel's output route decides, as for any packet of the node's.
-     * (Given the underlay as the output device, it takes an address it has no route for
-     * as on-link: how xoverlay always sent.) */
+    /* No route at all, one the lookup cannot follow (too big for the device, a tunnel
+     * route), or an underlay that does not forward (the lookup answers only for a device
+     * that does: lint underlay-not-forwarding): the kernel's output route decides, as
+     * for any packet of the node's. (Given the underlay as the output device, it takes an
+     * address it has no route for as on-link: how xoverlay always sent.) */
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
