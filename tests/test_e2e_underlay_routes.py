@@ -77,10 +77,14 @@ def test_a_routed_underlay_sends_tunnel_packets_to_the_gateway(lab):
     ips = node_ips(lab)
     ns1, ns3 = lab.node_netns(n1), lab.node_netns(n3)
     dst = lab.ep(f"{n2}-a")["ip"]
-    sysctls = ("net.ipv4.ip_forward", "net.ipv4.conf.all.send_redirects", "net.ipv4.conf.eth1.send_redirects")
+    # The lab's eth1 forwards already (per device, which is what routes a packet). Not
+    # net.ipv4.ip_forward: restoring it to 0 would turn off every device's forwarding,
+    # the underlay's included, and with it the data path's FIB lookups on this node.
+    assert in_netns(ns3, "sysctl", "-n", "net.ipv4.conf.eth1.forwarding").stdout.strip() == "1"
+    sysctls = ("net.ipv4.conf.all.send_redirects", "net.ipv4.conf.eth1.send_redirects")
     saved = {k: in_netns(ns3, "sysctl", "-n", k).stdout.strip() for k in sysctls}
     try:
-        for k, v in zip(sysctls, ("1", "0", "0")):
+        for k, v in zip(sysctls, ("0", "0")):
             in_netns(ns3, "sysctl", "-qw", f"{k}={v}")
         in_netns(ns1, "ip", "route", "add", f"{ips[n2]}/32", "via", ips[n3], "dev", "eth1")
         before = forwarded(ns3)
@@ -93,3 +97,4 @@ def test_a_routed_underlay_sends_tunnel_packets_to_the_gateway(lab):
     before = forwarded(ns3)
     assert lab.ping(f"{n1}-a", dst, count=3)
     assert forwarded(ns3) == before
+    assert in_netns(ns3, "sysctl", "-n", "net.ipv4.conf.eth1.forwarding").stdout.strip() == "1"
