@@ -29,6 +29,11 @@ SLOTTED = {
 }
 
 
+def encoded(maps: dict[str, dict]) -> dict[str, dict[bytes, bytes]]:
+    """Desired maps as the kernel holds them (PinnedMap.raw_items): key and value bytes."""
+    return {name: {bytes(k): bytes(v) for k, v in entries.items()} for name, entries in maps.items()}
+
+
 def _mac(mac: str):
     return (type(Endpoint().mac)).from_buffer_copy(mac_bytes(mac))
 

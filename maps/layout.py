@@ -325,19 +325,32 @@ class PinnedMap:
         lookups (hash and array maps): the agent reads every map on each resync, and one
         syscall per entry kept an idle agent busy at 10,000 services. Entry by entry
         where the kernel has no batches for the map type."""
+        if not self.spec.percpu:
+            return self.decode(self.raw_items())
         try:
-            # The kernel packs values at their own size, per-CPU ones at 8-byte slots.
-            stride = self._slot * self._ncpu if self.spec.percpu else self._vsize
-            raw = self._bpf.lookup_batch(self.fd, self._ksize, stride, self.spec.max_entries)
+            # The kernel packs per-CPU values at 8-byte slots.
+            raw = self._bpf.lookup_batch(self.fd, self._ksize, self._slot * self._ncpu, self.spec.max_entries)
         except self._bpf.BpfError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):    # 524: the kernel's ENOTSUPP
                 raise
             return self._items_one_by_one()
-        out = {}
-        for k, v in raw:
-            values = self._values(v)
-            out[self.spec.key.from_buffer_copy(k)] = values if self.spec.percpu else values[0]
-        return out
+        return {self.spec.key.from_buffer_copy(k): self._values(v) for k, v in raw}
+
+    def raw_items(self) -> dict[bytes, bytes]:
+        """Every entry as the kernel holds it, key bytes -> value bytes (not for per-CPU
+        maps). Cheap to compare with what was written: an idle agent decodes nothing."""
+        assert not self.spec.percpu, self.spec.name
+        try:
+            return dict(self._bpf.lookup_batch(self.fd, self._ksize, self._vsize, self.spec.max_entries))
+        except self._bpf.BpfError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
+                raise
+            return {bytes(k): bytes(v) for k, v in self._items_one_by_one().items()}
+
+    def decode(self, raw: dict[bytes, bytes]) -> dict:
+        """raw_items() as key and value structs."""
+        key, value = self.spec.key.from_buffer_copy, self.spec.value.from_buffer_copy
+        return {key(k): value(v) for k, v in raw.items()}
 
     def _items_one_by_one(self) -> dict:
         out = {}

@@ -33,6 +33,7 @@ from ctl.agent import Agent, Underlay
 from ctl.errors import XoError
 from ctl.lbmaps import MaglevTables
 from ctl.store import SqliteStore
+from maps import bpf
 from maps.layout import MAX_LOCAL_ENDPOINTS, MAX_PEERS, ip_be
 
 from invariants import violations
@@ -418,6 +419,28 @@ class StoreAndKernel(RuleBasedStateMachine):
         name = self.existing(data, "service", SERVICES)
         why = [] if name in self.state().services else ["does not exist"]
         self.step("service rm", lambda s: model.remove_service(s, name), why, must_pass=True)
+
+    @op(1, lambda self: True)
+    def drift(self, data):
+        """Someone changes the kernel and not the store (the generation stays): the next
+        pass must put it back, though it reuses what it wanted and first compares bytes."""
+        name = data.draw(st.sampled_from(desired.RECONCILED_MAPS), label="map")
+        m = self.agent.maps[name]
+        raw = m.raw_items()
+        hash_map = m.spec.kind == "hash"
+        how = data.draw(st.sampled_from(["garble"] + (["delete", "extra"] if hash_map else [])), label="drift")
+        if how == "extra":
+            key = data.draw(st.binary(min_size=m._ksize, max_size=m._ksize), label="key")
+            bpf.map_update(m.fd, key, bytes(m._vsize))
+        elif raw:
+            key = data.draw(st.sampled_from(sorted(raw)), label="entry")
+            if how == "delete":
+                m.delete_raw(key)
+            else:
+                value = bytearray(raw[key])
+                value[data.draw(st.integers(0, len(value) - 1), label="byte")] ^= 0xff
+                bpf.map_update(m.fd, key, bytes(value))
+        Counts.by_rule[f"drift {how}"] += 1
 
     @rule(data=st.data())
     def act(self, data):
