@@ -5,10 +5,10 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from maps.layout import (CFG_FIB_MAIN_ONLY, IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LB_MAX_BACKENDS, MAPS, Config, Endpoint,
-                         EndpointKey, EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend, LbBackendKey,
-                         LbService, LbServiceKey, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_PEERS, Mesh, MeshKey,
-                         NO_SLOT, Peer, U32, Vni, ip_be, mac_bytes, port_be, subnet_key, Subnet)
+from maps.layout import (CFG_FIB_MAIN_ONLY, IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LB_MAX_BACKENDS, MAPS,
+                         Config, Endpoint, EndpointKey, EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND, LbBackend,
+                         LbBackendKey, LbService, LbServiceKey, LocalEndpoint, MAX_LOCAL_ENDPOINTS, MAX_PEERS, Mesh,
+                         MeshKey, NO_SLOT, Peer, U32, Vni, ip_be, mac_bytes, port_be, subnet_key, Subnet)
 
 from . import maglev
 from .model import State, parse_port
