@@ -16,7 +16,6 @@ death); `--ready-fd` gets "ok" once the first server listens.
 from __future__ import annotations
 
 import argparse
-import socket
 import socketserver
 import sys
 import threading

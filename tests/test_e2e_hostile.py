@@ -5,7 +5,6 @@ and the drop counters account for every injected packet, reason by reason."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -1,7 +1,6 @@
 """End to end on a 3-node namespace lab: real veths, real programs, real traffic."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -182,7 +181,6 @@ def test_new_build_replaces_programs_in_place_without_loss(lab):
     and swaps them in with tc/XDP replace while traffic runs: nothing lost."""
     from ctl.agent import running_pid
     from ctl.datapath import open_maps
-    from maps import bpf
     from maps.layout import U32
     n1, n2, _ = names(lab)
     os.kill(running_pid(n1), signal.SIGTERM)

@@ -4,7 +4,6 @@ with tests/lb_client.py. Real veths, real programs, real TCP and UDP."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

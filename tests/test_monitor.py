@@ -237,7 +237,6 @@ def test_a_stale_flag_is_taken_over_and_a_live_one_refused(node_maps):
     finally:
         live.kill()
         live.wait()
-    from maps.layout import U32
     assert monitor.clear_if_stale(node_maps.maps["xo_monitor"]) == owner, "its owner is gone now"
     assert flag(node_maps) == Monitor()
     assert monitor.clear_if_stale(node_maps.maps["xo_monitor"]) is None

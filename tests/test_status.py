@@ -3,7 +3,6 @@ move in the right rows and drift made behind the agent's back is seen, then repa
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
