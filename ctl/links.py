@@ -18,6 +18,8 @@ from . import desired, netns, resolvconf
 from .errors import XoError
 from .model import GATEWAY_IP, Endpoint, State
 
+IFF_UP = 1
+
 log = logging.getLogger("xoverlay.links")
 
 GW_MAC = "ee:ee:ee:ee:ee:ee"      # same as XO_GW_MAC in bpf/lib/common.h
@@ -150,6 +152,13 @@ def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -
     host = host_ifname(ep.name)
     found = ipr.link_lookup(ifname=host)
     did = []
+    if found and not ipr.get_links(found[0])[0]["flags"] & IFF_UP:
+        # _create sets the host end up last: one that is down was left half made (an
+        # agent killed inside _create: the container end still here, or the container
+        # without its address or route) or taken down by someone. Made again from scratch.
+        unplumb(ipr, host)
+        found = []
+        did.append(f"deleted veth {host}, found down (half made)")
     if found:
         ifindex = found[0]
         if ipr.get_links(ifindex)[0].get_attr("IFLA_MASTER") != headroom_bridge:
@@ -309,7 +318,7 @@ def ensure_gateway(ipr) -> tuple[int, list[str]]:
     link = ipr.get_links(index)[0]
     if (link.get_attr("IFLA_ADDRESS") or "").lower() != GW_MAC:
         ipr.link("set", index=index, address=GW_MAC)
-    if not link["flags"] & 1:       # IFF_UP
+    if not link["flags"] & IFF_UP:
         ipr.link("set", index=index, state="up")
     addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)]
     if GATEWAY_IP not in addrs:
