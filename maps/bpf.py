@@ -483,10 +483,21 @@ LEGACY_TC_HANDLE, LEGACY_TC_PRIORITY = 0x58, 1
 _LEGACY_POINT = {BPF_TCX_INGRESS: 1, BPF_TCX_EGRESS: 2}     # BPF_TC_INGRESS, BPF_TC_EGRESS
 
 
+_lib.libbpf_set_print.restype = ctypes.c_void_p
+_lib.libbpf_set_print.argtypes = [ctypes.c_void_p]
+
+
 def _legacy_tc_detach(ifindex: int, point: int) -> None:
     hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=_LEGACY_POINT[point])
     opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=LEGACY_TC_HANDLE, priority=LEGACY_TC_PRIORITY)
-    _lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))   # none there is the usual case
+    # None there is the usual case, and libbpf would print the kernel's complaint about
+    # it ("Parent Qdisc doesn't exists") on the user's terminal: its printing is off
+    # for this one call.
+    printer = _lib.libbpf_set_print(None)
+    try:
+        _lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+    finally:
+        _lib.libbpf_set_print(printer)
 
 
 # --- BPF_PROG_TEST_RUN ----------------------------------------------------------------

@@ -7,6 +7,7 @@ import ctypes
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 from bcc import BPF
@@ -77,3 +78,19 @@ def test_the_cls_bpf_filter_of_an_older_build_is_removed(progs, veth):
     bpf.tc_attach(veth, progs["xo_two"])
     assert filters() == ""
     assert bpf.tcx_programs(veth) == [pid(progs["xo_two"])]
+
+
+
+DETACH = "import socket, sys; from maps import bpf; i = socket.if_nametoindex('v0'); " \
+         "bpf.tc_detach(i); bpf.tc_detach(i, bpf.BPF_TCX_EGRESS); print('detached')"
+
+
+def test_detach_where_nothing_was_attached_prints_nothing(veth):
+    """`down` and `lab down` detach from devices that never had a cls_bpf filter: libbpf
+    must not print the kernel's complaint about the missing qdisc on the terminal. (In a
+    process of its own, as `lab down` is: in this test process, after the module's BCC
+    programs were compiled, the complaint did not show even before the fix.)"""
+    r = subprocess.run(["nsenter", f"--net=/run/netns/{NETNS}", "--", sys.executable, "-c", DETACH],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert (r.returncode, r.stdout, r.stderr) == (0, "detached\n", "")
