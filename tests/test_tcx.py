@@ -80,8 +80,7 @@ def test_the_cls_bpf_filter_of_an_older_build_is_removed(progs, veth):
     assert bpf.tcx_programs(veth) == [pid(progs["xo_two"])]
 
 
-
-DETACH = "import socket, sys; from maps import bpf; i = socket.if_nametoindex('v0'); " \
+DETACH = "import socket; from maps import bpf; i = socket.if_nametoindex('v0'); " \
          "bpf.tc_detach(i); bpf.tc_detach(i, bpf.BPF_TCX_EGRESS); print('detached')"
 
 
