@@ -327,12 +327,8 @@ class PinnedMap:
         where the kernel has no batches for the map type."""
         if not self.spec.percpu:
             return self.decode(self.raw_items())
-        try:
-            # The kernel packs per-CPU values at 8-byte slots.
-            raw = self._bpf.lookup_batch(self.fd, self._ksize, self._slot * self._ncpu, self.spec.max_entries)
-        except self._bpf.BpfError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):    # 524: the kernel's ENOTSUPP
-                raise
+        raw = self._lookup_batch(self._slot * self._ncpu)    # per-CPU values at 8-byte slots
+        if raw is None:
             return self._items_one_by_one()
         return {self.spec.key.from_buffer_copy(k): self._values(v) for k, v in raw}
 
@@ -340,12 +336,20 @@ class PinnedMap:
         """Every entry as the kernel holds it, key bytes -> value bytes (not for per-CPU
         maps). Cheap to compare with what was written: an idle agent decodes nothing."""
         assert not self.spec.percpu, self.spec.name
-        try:
-            return dict(self._bpf.lookup_batch(self.fd, self._ksize, self._vsize, self.spec.max_entries))
-        except self._bpf.BpfError as e:
-            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):
-                raise
+        raw = self._lookup_batch(self._vsize)
+        if raw is None:
             return {bytes(k): bytes(v) for k, v in self._items_one_by_one().items()}
+        return dict(raw)
+
+    def _lookup_batch(self, stride: int) -> list | None:
+        """Every (key, value) pair in batches, values `stride` bytes apart; None where
+        the kernel has no batch lookups for the map type."""
+        try:
+            return self._bpf.lookup_batch(self.fd, self._ksize, stride, self.spec.max_entries)
+        except self._bpf.BpfError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):    # 524: the kernel's ENOTSUPP
+                raise
+            return None
 
     def decode(self, raw: dict[bytes, bytes]) -> dict:
         """raw_items() as key and value structs."""
