@@ -58,6 +58,11 @@ def host_ifname(endpoint: str) -> str:
     return HOST_PREFIX + hashlib.sha1(endpoint.encode()).hexdigest()[:10]
 
 
+def creating_ifname(host: str) -> str:
+    """The container end's name while it is made, in the node's netns, before it moves."""
+    return "xt" + host[len(HOST_PREFIX):]
+
+
 def _write_sysctl(path: str, value: str) -> None:
     try:
         with open(path, "w") as f:
@@ -151,17 +156,18 @@ def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -
     endpoint already plumbed, that is a repair)."""
     host = host_ifname(ep.name)
     found = ipr.link_lookup(ifname=host)
+    link = ipr.get_links(found[0])[0] if found else None
     did = []
-    if found and not ipr.get_links(found[0])[0]["flags"] & IFF_UP:
+    if link is not None and not link["flags"] & IFF_UP:
         # _create sets the host end up last: one that is down was left half made (an
         # agent killed inside _create: the container end still here, or the container
         # without its address or route) or taken down by someone. Made again from scratch.
         unplumb(ipr, host)
-        found = []
+        link = None
         did.append(f"deleted veth {host}, found down (half made)")
-    if found:
-        ifindex = found[0]
-        if ipr.get_links(ifindex)[0].get_attr("IFLA_MASTER") != headroom_bridge:
+    if link is not None:
+        ifindex = link["index"]
+        if link.get_attr("IFLA_MASTER") != headroom_bridge:
             ipr.link("set", index=ifindex, master=headroom_bridge)   # plumbed by an older build
             did.append(f"put {host} back on {HEADROOM_BRIDGE}")
         _adopt_resolv_conf(ep)
@@ -193,7 +199,7 @@ def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) ->
     if not netns.exists(ep.netns):
         raise XoError(f"endpoint {ep.name}: netns {ep.netns} does not exist")
     mtu = endpoint_mtu(state)
-    tmp = "xt" + host[len(HOST_PREFIX):]
+    tmp = creating_ifname(host)
     for stale in ipr.link_lookup(ifname=tmp):
         ipr.link("del", index=stale)
     ipr.link("add", ifname=host, kind="veth", peer={"ifname": tmp, "address": ep.mac, "mtu": mtu})

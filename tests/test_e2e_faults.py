@@ -187,14 +187,14 @@ def test_a_veth_left_half_made_by_a_killed_agent_is_made_again(lab):
     """An agent killed inside veth creation leaves the host end down (it is set up last),
     the container end still beside it. The next pass must not take it for plumbed: it
     deletes it and plumbs the endpoint from scratch, which then talks across nodes."""
-    from ctl.links import host_ifname
+    from ctl.links import creating_ifname, host_ifname
     n1, n2, _ = lab.nodes()
     ns, name = lab.node_netns(n1), f"{n1}-half"
     host = host_ifname(name)
-    in_netns(ns, "ip", "link", "add", host, "type", "veth", "peer", "name", "xt" + host[2:])
+    in_netns(ns, "ip", "link", "add", host, "type", "veth", "peer", "name", creating_ifname(host))
     try:
         lab.xo("endpoint", "add", name, "--network", "demo", "--node", n1)   # waits until plumbed
-        assert "xt" + host[2:] not in in_netns(ns, "ip", "-br", "link").stdout
+        assert creating_ifname(host) not in in_netns(ns, "ip", "-br", "link").stdout
         assert lab.ping(f"{n2}-a", lab.ep(name)["ip"], count=2)
         assert lab.drift(n1) == []
     finally:
