@@ -760,7 +760,9 @@ def _sender_is_gateway(maps: dict, c: BpfCostCluster, packet: bytes) -> bytes:
 # --- services: kube-proxy-style nftables, an xoverlay lab with services, connection rate --
 
 CONN_PORT = 7777                         # the connection-rate server (bench/connrate.py)
-SVC_PORTS = (f"{UDP_PORT}/tcp", f"{UDP_PORT}/udp", f"{CONN_PORT}/tcp")   # iperf3's control + data, connrate
+PAIR_PORT = 5400                         # the interleaved packet rate's counter (bench/pairrate.py)
+SVC_PORTS = (f"{UDP_PORT}/tcp", f"{UDP_PORT}/udp", f"{CONN_PORT}/tcp",   # iperf3's control + data, connrate,
+             f"{PAIR_PORT}/udp")                                          # pairrate
 FILLER_PORT = "80/tcp"                   # every other service's port
 KP_MARK = 0x4000                         # kube-proxy's masquerade mark
 
@@ -773,6 +775,7 @@ class Target:
     label: str
     client: str
     server_ip: str
+    server: str = ""          # the server's netns (the interleaved rate counts there)
 
 
 def kube_proxy_nft(table: str, services: list[dict]) -> str:
@@ -1008,6 +1011,57 @@ def conn_rate(t: Target, secs: float, procs: int) -> dict:
         raise BenchError(f"{t.key}: connrate: {out['conns']} connections, {out['errors']} errors "
                          f"({out['first_error']})")
     return {"conn_rate": out["conn_rate"], "conn_errors": out["errors"]}
+
+
+def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
+    """64-byte UDP packet rate of several targets measured in the same seconds: one sender
+    (bench/pairrate.py) alternating between them in ~10 ms batches, a counter in each
+    server's netns. Per target: the rate that arrived (packets counted over the time
+    the sender spent on that target), the rate sent, loss, and the median over the
+    batches' cycles of its rate against the first target's. A target may be listed
+    twice: the two are measured as two paths (the method's own noise)."""
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairrate.py")
+    servers = sorted({t.server for t in targets})
+    counters = {}
+    try:
+        for ns in servers:
+            p = subprocess.Popen(in_ns(ns, "taskset", "-c", RECEIVER_CPU, sys.executable, tool, "count",
+                                       "--port", str(PAIR_PORT)),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            counters[ns] = p
+            if p.stdout.readline().strip() != "ready":
+                raise BenchError(f"pairrate counter in {ns} did not start: {p.stderr.read().strip()[-300:]}")
+        cmd = ["taskset", "-c", SENDER_CPU, sys.executable, tool, "send", "--seconds", str(secs)]
+        for t in targets:
+            cmd += ["--target", f"{t.client},{t.server_ip},{PAIR_PORT}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        try:
+            sent = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BenchError(f"pairrate send failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
+        counts = {}
+        for ns, p in counters.items():
+            out, err = p.communicate(timeout=10)
+            try:
+                counts[ns] = json.loads(out.strip().splitlines()[-1])["counts"]
+            except (ValueError, IndexError, KeyError):
+                raise BenchError(f"pairrate counter in {ns} failed: {err.strip()[-300:]}") from None
+    finally:
+        for p in counters.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rows = []
+    for t, s in zip(targets, sent["targets"]):
+        got = counts[t.server].get(str(s["source_port"]), 0)
+        if s["sent"] == 0 or s["errors"] > 0.01 * (s["sent"] + s["errors"]):
+            raise BenchError(f"{t.key}: pairrate sent {s['sent']} packets, {s['errors']} send errors")
+        rows.append({"pair_kpps": got / s["seconds"] / 1e3, "pair_sent_kpps": s["sent"] / s["seconds"] / 1e3,
+                     "pair_loss_pct": 100.0 * (s["sent"] - got) / s["sent"],
+                     "pair_cycle_ratio": s["cycle_ratio_median"]})
+    rows[0]["pair_batch_kpps_range"] = [round(sent["first_rate_min"] / 1e3, 1),
+                                        round(sent["first_rate_max"] / 1e3, 1)]
+    return rows
 
 
 # --- per-packet cost of the load balancer (BPF_PROG_TEST_RUN) -------------------------

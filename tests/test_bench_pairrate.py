@@ -1,0 +1,82 @@
+"""bench/pairrate.py, the interleaved packet rate bench/services judges its VIP bars on:
+every target's packets are counted at its own server by source port, the time a batch
+takes is charged to the target it was sent to, and a target whose packets never arrive
+shows as loss. On two namespaces of the test's own, in 10.251.0.0/24."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+_spec = importlib.util.spec_from_file_location("bench_common", os.path.join(BENCH, "common.py"))
+C = importlib.util.module_from_spec(_spec)
+sys.modules["bench_common"] = C          # its dataclasses look their module up
+_spec.loader.exec_module(C)
+
+CLIENT, SERVER = "xtpr-client", "xtpr-server"
+FAST, SLOW, DROPPED = "10.251.0.2", "10.251.0.3", "10.251.0.4"
+SLOW_RULES = 3000
+
+
+def _sh(*cmd, input=None):
+    subprocess.run(cmd, check=True, capture_output=True, text=True, input=input)
+
+
+@pytest.fixture
+def pair():
+    """A client and a server namespace on one veth. Packets to SLOW walk SLOW_RULES rules
+    that never match (a dearer path), packets to DROPPED are dropped on arrival."""
+    for ns in (CLIENT, SERVER):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    try:
+        for ns in (CLIENT, SERVER):
+            _sh("ip", "netns", "add", ns)
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        _sh("ip", "link", "add", "xtpr0", "netns", CLIENT, "type", "veth", "peer", "name", "xtpr1",
+            "netns", SERVER)
+        _sh("ip", "-n", CLIENT, "addr", "add", "10.251.0.1/24", "dev", "xtpr0")
+        for ip in (FAST, SLOW, DROPPED):
+            _sh("ip", "-n", SERVER, "addr", "add", f"{ip}/24", "dev", "xtpr1")
+        for ns, dev in ((CLIENT, "xtpr0"), (SERVER, "xtpr1")):
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+        slow = "\n".join(f"    ip saddr 192.0.2.{i % 250 + 1} udp sport {i + 1} drop" for i in range(SLOW_RULES))
+        rules = ("table ip xtpr {\n  chain slow {\n" + slow + "\n  }\n"
+                 "  chain pre { type filter hook prerouting priority 0; policy accept;\n"
+                 f"    ip daddr {SLOW} jump slow\n    ip daddr {DROPPED} drop\n  }}\n}}\n")
+        _sh("nsenter", f"--net=/run/netns/{SERVER}", "--", "nft", "-f", "-", input=rules)
+        yield
+    finally:
+        for ns in (CLIENT, SERVER):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _target(key, ip):
+    return C.Target(key, key, f"/run/netns/{CLIENT}", ip, f"/run/netns/{SERVER}")
+
+
+def test_each_target_is_counted_and_timed_as_its_own(pair):
+    rows = C.interleaved_rate([_target("fast", FAST), _target("slow", SLOW), _target("dropped", DROPPED),
+                               _target("fast-again", FAST)], 2.0)
+    fast, slow, dropped, again = rows
+    # Counted by source port at the server: what the sender sent to it arrived (a veth
+    # between two idle namespaces loses nothing but what a starved counter misses).
+    for row in (fast, slow, again):
+        assert row["pair_loss_pct"] < 5, rows
+        assert row["pair_kpps"] > 0
+    assert dropped["pair_kpps"] == 0 and dropped["pair_loss_pct"] == 100, rows
+    # The time of a batch is charged to its target: the rule walk makes SLOW dearer in
+    # the same seconds; the same path twice measures the same.
+    assert slow["pair_kpps"] < 0.8 * fast["pair_kpps"], rows
+    assert 0.8 < again["pair_kpps"] / fast["pair_kpps"] < 1.25, rows
+    assert 0.8 < again["pair_cycle_ratio"] < 1.25 and slow["pair_cycle_ratio"] < 0.8, rows
+    lo, hi = fast["pair_batch_kpps_range"]
+    assert 0 < lo <= fast["pair_sent_kpps"] <= hi
+
+
+def test_a_target_that_cannot_be_sent_to_is_an_error(pair):
+    # No route to it from the client: every send fails, which is no measurement.
+    with pytest.raises(C.BenchError, match=r"10\.252\.0\.1:5400 .*unreachable"):
+        C.interleaved_rate([_target("fast", FAST), C.Target("unroutable", "unroutable", f"/run/netns/{CLIENT}",
+                                                            "10.252.0.1", f"/run/netns/{SERVER}")], 0.5)
