@@ -18,6 +18,7 @@
 #define XO_MESH_H
 
 #include "common.h"
+#include "csum.h"
 #include "maps.h"
 #include "monitor.h"
 #include "parsing.h"
@@ -26,30 +27,6 @@
 #include "route.h"
 
 #define XO_MESH_NOT_MESH (-1)     /* not a routing-mesh packet: carry on */
-
-/* --- checksums, by hand (XDP has no csum helpers): RFC 1624, HC' = ~(~HC + ~m + m') --- */
-
-static __always_inline __u16 xo_csum_fold(__u32 sum)
-{
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    return sum;
-}
-
-/* Words are summed as they lie in memory (RFC 1071: byte order does not matter). */
-static __always_inline void xo_csum_replace4(__u16 *check, __be32 from, __be32 to)
-{
-    __u32 sum = (__u16)~*check;
-    sum += (__u16)~(from & 0xffff) + (__u16)~(from >> 16) + (to & 0xffff) + (to >> 16);
-    *check = ~xo_csum_fold(sum);
-}
-
-static __always_inline void xo_csum_replace2(__u16 *check, __be16 from, __be16 to)
-{
-    __u32 sum = (__u16)~*check;
-    sum += (__u16)~from + to;
-    *check = ~xo_csum_fold(sum);
-}
 
 /* A packet on the underlay for this node's IP, TCP or UDP, on a published port: its
  * flow in *f and its published port's entry (NULL: not for the mesh). */

@@ -20,6 +20,8 @@ static __always_inline struct ethhdr *xo_parse_eth(struct xo_cursor *c)
     return eth;
 }
 
+#define XO_IPV4_MAX_HLEN 60  /* IHL 15 */
+
 /* IPv4 header with a sane IHL, entirely inside the packet. Options are skipped. */
 static __always_inline struct iphdr *xo_parse_ipv4(struct xo_cursor *c)
 {
