@@ -997,20 +997,28 @@ class ConnServers:
         Servers.stop(self)
 
 
-def conn_rate(t: Target, secs: float, procs: int) -> dict:
-    """Short TCP connections per second from the client to t.server_ip:CONN_PORT."""
+def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
+    """Short TCP connections per second from the targets' (common) client netns to each
+    target's server_ip:CONN_PORT, the targets interleaved (bench/connrate.py)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    cmd = in_ns(t.client, sys.executable, os.path.join(here, "connrate.py"), "connect", "--ip", t.server_ip,
-                "--port", str(CONN_PORT), "--seconds", str(secs), "--procs", str(procs))
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 60)
+    if len({t.client for t in targets}) != 1:
+        raise BenchError("conn_rate: interleaved targets must share a client")
+    cmd = in_ns(targets[0].client, sys.executable, os.path.join(here, "connrate.py"), "connect", "--port",
+                str(CONN_PORT), "--seconds", str(secs), "--procs", str(procs))
+    for t in targets:
+        cmd += ["--ip", t.server_ip]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 90)
     try:
         out = json.loads(r.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise BenchError(f"{t.key}: connrate failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
-    if out["conns"] == 0 or out["errors"] > 0.01 * out["conns"]:
-        raise BenchError(f"{t.key}: connrate: {out['conns']} connections, {out['errors']} errors "
-                         f"({out['first_error']})")
-    return {"conn_rate": out["conn_rate"], "conn_errors": out["errors"]}
+        raise BenchError(f"connrate failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
+    rows = []
+    for t, got in zip(targets, out["targets"]):
+        if got["conns"] == 0 or got["errors"] > 0.01 * got["conns"]:
+            raise BenchError(f"{t.key}: connrate: {got['conns']} connections, {got['errors']} errors "
+                             f"({out['first_error']})")
+        rows.append({"conn_rate": got["conn_rate"], "conn_errors": got["errors"]})
+    return rows
 
 
 def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:

@@ -5,13 +5,19 @@ SO_LINGER 0 (a reset: no TIME_WAIT, so the ephemeral ports never run out and no 
 is left behind on either end; netperf's TCP_CRR closes politely instead).
 
     connrate.py serve --port P [--workers W]             # in the server's netns
-    connrate.py connect --ip IP --port P --seconds S [--procs N]   # prints one JSON line
+    connrate.py connect --ip IP [--ip IP2 ...] --port P --seconds S [--procs N] [--batch K]
+                                                         # prints one JSON line
 
 Blocking sockets, one connection at a time per process, several processes: per
 connection Python costs ~15-20 µs of CPU on each side, so on a 2-CPU machine this is
 bounded by CPU, not by waiting; the path's own per-connection cost (a conntrack entry,
 NAT rules, BPF) adds to the same CPUs and shows in the rate. Python's share is the same
-on every path, so differences between paths are the paths'. Run by bench/services."""
+on every path, so differences between paths are the paths'. Run by bench/services.
+
+Several --ip: every client process alternates between them, K connections at a time
+(~10 ms), in order and then in reverse, and each target's rate is its connections over
+the time spent on them: the targets are measured in the same seconds, as in
+bench/pairrate.py (this VM's CPU speed swings too much between two tests in turn)."""
 from __future__ import annotations
 
 import argparse
@@ -75,45 +81,59 @@ def serve(port: int, workers: int) -> None:
     stop()
 
 
-def _client(ip: str, port: int, start: float, seconds: float, out) -> None:
-    ok = errors = 0
+def _connect_once(ip: str, port: int) -> str:
+    """One connection; "" if it went as it should, else what went wrong."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+    s.settimeout(1.0)
+    try:
+        s.connect((ip, port))
+        return "" if s.recv(1) == b"x" else "closed without the answer"
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        s.close()
+
+
+def _client(ips: list[str], port: int, start: float, seconds: float, batch: int, out) -> None:
+    n = len(ips)
+    ok, errors, spent = [0] * n, [0] * n, [0.0] * n
     first_error = ""
     # Wait for the common start, then count only inside the window.
     time.sleep(max(0.0, start - time.monotonic()))
     end = start + seconds
+    forward = True
     while time.monotonic() < end:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-        s.settimeout(1.0)
-        try:
-            s.connect((ip, port))
-            if s.recv(1) == b"x":
-                ok += 1
-            else:
-                errors += 1
-                first_error = first_error or "closed without the answer"
-        except OSError as e:
-            errors += 1
-            first_error = first_error or f"{type(e).__name__}: {e}"
-        finally:
-            s.close()
-    out.put((ok, errors, first_error, time.monotonic() - start))
+        for i in (range(n) if forward else range(n - 1, -1, -1)):
+            t0 = time.monotonic()
+            for _ in range(batch):
+                err = _connect_once(ips[i], port)
+                if err:
+                    errors[i] += 1
+                    first_error = first_error or err
+                else:
+                    ok[i] += 1
+            spent[i] += time.monotonic() - t0
+        forward = not forward
+    out.put((ok, errors, spent, first_error))
 
 
-def connect(ip: str, port: int, seconds: float, procs: int) -> dict:
+def connect(ips: list[str], port: int, seconds: float, procs: int, batch: int) -> dict:
     q = mp.Queue()
     start = time.monotonic() + 0.3
-    ps = [mp.Process(target=_client, args=(ip, port, start, seconds, q)) for _ in range(procs)]
+    ps = [mp.Process(target=_client, args=(ips, port, start, seconds, batch, q)) for _ in range(procs)]
     for p in ps:
         p.start()
-    results = [q.get(timeout=seconds + 30) for _ in ps]
+    results = [q.get(timeout=seconds + 60) for _ in ps]
     for p in ps:
         p.join()
-    ok = sum(r[0] for r in results)
-    errors = sum(r[1] for r in results)
-    elapsed = max(r[3] for r in results)
-    return {"conns": ok, "errors": errors, "seconds": round(elapsed, 3), "conn_rate": ok / elapsed,
-            "first_error": next((r[2] for r in results if r[2]), "")}
+    targets = []
+    for i, ip in enumerate(ips):
+        # The processes ran at once: the target's rate is the sum of theirs.
+        targets.append({"ip": ip, "conns": sum(r[0][i] for r in results), "errors": sum(r[1][i] for r in results),
+                        "seconds": round(max(r[2][i] for r in results), 3),
+                        "conn_rate": sum(r[0][i] / r[2][i] for r in results if r[2][i])})
+    return {"targets": targets, "first_error": next((r[3] for r in results if r[3]), "")}
 
 
 def main() -> int:
@@ -123,15 +143,16 @@ def main() -> int:
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--workers", type=int, default=2)
     c = sub.add_parser("connect")
-    c.add_argument("--ip", required=True)
+    c.add_argument("--ip", action="append", required=True)
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--procs", type=int, default=2)
+    c.add_argument("--batch", type=int, default=40, help="connections in a row to one target (several --ip)")
     a = p.parse_args()
     if a.cmd == "serve":
         serve(a.port, a.workers)
         return 0
-    print(json.dumps(connect(a.ip, a.port, a.seconds, a.procs)))
+    print(json.dumps(connect(a.ip, a.port, a.seconds, a.procs, a.batch)))
     return 0
 
 

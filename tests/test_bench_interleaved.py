@@ -1,11 +1,13 @@
-"""bench/pairrate.py, the interleaved packet rate bench/services judges its VIP bars on:
-every target's packets are counted at its own server by source port, the time a batch
-takes is charged to the target it was sent to, and a target whose packets never arrive
-shows as loss. On two namespaces of the test's own, in 10.251.0.0/24."""
+"""The interleaved measurements the benchmarks judge their bars on, bench/pairrate.py
+(packet rate) and bench/connrate.py (connection rate): every target's packets or
+connections are counted as its own, the time a batch takes is charged to the target it
+was sent to, and a target whose packets never arrive shows as loss. On two namespaces of
+the test's own, in 10.251.0.0/24."""
 import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -27,7 +29,7 @@ def _sh(*cmd, input=None):
 @pytest.fixture
 def pair():
     """A client and a server namespace on one veth. Packets to SLOW walk SLOW_RULES rules
-    that never match (a dearer path), packets to DROPPED are dropped on arrival."""
+    that never match (a dearer path); DROPPED drops UDP and refuses TCP on arrival."""
     for ns in (CLIENT, SERVER):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
     try:
@@ -42,9 +44,12 @@ def pair():
         for ns, dev in ((CLIENT, "xtpr0"), (SERVER, "xtpr1")):
             _sh("ip", "-n", ns, "link", "set", dev, "up")
         slow = "\n".join(f"    ip saddr 192.0.2.{i % 250 + 1} udp sport {i + 1} drop" for i in range(SLOW_RULES))
+        # DROPPED: UDP is dropped, TCP refused (a reset: a failed connection takes no timeout).
         rules = ("table ip xtpr {\n  chain slow {\n" + slow + "\n  }\n"
                  "  chain pre { type filter hook prerouting priority 0; policy accept;\n"
-                 f"    ip daddr {SLOW} jump slow\n    ip daddr {DROPPED} drop\n  }}\n}}\n")
+                 f"    ip daddr {SLOW} jump slow\n    ip daddr {DROPPED} meta l4proto udp drop\n  }}\n"
+                 "  chain in { type filter hook input priority 0; policy accept;\n"
+                 f"    ip daddr {DROPPED} meta l4proto tcp reject with tcp reset\n  }}\n}}\n")
         _sh("nsenter", f"--net=/run/netns/{SERVER}", "--", "nft", "-f", "-", input=rules)
         yield
     finally:
@@ -80,3 +85,36 @@ def test_a_target_that_cannot_be_sent_to_is_an_error(pair):
     with pytest.raises(C.BenchError, match=r"10\.252\.0\.1:5400 .*unreachable"):
         C.interleaved_rate([_target("fast", FAST), C.Target("unroutable", "unroutable", f"/run/netns/{CLIENT}",
                                                             "10.252.0.1", f"/run/netns/{SERVER}")], 0.5)
+
+
+@pytest.fixture
+def conn_server(pair):
+    server = subprocess.Popen(["nsenter", f"--net=/run/netns/{SERVER}", "--", sys.executable,
+                               os.path.join(BENCH, "connrate.py"), "serve", "--port", str(C.CONN_PORT)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while str(C.CONN_PORT) not in subprocess.run(
+                ["nsenter", f"--net=/run/netns/{SERVER}", "--", "ss", "-Hltn"], capture_output=True,
+                text=True).stdout:
+            assert time.monotonic() < deadline, "connrate server not listening"
+            time.sleep(0.1)
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_connections_are_counted_and_timed_per_target(conn_server):
+    fast, slow, again = C.conn_rate([_target("fast", FAST), _target("slow", SLOW), _target("fast-again", FAST)],
+                                    2.0, 2)
+    assert fast["conn_rate"] > 0 and fast["conn_errors"] == 0
+    # Every packet of a connection to SLOW walks the rules: fewer connections a second,
+    # measured in the same seconds as FAST's.
+    assert slow["conn_rate"] < 0.8 * fast["conn_rate"], (fast, slow)
+    assert 0.8 < again["conn_rate"] / fast["conn_rate"] < 1.25, (fast, again)
+
+
+def test_connections_that_fail_are_an_error(conn_server):
+    with pytest.raises(C.BenchError, match="dropped: connrate"):
+        C.conn_rate([_target("fast", FAST), _target("dropped", DROPPED)], 1.0, 1)
