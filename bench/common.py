@@ -1017,7 +1017,8 @@ def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
         if got["conns"] == 0 or got["errors"] > 0.01 * got["conns"]:
             raise BenchError(f"{t.key}: connrate: {got['conns']} connections, {got['errors']} errors "
                              f"({out['first_error']})")
-        rows.append({"conn_rate": got["conn_rate"], "conn_errors": got["errors"]})
+        rows.append({"conn_rate": got["conn_rate"], "conn_errors": got["errors"],
+                     "conn_cycle_rates": got["cycle_rates"]})
     return rows
 
 
@@ -1025,9 +1026,9 @@ def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
     """64-byte UDP packet rate of several targets measured in the same seconds: one sender
     (bench/pairrate.py) alternating between them in ~10 ms batches, a counter in each
     server's netns. Per target: the rate that arrived (packets counted over the time
-    the sender spent on that target), the rate sent, loss, and the median over the
-    batches' cycles of its rate against the first target's. A target may be listed
-    twice: the two are measured as two paths (the method's own noise)."""
+    the sender spent on that target), the rate sent, loss, and its rate in every cycle
+    of batches (for cycle_ratio). A target may be listed twice: the two are measured as
+    two paths (the method's own noise)."""
     tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairrate.py")
     servers = sorted({t.server for t in targets})
     counters = {}
@@ -1066,10 +1067,17 @@ def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
             raise BenchError(f"{t.key}: pairrate sent {s['sent']} packets, {s['errors']} send errors")
         rows.append({"pair_kpps": got / s["seconds"] / 1e3, "pair_sent_kpps": s["sent"] / s["seconds"] / 1e3,
                      "pair_loss_pct": 100.0 * (s["sent"] - got) / s["sent"],
-                     "pair_cycle_ratio": s["cycle_ratio_median"]})
-    rows[0]["pair_batch_kpps_range"] = [round(sent["first_rate_min"] / 1e3, 1),
-                                        round(sent["first_rate_max"] / 1e3, 1)]
+                     "pair_cycle_rates": s["cycle_rates"]})
     return rows
+
+
+def cycle_ratio(num: list[float], den: list[float]) -> float | None:
+    """Two interleaved targets' rates compared: the median, over the cycles of batches,
+    of num's rate over den's in the same cycle (~10 ms apart). A batch the machine
+    stalled (a connection that waited for a retransmitted SYN, a preempted sender) moves
+    one cycle, not the result; the totals' ratio would carry it whole."""
+    ratios = [a / b for a, b in zip(num, den) if b]
+    return statistics.median(ratios) if ratios else None
 
 
 # --- per-packet cost of the load balancer (BPF_PROG_TEST_RUN) -------------------------

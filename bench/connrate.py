@@ -98,24 +98,31 @@ def _connect_once(ip: str, port: int) -> str:
 def _client(ips: list[str], port: int, start: float, seconds: float, batch: int, out) -> None:
     n = len(ips)
     ok, errors, spent = [0] * n, [0] * n, [0.0] * n
+    cycles = []                           # per cycle, each target's rate (connections/s)
     first_error = ""
     # Wait for the common start, then count only inside the window.
     time.sleep(max(0.0, start - time.monotonic()))
     end = start + seconds
     forward = True
     while time.monotonic() < end:
+        rates = [0.0] * n
         for i in (range(n) if forward else range(n - 1, -1, -1)):
             t0 = time.monotonic()
+            done = 0
             for _ in range(batch):
                 err = _connect_once(ips[i], port)
                 if err:
                     errors[i] += 1
                     first_error = first_error or err
                 else:
-                    ok[i] += 1
-            spent[i] += time.monotonic() - t0
+                    done += 1
+            took = time.monotonic() - t0
+            ok[i] += done
+            spent[i] += took
+            rates[i] = done / took if took else 0.0
+        cycles.append(rates)
         forward = not forward
-    out.put((ok, errors, spent, first_error))
+    out.put((ok, errors, spent, first_error, cycles))
 
 
 def connect(ips: list[str], port: int, seconds: float, procs: int, batch: int) -> dict:
@@ -129,10 +136,12 @@ def connect(ips: list[str], port: int, seconds: float, procs: int, batch: int) -
         p.join()
     targets = []
     for i, ip in enumerate(ips):
-        # The processes ran at once: the target's rate is the sum of theirs.
+        # The processes ran at once: the target's rate is the sum of theirs. Their cycles,
+        # one after the other, each cycle's rates aligned across the targets.
         targets.append({"ip": ip, "conns": sum(r[0][i] for r in results), "errors": sum(r[1][i] for r in results),
                         "seconds": round(max(r[2][i] for r in results), 3),
-                        "conn_rate": sum(r[0][i] / r[2][i] for r in results if r[2][i])})
+                        "conn_rate": sum(r[0][i] / r[2][i] for r in results if r[2][i]),
+                        "cycle_rates": [round(c[i], 1) for r in results for c in r[4]]})
     return {"targets": targets, "first_error": next((r[3] for r in results if r[3]), "")}
 
 

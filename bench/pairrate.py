@@ -31,7 +31,6 @@ import os
 import select
 import signal
 import socket
-import statistics
 import sys
 import time
 
@@ -103,15 +102,14 @@ def send(targets: list[tuple[str, str, int]], seconds: float, batch: int) -> dic
     ports = [s.getsockname()[1] for s in socks]
     for s in socks:
         s.close()
-    # Each target's rate against the first's, cycle by cycle: the spread of these is the
-    # method's own noise (and the machine's second-to-second swings the first's rates).
-    per_cycle = [[c[i] / c[0] for c in cycles if c[0]] for i in range(n)]
+    # Every cycle's rates, target by target: two targets' rates in the same cycle were
+    # measured ~10 ms apart, and the median of their ratios over the cycles shrugs off a
+    # batch the machine stalled (bench/common.cycle_ratio).
     return {"targets": [{"netns": t[0], "ip": t[1], "port": t[2], "source_port": ports[i], "sent": sent[i],
                          "seconds": spent[i] / 1e9, "errors": errors[i],
-                         "cycle_ratio_median": statistics.median(per_cycle[i]) if per_cycle[i] else None}
+                         "cycle_rates": [round(c[i], 1) for c in cycles]}
                         for i, t in enumerate(targets)],
-            "cycles": len(cycles), "batch": batch,
-            "first_rate_min": min(c[0] for c in cycles), "first_rate_max": max(c[0] for c in cycles)}
+            "cycles": len(cycles), "batch": batch}
 
 
 def count(port: int, idle: float, limit: float) -> dict:
