@@ -554,6 +554,15 @@ def rr(path: Path, secs: float) -> dict:
 
 # --- statistics ---------------------------------------------------------------------
 
+_NUMBER_LIST = re.compile(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]")
+
+
+def json_text(obj) -> str:
+    """A results file: indent=2, but a list of plain numbers on one line (the interleaved
+    tests keep every cycle's rates: hundreds per test)."""
+    return _NUMBER_LIST.sub(lambda m: "[" + re.sub(r",\s+", ", ", m.group(1)) + "]", json.dumps(obj, indent=2))
+
+
 def summary(values: list[float]) -> dict:
     values = [v for v in values if v is not None]
     if not values:

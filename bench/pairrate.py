@@ -12,8 +12,8 @@ the sender spent sending them.
 On veths the whole path, down to the receiving socket, runs inside the sender's
 send() (the veth hands each packet to the backlog, which runs when the send leaves
 its bottom-half section), so the time a batch takes is the path's cost per packet,
-plus Python's (~1 µs, the same on every path: it dilutes a ratio slightly towards 1,
-by ~0.3% for a path 4% dearer at ~12 µs a packet).
+plus the sender's own (Python's loop: about what iperf3 spends, the same on every
+path).
 
     pairrate.py count --port P [--idle S]           # in each server's netns; counts per
                                                     # source port, prints one JSON line

@@ -4,6 +4,7 @@ connections are counted as its own, the time a batch takes is charged to the tar
 was sent to, and a target whose packets never arrive shows as loss. On two namespaces of
 the test's own, in 10.251.0.0/24."""
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -129,3 +130,11 @@ def test_a_stalled_cycle_does_not_move_the_cycle_ratio():
     # The totals' ratio carries the stalled batch whole.
     assert sum(vip) / sum(direct) < 0.8
     assert C.cycle_ratio([], []) is None
+
+
+def test_results_files_keep_number_lists_on_one_line():
+    res = {"rates": [1.5, -2, 3e-05, 10], "rows": [{"k": "v"}, [1, 2]], "empty": [], "name": "x"}
+    text = C.json_text(res)
+    assert json.loads(text) == res
+    assert '"rates": [1.5, -2, 3e-05, 10]' in text and "[1, 2]" in text
+    assert text.splitlines()[4].strip() == '"k": "v"'   # other lists as json.dumps has them
