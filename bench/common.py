@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: the namespace topologies each path runs on (always
-removed again), the traffic tools and their parsers, statistics, and the per-packet cost
-of the BPF programs through BPF_PROG_TEST_RUN; for bench/services also a kube-proxy-style
-nftables ruleset, an xoverlay lab with N services, the connection-rate tool's wrappers
-(bench/connrate.py) and the load balancer's per-packet cost.
+removed again), the traffic tools and their parsers (the interleaved packet rate of
+bench/pairrate.py among them), statistics, and the per-packet cost of the BPF programs
+through BPF_PROG_TEST_RUN; for bench/services also a kube-proxy-style nftables ruleset,
+an xoverlay lab with N services, the connection-rate tool's wrappers (bench/connrate.py)
+and the load balancer's per-packet cost.
 
 Everything a benchmark creates is named so that it can be found and removed after a
 crash, and never touches anything else: network namespaces start with PREFIX, the
@@ -33,6 +34,7 @@ GW_IP = "169.254.1.1"                    # the containers' next hop on the route
 TCP_PORT = 5201
 UDP_PORT = 5301                          # and up, one iperf3 server per stream
 RR_PORT = 11111
+PAIR_PORT = 5400                         # the interleaved packet rate's counter (bench/pairrate.py)
 UDP_PAYLOAD = 64
 # The 1-sender test's sender and receiver each on a CPU of its own. Unpinned, the
 # scheduler sometimes puts both on one CPU and the same path's rate moves by 15-20%
@@ -552,6 +554,69 @@ def rr(path: Path, secs: float) -> dict:
     return {"rr_avg_us": float(avg.group(1)), "rr_p50_us": pct[50.0], "rr_p99_us": pct.get(99.0)}
 
 
+def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
+    """64-byte UDP packet rate of several targets measured in the same seconds: one sender
+    (bench/pairrate.py) alternating between them in ~10 ms batches, a counter in each
+    server's netns. Per target: the rate that arrived (packets counted over the time
+    the sender spent on that target), the rate sent, loss, and its rate in every cycle
+    of batches (for cycle_ratio). A target may be listed twice: the two are measured as
+    two paths (the method's own noise)."""
+    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairrate.py")
+    servers = sorted({t.server for t in targets})
+    counters = {}
+    try:
+        for ns in servers:
+            p = subprocess.Popen(in_ns(ns, "taskset", "-c", RECEIVER_CPU, sys.executable, tool, "count",
+                                       "--port", str(PAIR_PORT)),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            counters[ns] = p
+            if p.stdout.readline().strip() != "ready":
+                raise BenchError(f"pairrate counter in {ns} did not start: {p.stderr.read().strip()[-300:]}")
+        cmd = ["taskset", "-c", SENDER_CPU, sys.executable, tool, "send", "--seconds", str(secs)]
+        for t in targets:
+            cmd += ["--target", f"{t.client},{t.server_ip},{PAIR_PORT}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        try:
+            sent = json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise BenchError(f"pairrate send failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
+        counts = {}
+        for ns, p in counters.items():
+            # A counter stops 1 s after its last packet; one that got none, when told.
+            try:
+                out, err = p.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                out, err = p.communicate(timeout=10)
+            try:
+                counts[ns] = json.loads(out.strip().splitlines()[-1])["counts"]
+            except (ValueError, IndexError, KeyError):
+                raise BenchError(f"pairrate counter in {ns} failed: {err.strip()[-300:]}") from None
+    finally:
+        for p in counters.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rows = []
+    for t, s in zip(targets, sent["targets"]):
+        got = counts[t.server].get(str(s["source_port"]), 0)
+        if s["sent"] == 0 or s["errors"] > 0.01 * (s["sent"] + s["errors"]):
+            raise BenchError(f"{t.key}: pairrate sent {s['sent']} packets, {s['errors']} send errors")
+        rows.append({"pair_kpps": got / s["seconds"] / 1e3, "pair_sent_kpps": s["sent"] / s["seconds"] / 1e3,
+                     "pair_loss_pct": 100.0 * (s["sent"] - got) / s["sent"],
+                     "pair_cycle_rates": s["cycle_rates"]})
+    return rows
+
+
+def cycle_ratio(num: list[float], den: list[float]) -> float | None:
+    """Two interleaved targets' rates compared: the median, over the cycles of batches,
+    of num's rate over den's in the same cycle (~10 ms apart). A batch the machine
+    stalled (a connection that waited for a retransmitted SYN, a preempted sender) moves
+    one cycle, not the result; the totals' ratio would carry it whole."""
+    ratios = [a / b for a, b in zip(num, den) if b]
+    return statistics.median(ratios) if ratios else None
+
+
 # --- statistics ---------------------------------------------------------------------
 
 _NUMBER_LIST = re.compile(r"\[\s+(-?[\d.e+-]+(?:,\s+-?[\d.e+-]+)*)\s+\]")
@@ -769,7 +834,6 @@ def _sender_is_gateway(maps: dict, c: BpfCostCluster, packet: bytes) -> bytes:
 # --- services: kube-proxy-style nftables, an xoverlay lab with services, connection rate --
 
 CONN_PORT = 7777                         # the connection-rate server (bench/connrate.py)
-PAIR_PORT = 5400                         # the interleaved packet rate's counter (bench/pairrate.py)
 SVC_PORTS = (f"{UDP_PORT}/tcp", f"{UDP_PORT}/udp", f"{CONN_PORT}/tcp",   # iperf3's control + data, connrate,
              f"{PAIR_PORT}/udp")                                          # pairrate
 FILLER_PORT = "80/tcp"                   # every other service's port
@@ -1029,64 +1093,6 @@ def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
         rows.append({"conn_rate": got["conn_rate"], "conn_errors": got["errors"],
                      "conn_cycle_rates": got["cycle_rates"]})
     return rows
-
-
-def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
-    """64-byte UDP packet rate of several targets measured in the same seconds: one sender
-    (bench/pairrate.py) alternating between them in ~10 ms batches, a counter in each
-    server's netns. Per target: the rate that arrived (packets counted over the time
-    the sender spent on that target), the rate sent, loss, and its rate in every cycle
-    of batches (for cycle_ratio). A target may be listed twice: the two are measured as
-    two paths (the method's own noise)."""
-    tool = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pairrate.py")
-    servers = sorted({t.server for t in targets})
-    counters = {}
-    try:
-        for ns in servers:
-            p = subprocess.Popen(in_ns(ns, "taskset", "-c", RECEIVER_CPU, sys.executable, tool, "count",
-                                       "--port", str(PAIR_PORT)),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            counters[ns] = p
-            if p.stdout.readline().strip() != "ready":
-                raise BenchError(f"pairrate counter in {ns} did not start: {p.stderr.read().strip()[-300:]}")
-        cmd = ["taskset", "-c", SENDER_CPU, sys.executable, tool, "send", "--seconds", str(secs)]
-        for t in targets:
-            cmd += ["--target", f"{t.client},{t.server_ip},{PAIR_PORT}"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
-        try:
-            sent = json.loads(r.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise BenchError(f"pairrate send failed: {(r.stderr or r.stdout).strip()[-300:]}") from None
-        counts = {}
-        for ns, p in counters.items():
-            out, err = p.communicate(timeout=10)
-            try:
-                counts[ns] = json.loads(out.strip().splitlines()[-1])["counts"]
-            except (ValueError, IndexError, KeyError):
-                raise BenchError(f"pairrate counter in {ns} failed: {err.strip()[-300:]}") from None
-    finally:
-        for p in counters.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    rows = []
-    for t, s in zip(targets, sent["targets"]):
-        got = counts[t.server].get(str(s["source_port"]), 0)
-        if s["sent"] == 0 or s["errors"] > 0.01 * (s["sent"] + s["errors"]):
-            raise BenchError(f"{t.key}: pairrate sent {s['sent']} packets, {s['errors']} send errors")
-        rows.append({"pair_kpps": got / s["seconds"] / 1e3, "pair_sent_kpps": s["sent"] / s["seconds"] / 1e3,
-                     "pair_loss_pct": 100.0 * (s["sent"] - got) / s["sent"],
-                     "pair_cycle_rates": s["cycle_rates"]})
-    return rows
-
-
-def cycle_ratio(num: list[float], den: list[float]) -> float | None:
-    """Two interleaved targets' rates compared: the median, over the cycles of batches,
-    of num's rate over den's in the same cycle (~10 ms apart). A batch the machine
-    stalled (a connection that waited for a retransmitted SYN, a preempted sender) moves
-    one cycle, not the result; the totals' ratio would carry it whole."""
-    ratios = [a / b for a, b in zip(num, den) if b]
-    return statistics.median(ratios) if ratios else None
 
 
 # --- per-packet cost of the load balancer (BPF_PROG_TEST_RUN) -------------------------

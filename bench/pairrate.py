@@ -21,7 +21,7 @@ path).
                                                     # opens each target's socket in its
                                                     # netns, prints one JSON line
 
-Run by bench/services. No compiler needed, like bench/connrate.py."""
+Run by bench/services and bench/eastwest. No compiler needed, like bench/connrate.py."""
 from __future__ import annotations
 
 import argparse

@@ -28,7 +28,6 @@
 #define XO_TCP_ACK 0x10
 
 /* Offsets in the frame (Ethernet, then IPv4, in both places we rewrite). */
-#define XO_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define XO_IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define XO_IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 
