@@ -169,10 +169,8 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    int verdict = xo_redirect_underlay(skb, cfg, node_ip, XO_HOOK_ENDPOINT, len);
-    if (verdict == TC_ACT_SHOT)
-        return verdict;
-    xo_count_tx(xo_peer_traffic(dst_slot), skb->len);
-    xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
+    int verdict = xo_send_underlay(skb, cfg, node_ip, XO_HOOK_ENDPOINT, len, xo_peer_traffic(dst_slot));
+    if (verdict != TC_ACT_SHOT)
+        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
     return verdict;
 }

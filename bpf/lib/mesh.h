@@ -222,11 +222,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, XO_VXLAN_FLAG_MESH, gw, be_mac);
     if (reason)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
-    int verdict = xo_redirect_underlay(skb, cfg, node_ip, XO_HOOK_UNDERLAY_TC, len);
-    if (verdict == TC_ACT_SHOT)
-        return verdict;
-    xo_count_tx(xo_peer_traffic(slot), skb->len);
-    return verdict;
+    return xo_send_underlay(skb, cfg, node_ip, XO_HOOK_UNDERLAY_TC, len, xo_peer_traffic(slot));
 }
 
 /* --- replies ------------------------------------------------------------------------------- */
@@ -266,12 +262,8 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     int reason = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
     if (reason)
         return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    int verdict = xo_redirect_underlay(skb, cfg, ingress, XO_HOOK_ENDPOINT, len);
-    if (verdict == TC_ACT_SHOT)
-        return verdict;
     struct xo_peer *peer = xo_peers.lookup(&ingress);
-    xo_count_tx(peer ? xo_peer_traffic(peer->slot) : NULL, skb->len);
-    return verdict;
+    return xo_send_underlay(skb, cfg, ingress, XO_HOOK_ENDPOINT, len, peer ? xo_peer_traffic(peer->slot) : NULL);
 }
 
 /* On the backend's node, decap of a mesh packet from the node the client talked to

@@ -53,4 +53,15 @@ static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const str
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
+/* The same, and counted as sent to the peer whose counters are `sent` (NULL: none) unless
+ * the route refused it: what every tunnel packet and mesh reply of ours ends with. */
+static __always_inline int xo_send_underlay(struct __sk_buff *skb, const struct xo_config *cfg, __be32 dst,
+                                            int hook, __u32 len, struct xo_traffic *sent)
+{
+    int verdict = xo_redirect_underlay(skb, cfg, dst, hook, len);
+    if (verdict != TC_ACT_SHOT)
+        xo_count_tx(sent, skb->len);
+    return verdict;
+}
+
 #endif
