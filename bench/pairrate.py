@@ -36,11 +36,11 @@ import time
 
 CLONE_NEWNET = 0x40000000
 PAYLOAD = bytes(64)                      # iperf3 -l 64
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _setns(fd: int, what: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"setns {what}: {os.strerror(err)}")
 
