@@ -86,13 +86,13 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     struct xo_flow f = {};
     int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
-    struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
+    const struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
     int services = has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES);
     if (services && dst) {
         xo_lb_direct(&f);
     } else if (services) {
-        lb = xo_lb_client(skb, vni, &f);
+        lb = xo_lb_client(skb, vni, &f, &dst);
         if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
             __u8 mac[ETH_ALEN];
             xo_mac_copy(mac, self->mac);
@@ -102,10 +102,8 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         }
         if (lb > 0)
             return xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
-        if (lb == XO_LB_DNAT) {
-            daddr = dst_key.ip = f.daddr;
-            dst = xo_endpoints.lookup(&dst_key);
-        }
+        if (lb == XO_LB_DNAT)
+            daddr = f.daddr;
     }
 
     if (!dst) {

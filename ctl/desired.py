@@ -153,16 +153,21 @@ def _live_backends(state: State, svc):
 
 
 def _services(state: State, maps: dict, had_slot: dict) -> None:
-    """The same on every node: a client anywhere may use any service of its network, and
-    a published port answers on every node's underlay IP (xo_lb_mesh). Backends keep the
-    counter slots of `had_slot` ((service id, index) -> slot)."""
+    """The same services on every node: a client anywhere may use any service of its
+    network, and a published port answers on every node's underlay IP (xo_lb_mesh).
+    Backends keep the counter slots of `had_slot` ((service id, index) -> slot) and carry
+    a copy of their endpoint's entry on this node, from `maps` (which holds them already)."""
     live = [(svc, b, ep) for svc in state.services.values() if svc.network in state.networks
             for b, ep in _live_backends(state, svc)]
     slot = assign_slots(had_slot, sorted((svc.id, b.index) for svc, b, _ in live), LB_MAX_BACKENDS)
     for svc, b, ep in live:
+        # Where the backend is, as its endpoint's entry says (none for a local endpoint
+        # not plumbed yet: the data path drops its packets, as it would without a copy).
+        where = maps["xo_endpoints"].get(EndpointKey(vni=state.networks[svc.network].vni, ip=ip_be(ep.ip)))
         maps["xo_lb_backends"][LbBackendKey(service=svc.id, index=b.index)] = LbBackend(
             ip=ip_be(ep.ip), port=port_be(b.port) if b.port else 0,
-            state=LB_DRAINING if b.draining else LB_ACTIVE, slot=slot[(svc.id, b.index)])
+            state=LB_DRAINING if b.draining else LB_ACTIVE, slot=slot[(svc.id, b.index)],
+            where=where if where is not None else Endpoint())
     for svc in state.services.values():
         net = state.networks.get(svc.network)
         if net is None:

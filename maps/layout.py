@@ -135,7 +135,7 @@ class LbBackendKey(Struct):
 
 class LbBackend(Struct):
     _fields_ = [("ip", ctypes.c_uint32), ("port", ctypes.c_uint16), ("state", ctypes.c_uint8),
-                ("pad", ctypes.c_uint8), ("slot", ctypes.c_uint32)]
+                ("pad", ctypes.c_uint8), ("slot", ctypes.c_uint32), ("where", Endpoint)]
 
 
 class CtKey(Struct):

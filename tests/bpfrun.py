@@ -137,14 +137,20 @@ def backend_slot(service: int, index: int) -> int:
     return 100 * service + index
 
 
-def write_service(maps: dict, svc: Svc, tables=None) -> None:
+def backend_entry(svc: Svc, ep: Ep, index: int, port: int = 0, topo=Topology, draining: bool = False):
+    """A backend's entry as the agent writes it, with a copy of its endpoint's."""
+    from maps.layout import LB_ACTIVE, LB_DRAINING, LbBackend, port_be
+    return LbBackend(ip=ip_be(ep.ip), port=port_be(port) if port else 0,
+                     state=LB_DRAINING if draining else LB_ACTIVE, slot=backend_slot(svc.id, index),
+                     where=endpoint_entry(ep, topo))
+
+
+def write_service(maps: dict, svc: Svc, tables=None, topo=Topology) -> None:
     from ctl.lbmaps import MaglevTables
-    from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LbBackend, LbBackendKey, LbService,
-                             LbServiceKey, port_be)
+    from maps.layout import IPPROTO, LB_AFFINITY, LbBackendKey, LbService, LbServiceKey, port_be
     for ep, index, port in svc.backends:
-        maps["xo_lb_backends"].set(LbBackendKey(service=svc.id, index=index), LbBackend(
-            ip=ip_be(ep.ip), port=port_be(port) if port else 0, state=LB_ACTIVE,
-            slot=backend_slot(svc.id, index)))
+        maps["xo_lb_backends"].set(LbBackendKey(service=svc.id, index=index),
+                                   backend_entry(svc, ep, index, port, topo))
     tables = tables or MaglevTables(maps["xo_lb_maglev"])
     if svc.backends:
         tables.set(svc.id, service_table(svc))
@@ -197,6 +203,12 @@ def endpoint_slot(ep: Ep, topo=Topology) -> int:
     return 3 + [e for e in topo.ENDPOINTS if e.ifindex].index(ep)
 
 
+def endpoint_entry(ep: Ep, topo=Topology):
+    """An endpoint's entry in xo_endpoints on node A of `topo`."""
+    return Endpoint(node_ip=ip_be(ep.node_ip), ifindex=ep.ifindex, mac=_mac(ep.mac),
+                    flags=endpoint_flags(ep, topo), slot=endpoint_slot(ep, topo))
+
+
 def fill_maps(maps: dict, topo=Topology) -> None:
     """What the agent would write for node A of `topo`."""
     maps["xo_config"].set(U32(0), Config(
@@ -208,17 +220,14 @@ def fill_maps(maps: dict, topo=Topology) -> None:
     for cidr, vni in topo.SUBNETS:
         maps["xo_subnets"].set(subnet_key(cidr), Subnet(vni=vni))
     for ep in topo.ENDPOINTS:
-        key = EndpointKey(vni=ep.vni, ip=ip_be(ep.ip))
-        flags = endpoint_flags(ep, topo)
-        slot = endpoint_slot(ep, topo)
-        maps["xo_endpoints"].set(key, Endpoint(node_ip=ip_be(ep.node_ip), ifindex=ep.ifindex,
-                                               mac=_mac(ep.mac), flags=flags, slot=slot))
+        entry = endpoint_entry(ep, topo)
+        maps["xo_endpoints"].set(EndpointKey(vni=ep.vni, ip=ip_be(ep.ip)), entry)
         if ep.ifindex:
             maps["xo_local_endpoints"].set(U32(ep.ifindex), LocalEndpoint(
-                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac), flags=flags, slot=slot))
+                vni=ep.vni, ip=ip_be(ep.ip), mac=_mac(ep.mac), flags=entry.flags, slot=entry.slot))
             maps["xo_vnis"].set(U32(ep.vni), Vni())
     for svc in topo.SERVICES:
-        write_service(maps, svc)
+        write_service(maps, svc, topo=topo)
 
 
 # --- running ----------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def model_maps(mesh_services, published, neighbours, gateway_ifindex=T.GATEWAY_I
         for port, p in s.ports:
             svc_map[(s.vni, a(s.vip), port, proto[p])] = (s.id, s.affinity)
         for ep, index, port in s.backends:
-            backends[(s.id, index)] = (a(ep.ip), port)
+            backends[(s.id, index)] = (a(ep.ip), port, eps.get((ep.vni, a(ep.ip))))
         if s.backends:
             maglev[s.id] = service_table(s)
     return M.Maps(

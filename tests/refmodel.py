@@ -64,7 +64,7 @@ class Maps:
     endpoints: dict                              # (vni, ip) -> EndpointEntry
     local: dict                                  # ifindex -> (vni, ip)
     services: dict                               # (vni, vip, port, proto) -> (sid, affinity)
-    backends: dict                               # (sid, index) -> (ip, target port or 0)
+    backends: dict                               # (sid, index) -> (ip, target port or 0, where: EndpointEntry | None)
     maglev: dict                                 # sid -> (M, index of slot 1, ..., index of slot M)
     mesh: dict = field(default_factory=dict)     # (port, proto) -> (sid, affinity, vni, target port)
     underlay_mtu: int = 1500
@@ -269,6 +269,7 @@ class Choice:
     ip: bytes
     port: int
     fresh: bool
+    where: object                # the backend's copy of its EndpointEntry, None: nowhere yet
 
 
 def _be32(a: bytes) -> int:
@@ -298,7 +299,7 @@ def choose(maps: Maps, sid: int, affinity: bool, f: Flow, default_port: int) -> 
         if be is None:
             del maps.ct[key]
             return "LB_BACKEND_GONE"
-        return Choice(sid, ct.backend, be[0], be[1] or default_port, False)
+        return Choice(sid, ct.backend, be[0], be[1] or default_port, False, be[2])
     h = flow_hash(_be32(f.saddr), _be32(f.daddr), _be16(f.sport), _be16(f.dport), f.proto, affinity)
     index = _pick(maps, sid, h)
     be = maps.backends.get((sid, index)) if index else None
@@ -309,7 +310,7 @@ def choose(maps: Maps, sid: int, affinity: bool, f: Flow, default_port: int) -> 
         be = maps.backends.get((sid, index)) if index else None
     if be is None or be[0] == f.saddr:
         return "LB_NO_BACKEND"
-    return Choice(sid, index, be[0], be[1] or default_port, True)
+    return Choice(sid, index, be[0], be[1] or default_port, True, be[2])
 
 
 def commit(maps: Maps, f: Flow, c: Choice) -> None:
@@ -417,7 +418,7 @@ def _mesh_forward(frame: bytes, maps: Maps, xdp: bool) -> Outcome | None:
     c = choose(maps, sid, affinity, f, vport)
     if isinstance(c, str):
         return drop(c)
-    be = maps.endpoints.get((vni, c.ip))
+    be = c.where
     if be is None:
         return drop("UNKNOWN_DESTINATION")
     if be.ifindex:
@@ -531,7 +532,7 @@ def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
 
     f = parse_flow(frame, ip)
     daddr = ip.daddr
-    service = False
+    service, where = False, None
     if f is not None and me.net_has_services:
         svc = maps.services.get((vni, f.daddr, f.dport, f.proto))
         if svc is None:
@@ -546,9 +547,10 @@ def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
                 return drop(c)
             commit(maps, f, c)
             frame = nat(frame, f, dst=(c.ip, c.port))
-            daddr = c.ip
+            daddr, where = c.ip, c.where
 
-    dst = maps.endpoints.get((vni, daddr))
+    # A backend is where its own entry says: no second lookup.
+    dst = where if service else maps.endpoints.get((vni, daddr))
     if dst is None:
         if f is not None and not service and me.backend:
             # A reply of a routing-mesh connection (SERVICES.md): from the published port

@@ -16,11 +16,11 @@ import struct
 
 import pytest
 
-from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, backend_slot, checksum_problems,
-                    drop_delta, service_table, write_service)
+from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, backend_entry, backend_slot,
+                    checksum_problems, drop_delta, service_table, write_service)
 from ctl.lbmaps import MaglevTables, flow_hash, slot_of
-from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, LB_DRAINING, CtKey, EndpointKey, LbBackend, LbBackendKey, U32,
-                         ip_be, port_be, sum_percpu)
+from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, CtKey, EndpointKey, LbBackendKey, U32, ip_be, port_be,
+                         sum_percpu)
 
 pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
@@ -246,6 +246,30 @@ def test_service_lookups_only_where_the_flags_ask_for_them(dp):
     assert Ether(run(dp, reply, prog="prog_underlay_tc").out)[IP].src == T.ONE.vip
 
 
+def test_backend_is_where_its_entry_says(dp):
+    """A service packet goes where the backend's own entry says (the agent's copy of its
+    endpoint's), with no second endpoint lookup: to the node it names, and nowhere (a
+    local endpoint not plumbed yet) drops it, though xo_endpoints knows the address."""
+    key = LbBackendKey(service=T.ONE.id, index=1)
+    entry = dp.maps["xo_lb_backends"].get(key)
+    other = T.PEER_C if T.API1.node_ip == T.PEER_B else T.PEER_B
+    moved = backend_entry(T.ONE, T.API1, 1)
+    moved.where.node_ip = ip_be(other)
+    nowhere = backend_entry(T.ONE, T.API1, 1)
+    nowhere.where = type(nowhere.where)()
+    try:
+        dp.maps["xo_lb_backends"].set(key, moved)
+        assert IP(run(dp, container(T.WEB1, T.ONE.vip, l4=syn(42301))).out[ETH:]).dst == other
+        dp.maps["xo_lb_backends"].set(key, nowhere)
+        frame = container(T.WEB1, T.ONE.vip, l4=syn(42302))
+        r = run(dp, frame)
+        assert r.verdict == TC_ACT_SHOT and r.drops == {"UNKNOWN_DESTINATION": (1, len(frame))}
+    finally:
+        dp.maps["xo_lb_backends"].set(key, entry)
+    r = run(dp, container(T.WEB1, T.ONE.vip, l4=syn(42303)))
+    assert backend_of(r) == T.API1 and IP(r.out[ETH:]).dst == T.API1.node_ip
+
+
 def test_direct_connection_clears_an_old_reply_entry(dp):
     """A connection to the backend itself, from a source port an old service connection
     used, must not have its replies rewritten to the VIP."""
@@ -316,8 +340,7 @@ def _set_backends(dp, svc, active, draining=(), removed=()):
         if ep in removed:
             dp.maps["xo_lb_backends"].delete(key)
         elif ep in draining:
-            dp.maps["xo_lb_backends"].set(key, LbBackend(ip=ip_be(ep.ip), state=LB_DRAINING,
-                                                         slot=backend_slot(svc.id, index)))
+            dp.maps["xo_lb_backends"].set(key, backend_entry(svc, ep, index, draining=True))
     backends = tuple(b for b in svc.backends if b[0] in active)
     table = service_table(svc, backends)
     MaglevTables(dp.maps["xo_lb_maglev"]).set(svc.id, table)

@@ -1,7 +1,7 @@
 """Desired maps from the store, and the diff that gets the kernel there (pure)."""
 from ctl import desired, model
 from ctl.model import State
-from maps.layout import EndpointKey, NO_SLOT, Traffic, U32, ip_be, ip_str, mac_str, subnet_key
+from maps.layout import Endpoint, EndpointKey, NO_SLOT, Traffic, U32, ip_be, ip_str, mac_str, subnet_key
 
 
 def state():
@@ -165,6 +165,24 @@ def test_service_entries_same_on_every_node():
         assert len(m["xo_lb_services"]) == 2
         b = m["xo_lb_backends"][LbBackendKey(service=svc.id, index=2)]
         assert ip_str(b.ip) == s.endpoints["b"].ip and b.port == 0 and b.state == LB_ACTIVE
+
+
+def test_backends_carry_their_endpoints_entry():
+    """Each node's backend entries hold a copy of the backend's endpoint entry there (the
+    data path looks no further); a local backend not plumbed yet is nowhere (zeros), and
+    once it is, its entry has the veth."""
+    s = with_service()
+    svc = s.services["web"]
+    a, b = (LbBackendKey(service=svc.id, index=i) for i in (1, 2))
+    for node, ifindexes in (("n1", {}), ("n1", {"a": 7}), ("n2", {"b": 9})):
+        m = desired.desired_maps(s, node, ifindexes, 2, 1)
+        for key, name in ((a, "a"), (b, "b")):
+            ep = m["xo_endpoints"].get(EndpointKey(vni=4096, ip=ip_be(s.endpoints[name].ip)))
+            assert bytes(m["xo_lb_backends"][key].where) == bytes(ep if ep is not None else Endpoint())
+    n1 = desired.desired_maps(s, "n1", {}, 2, 1)["xo_lb_backends"]
+    assert n1[a].where.node_ip == 0 and ip_str(n1[b].where.node_ip) == "192.0.2.2"
+    plumbed = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)["xo_lb_backends"][a].where
+    assert plumbed.ifindex == 7 and ip_str(plumbed.node_ip) == "192.0.2.1"
 
 
 def test_backend_target_port_in_network_order():

@@ -173,6 +173,7 @@ struct xo_lb_choice {
     __be16 port;              /* target port: the backend's own, or the default given */
     int fresh;                /* a new connection (Maglev chose) rather than a known one */
     __u32 slot;               /* the backend's counters */
+    const struct xo_endpoint *where;  /* where it is (in its entry): NULL if nowhere yet */
 };
 
 /* Which backend of service `sid` the flow goes to: the one the connection table
@@ -222,6 +223,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
     c->ip = be->ip;
     c->port = be->port ? be->port : default_port;
     c->slot = be->slot;
+    c->where = be->where.node_ip ? &be->where : NULL;
     return 0;
 }
 
@@ -263,9 +265,11 @@ static __always_inline void xo_lb_direct(const struct xo_flow *f)
     xo_lb_ct.delete(&stale);
 }
 
-/* A packet from a container (vni): if it is for a service, DNAT it to a backend and
- * update *f. Returns XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
-static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f)
+/* A packet from a container (vni): if it is for a service, DNAT it to a backend, update
+ * *f and set *where to where the backend is (NULL: nowhere yet). Returns
+ * XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
+static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f,
+                                        const struct xo_endpoint **where)
 {
     struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
     struct xo_lb_service *svc = xo_lb_services.lookup(&sk);
@@ -286,6 +290,7 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
         return XO_DROP_LB_NAT_FAILED;
     f->daddr = c.ip;
     f->dport = c.port;
+    *where = c.where;
     return XO_LB_DNAT;
 }
 

@@ -123,6 +123,10 @@ struct xo_lb_backend {
     __u8 state;               /* XO_LB_ACTIVE or XO_LB_DRAINING */
     __u8 pad;
     __u32 slot;               /* its counters in xo_lb_backend_stats */
+    /* Where it is: a copy of its endpoint's entry in xo_endpoints (node_ip 0: nowhere
+     * yet, a local endpoint not plumbed). The agent writes both from the same state, so
+     * a service packet needs no second lookup to find where its backend is. */
+    struct xo_endpoint where;
 };
 
 /* Connection table. Two entries per connection, both on the client's node:

@@ -76,8 +76,7 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     int reason = xo_lb_choose(m->service, m->flags, &f, m->port, &c);
     if (reason)
         return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, reason, len, XDP_DROP);
-    struct xo_endpoint_key bk = { .vni = vni, .ip = c.ip };
-    struct xo_endpoint *be = xo_endpoints.lookup(&bk);
+    const struct xo_endpoint *be = c.where;
     if (!be)
         return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, XO_DROP_UNKNOWN_DESTINATION, len, XDP_DROP);
     if (be->ifindex)
@@ -181,8 +180,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     int reason = xo_lb_choose(m->service, m->flags, &f, m->port, &c);
     if (reason)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
-    struct xo_endpoint_key bk = { .vni = vni, .ip = c.ip };
-    struct xo_endpoint *be = xo_endpoints.lookup(&bk);
+    const struct xo_endpoint *be = c.where;
     if (!be)
         return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
     __u32 ifindex = be->ifindex;
