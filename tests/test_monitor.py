@@ -268,12 +268,20 @@ def mac_of(netns: str, dev: str) -> str:
     return out.split("link/ether ")[1].split()[0]
 
 
+def _as_in_a_terminal():
+    """Ctrl-C as a terminal's foreground process gets it: a test run started in the
+    background (`cmd &` in a script: SIGINT ignored, and inherited) must not make the
+    monitor deaf to it, as Python is to a SIGINT ignored at its start."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Monitoring:
     """`xoverlay monitor ARGS` in the background, ready once it says it is listening."""
 
     def __init__(self, lab, *args):
         self.proc = subprocess.Popen([PY, "-m", "ctl.cli", "--state", lab.state, "monitor", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_as_in_a_terminal)
         self.notes = []
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
