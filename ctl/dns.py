@@ -57,6 +57,7 @@ class View:
     names: dict = field(default_factory=dict)      # network -> {labels: (address, ...)}
     suffixes: dict = field(default_factory=dict)   # network -> its name as labels
     domain: Labels = (CLUSTER_DOMAIN.encode(),)
+    loaded: bool = True        # False until the store was read: nobody is known to ask yet
 
 
 def build_view(state, node: str | None, domain: str = CLUSTER_DOMAIN) -> View:
@@ -178,6 +179,10 @@ def answer(view: View, client_ip: str, data: bytes, forward: bool, tcp: bool = F
         return Decision("answer", _error(request, RCODE.NOTIMP, ra), "not a QUERY")
     if len(request.questions) != 1:
         return Decision("answer", _error(request, RCODE.FORMERR, ra), "not one question")
+    if not view.loaded:
+        # An agent that could not read the store yet (started during an outage) does not
+        # know its endpoints: a server failure, which a resolver retries, not a refusal.
+        return Decision("answer", _error(request, RCODE.SERVFAIL, ra), "no view of the store yet")
     network = view.askers.get(client_ip)
     if network is None:
         return Decision("answer", _error(request, RCODE.REFUSED, ra), f"{client_ip} is no endpoint of this node")

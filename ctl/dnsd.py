@@ -163,7 +163,7 @@ class DnsServer:
         self.forward = forward
         self.upstreams = Upstreams(upstreams, resolv_conf)
         self.timeout = timeout
-        self._view = dns.View()
+        self._view = dns.View(loaded=False)
         self._generation = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []

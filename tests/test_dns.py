@@ -211,6 +211,16 @@ def test_only_endpoints_of_this_node_may_ask():
     assert addresses(query("web1", asker=WEB2, view=dns.build_view(STATE, "n2"))) == [WEB1]
 
 
+def test_before_the_store_was_read_every_question_is_a_server_failure():
+    """An agent that started while the store was unreachable has no view: it cannot tell
+    its endpoints from strangers, so it fails (a resolver retries) rather than refuse."""
+    blind = dns.View(loaded=False)
+    for name in ("web1", "www.example.com"):
+        assert rcode(query(name, view=blind)) == "SERVFAIL"
+        assert rcode(query(name, view=blind, forward=False)) == "SERVFAIL"
+    assert addresses(query("web2", view=VIEW)) != [] and rcode(query("web1", asker="10.10.9.9")) == "REFUSED"
+
+
 def test_an_endpoint_being_removed_neither_resolves_nor_asks():
     s = model.mark_endpoint_removing(STATE, "web2")
     view = dns.build_view(s, "n2")
