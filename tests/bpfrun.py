@@ -28,6 +28,7 @@ Run this file to print the per-packet cost of each main path (a measurement, not
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 from dataclasses import dataclass
 
@@ -137,12 +138,25 @@ def backend_slot(service: int, index: int) -> int:
     return 100 * service + index
 
 
-def backend_entry(svc: Svc, ep: Ep, index: int, port: int = 0, topo=Topology, draining: bool = False):
-    """A backend's entry as the agent writes it, with a copy of its endpoint's."""
+def backend_entry(svc: Svc, ep: Ep, index: int, port: int = 0, topo=Topology, draining: bool = False,
+                  where=None):
+    """A backend's entry as the agent writes it, with a copy of its endpoint's (or `where`:
+    Endpoint() is nowhere, a local endpoint not plumbed yet)."""
     from maps.layout import LB_ACTIVE, LB_DRAINING, LbBackend, port_be
     return LbBackend(ip=ip_be(ep.ip), port=port_be(port) if port else 0,
                      state=LB_DRAINING if draining else LB_ACTIVE, slot=backend_slot(svc.id, index),
-                     where=endpoint_entry(ep, topo))
+                     where=endpoint_entry(ep, topo) if where is None else where)
+
+
+@contextlib.contextmanager
+def entry_replaced(table, key, value):
+    """`value` at `key` of a map for the with-block; the entry it had, back afterwards."""
+    old = table.get(key)
+    table.set(key, value)
+    try:
+        yield
+    finally:
+        table.set(key, old)
 
 
 def write_service(maps: dict, svc: Svc, tables=None, topo=Topology) -> None:

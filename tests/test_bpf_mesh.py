@@ -26,11 +26,11 @@ import sys
 import pytest
 
 from bpfrun import (GW_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, XDP_DROP, XDP_PASS, Datapath,
-                    Svc, Topology as T, backend_entry, drop_delta, ipv4_checksum, write_service)
+                    Svc, Topology as T, backend_entry, drop_delta, entry_replaced, ipv4_checksum, write_service)
 from ctl import netns
 from maps import bpf
-from maps.layout import (CT_MESH, CT_REPLY, IPPROTO, LB_AFFINITY, Config, CtKey, LbBackendKey, Mesh, MeshKey, U32,
-                         ip_be, port_be)
+from maps.layout import (CT_MESH, CT_REPLY, IPPROTO, LB_AFFINITY, Config, CtKey, Endpoint, LbBackendKey, Mesh,
+                         MeshKey, U32, ip_be, port_be)
 
 pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
@@ -285,18 +285,12 @@ def test_refused(dp, case, prog):
 def test_backend_nowhere_yet_is_unknown_destination(dp, prog):
     """The mesh, too, goes where the backend's entry says: a local backend not plumbed
     yet (its entry's copy of the endpoint all zeros) drops the request, counted."""
-    key = LbBackendKey(service=T.ONE.id, index=1)
-    entry = dp.maps["xo_lb_backends"].get(key)
-    nowhere = backend_entry(T.ONE, T.API1, 1)
-    nowhere.where = type(nowhere.where)()
-    dp.maps["xo_lb_backends"].set(key, nowhere)
-    try:
+    nowhere = backend_entry(T.ONE, T.API1, 1, where=Endpoint())
+    with entry_replaced(dp.maps["xo_lb_backends"], LbBackendKey(service=T.ONE.id, index=1), nowhere):
         frame = outside(TCP(sport=50210, dport=8080, flags="S"))
         r = run(dp, prog, frame)
         assert r.verdict == (XDP_DROP if prog == "prog_underlay_xdp" else TC_ACT_SHOT)
         assert r.drops == {"UNKNOWN_DESTINATION": (1, len(frame))}
-    finally:
-        dp.maps["xo_lb_backends"].set(key, entry)
     assert run(dp, "prog_underlay_xdp", outside(TCP(sport=50211, dport=8080, flags="S"))).verdict == XDP_TX
 
 

@@ -17,10 +17,10 @@ import struct
 import pytest
 
 from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, backend_entry, backend_slot,
-                    checksum_problems, drop_delta, service_table, write_service)
+                    checksum_problems, drop_delta, entry_replaced, service_table, write_service)
 from ctl.lbmaps import MaglevTables, flow_hash, slot_of
-from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, CtKey, EndpointKey, LbBackendKey, U32, ip_be, port_be,
-                         sum_percpu)
+from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, CtKey, Endpoint, EndpointKey, LbBackendKey, U32, ip_be,
+                         port_be, sum_percpu)
 
 pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
@@ -251,21 +251,15 @@ def test_backend_is_where_its_entry_says(dp):
     endpoint's), with no second endpoint lookup: to the node it names, and nowhere (a
     local endpoint not plumbed yet) drops it, though xo_endpoints knows the address."""
     key = LbBackendKey(service=T.ONE.id, index=1)
-    entry = dp.maps["xo_lb_backends"].get(key)
     other = T.PEER_C if T.API1.node_ip == T.PEER_B else T.PEER_B
     moved = backend_entry(T.ONE, T.API1, 1)
     moved.where.node_ip = ip_be(other)
-    nowhere = backend_entry(T.ONE, T.API1, 1)
-    nowhere.where = type(nowhere.where)()
-    try:
-        dp.maps["xo_lb_backends"].set(key, moved)
+    with entry_replaced(dp.maps["xo_lb_backends"], key, moved):
         assert IP(run(dp, container(T.WEB1, T.ONE.vip, l4=syn(42301))).out[ETH:]).dst == other
-        dp.maps["xo_lb_backends"].set(key, nowhere)
+    with entry_replaced(dp.maps["xo_lb_backends"], key, backend_entry(T.ONE, T.API1, 1, where=Endpoint())):
         frame = container(T.WEB1, T.ONE.vip, l4=syn(42302))
         r = run(dp, frame)
         assert r.verdict == TC_ACT_SHOT and r.drops == {"UNKNOWN_DESTINATION": (1, len(frame))}
-    finally:
-        dp.maps["xo_lb_backends"].set(key, entry)
     r = run(dp, container(T.WEB1, T.ONE.vip, l4=syn(42303)))
     assert backend_of(r) == T.API1 and IP(r.out[ETH:]).dst == T.API1.node_ip
 
