@@ -2,6 +2,7 @@
 store (so it never meets the user's lab), removed at the end whatever happens."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -60,6 +61,19 @@ class LabHandle:
     def lab(self):
         from ctl.lab import Lab
         return Lab(self.store(), self.state)
+
+    @contextlib.contextmanager
+    def agent_paused(self, node: str):
+        """The node's agent frozen (SIGSTOP) for the with-block: what the test breaks stays
+        broken until it has looked, however the agent's passes fall."""
+        from ctl.agent import running_pid
+        pid = running_pid(node)
+        assert pid, f"no agent runs for {node}"
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
     def node_netns(self, node: str) -> str:
         return f"/run/netns/xo-{node}"
