@@ -37,6 +37,11 @@ CLIENT_HOST = 200                    # the outside client: 192.0.2.200 (tests us
 # private /30 to the host from RFC 2544's benchmarking range, one per lab (the host's CLI:
 # the host cannot use underlay addresses, and several labs must not share a route).
 ETCD_HOST = str(UNDERLAY_NET.network_address + 1)
+# The switch's own address (etcd's, above). A bridge left to itself takes the lowest MAC
+# of its ports and changes it when that port goes: the nodes' ARP entries for etcd then
+# point at no one until they age out (measured: a restarted agent's first etcd read timed
+# out after a test's port on the switch was removed). Set once, it stays.
+SWITCH_MAC = "02:00:c0:00:02:01"     # locally administered; 192.0.2.1
 ETCD_PORT = 2379
 HOST_LINK_NET = ipaddress.IPv4Network("198.18.0.0/15")
 
@@ -376,7 +381,7 @@ class Lab:
         # kernel has br_netfilter built in and on in every new netns.)
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
         _run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
-        _run("ip", "-n", ns, "link", "set", "br0", "up")
+        _run("ip", "-n", ns, "link", "set", "br0", "address", SWITCH_MAC, "up")
 
     def _quiet(self, ns: str) -> None:
         """No IPv6 noise in the lab: the drop counters should count only what we send."""

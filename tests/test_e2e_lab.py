@@ -1,6 +1,7 @@
 """End to end on a 3-node namespace lab: real veths, real programs, real traffic."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -225,6 +226,39 @@ def test_endpoint_in_a_process_netns(lab):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_switch_keeps_its_address_when_a_port_comes_and_goes(lab):
+    """A bridge takes the lowest MAC of its ports unless told one. A port with the lowest
+    MAC there is (a test's DNS upstream, an outside host) joining and leaving must not
+    change the switch's address: with etcd on it, the nodes' ARP entries would point at
+    a MAC that left, and agents would lose the store until those entries aged out."""
+    from ctl.lab import ETCD_HOST, SWITCH_MAC
+    switch = lab.lab().underlay_netns
+    node_ns = lab.node_netns(names(lab)[0])
+
+    def switch_mac() -> str:
+        out = subprocess.run(["ip", "-n", switch, "-j", "link", "show", "br0"], check=True, capture_output=True)
+        return json.loads(out.stdout)[0]["address"]
+
+    def reaches_switch() -> bool:
+        return in_netns(node_ns, "ping", "-c", "1", "-W", "1", ETCD_HOST, check=False).returncode == 0
+
+    has_address = lab.backend == "etcd"       # etcd's: a SQLite lab's switch has no address
+    assert switch_mac() == SWITCH_MAC
+    try:
+        for cmd in (["link", "add", "lowest", "address", "00:00:00:00:00:01", "type", "veth", "peer", "name", "peer"],
+                    ["link", "set", "lowest", "master", "br0", "up"], ["link", "set", "peer", "up"]):
+            subprocess.run(["ip", "-n", switch, *cmd], check=True, capture_output=True)
+        assert switch_mac() == SWITCH_MAC
+        if has_address:            # a node learns the switch's MAC while the port is there
+            in_netns(node_ns, "ip", "neigh", "flush", "to", ETCD_HOST)
+            assert reaches_switch()
+    finally:
+        subprocess.run(["ip", "-n", switch, "link", "del", "lowest"], capture_output=True)
+    assert switch_mac() == SWITCH_MAC
+    if has_address:                # and still reaches it by that MAC after the port left
+        assert reaches_switch()
 
 
 def test_containers_reserve_room_for_the_vxlan_headers(lab):
