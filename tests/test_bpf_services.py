@@ -211,38 +211,27 @@ def test_reverse_nat_on_decap(dp, proto):
 
 
 def _with_flags(dp, map_name: str, key, flags: int):
-    """Set one endpoint entry's flags; returns what puts the entry back."""
+    """One endpoint entry with other flags, for the with-block."""
     entry = dp.maps[map_name].get(key)
-    saved = entry.flags
-    entry.flags = flags
-    dp.maps[map_name].set(key, entry)
-
-    def restore():
-        entry.flags = saved
-        dp.maps[map_name].set(key, entry)
-    return restore
+    changed = type(entry).from_buffer_copy(entry)
+    changed.flags = flags
+    return entry_replaced(dp.maps[map_name], key, changed)
 
 
 def test_service_lookups_only_where_the_flags_ask_for_them(dp):
     """Plain east-west traffic pays nothing for services: a client whose entry says its
     network has none is not balanced (the VIP is just an unknown address), and a reply
     from an endpoint not marked as a backend is not looked up for reverse NAT."""
-    restore = _with_flags(dp, "xo_local_endpoints", U32(T.WEB1.ifindex), 0)
-    try:
+    with _with_flags(dp, "xo_local_endpoints", U32(T.WEB1.ifindex), 0):
         frame = container(T.WEB1, T.ONE.vip, l4=syn(42201))
         r = run(dp, frame)
         assert r.verdict == TC_ACT_SHOT and r.drops == {"UNKNOWN_DESTINATION": (1, len(frame))}
-    finally:
-        restore()
 
     assert backend_of(run(dp, container(T.WEB1, T.ONE.vip, l4=syn(42202)))) == T.API1
     reply = vxlan(inner=Ether(src=T.API1.mac, dst=T.WEB1.mac) / IP(src=T.API1.ip, dst=T.WEB1.ip) /
                   TCP(sport=80, dport=42202, flags="SA"))
-    restore = _with_flags(dp, "xo_endpoints", EndpointKey(vni=T.BLUE_VNI, ip=ip_be(T.API1.ip)), 0)
-    try:
+    with _with_flags(dp, "xo_endpoints", EndpointKey(vni=T.BLUE_VNI, ip=ip_be(T.API1.ip)), 0):
         assert run(dp, reply, prog="prog_underlay_tc").out == decapsulated(reply, T.WEB1)
-    finally:
-        restore()
     assert Ether(run(dp, reply, prog="prog_underlay_tc").out)[IP].src == T.ONE.vip
 
 
