@@ -215,16 +215,19 @@ class Agent:
 
     # --- one reconcile pass ------------------------------------------------------------
 
-    def reconcile(self) -> list[str]:
-        """Make the kernel match the store once. Returns what it changed, for the log.
-        The store is read before anything is touched: unreachable, nothing changes."""
+    def reconcile(self, changes: list[str] | None = None) -> list[str]:
+        """Make the kernel match the store once. Says what it changed, for the log, in
+        `changes` as it goes (a pass that fails halfway has still done what it did
+        before) and returns them. The store is read before anything is touched:
+        unreachable, nothing changes."""
+        changes = [] if changes is None else changes
         generation, state = self.store.snapshot()
         self.last_state = state
         if self.node not in state.nodes:
             raise XoError(f"node {self.node} was removed from the store")
         if self.dns_server:
             self.dns_server.set_state(state, generation)
-        changes = self._repair()
+        changes += self._repair()
         try:                      # repairs drift; never a reason to leave the maps alone
             self.gateway_ifindex, gw_changes = links.ensure_gateway(self.ipr)
             changes += gw_changes
@@ -241,7 +244,7 @@ class Agent:
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
         links.drop_unclaimed_replies(self.ipr)      # pyroute2's stray ACKs (see there)
-        changes += self.sync_maps(state, ifindexes, generation)
+        self.sync_maps(state, ifindexes, generation, changes)
         stale = monitor.clear_if_stale(self.maps["xo_monitor"])
         if stale is not None:
             changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
@@ -250,14 +253,16 @@ class Agent:
         self.record(ready, gone)
         return changes
 
-    def sync_maps(self, state, ifindexes: dict[str, int], generation: int | None = None) -> list[str]:
+    def sync_maps(self, state, ifindexes: dict[str, int], generation: int | None = None,
+                  changes: list[str] | None = None) -> list[str]:
         """The maps part of a pass: the kernel's reconciled maps and Maglev tables made
         equal to what `state` wants, given the plumbed local endpoints' veths. With the
         store's `generation` of `state`, what the last pass wanted is reused while nothing
         it depends on moved, and the periodic resync compares the maps' bytes with it
         before decoding anything: an idle agent at 10,000 services spent most of its time
-        decoding, diffing and recomputing what had not changed (docs/BENCHMARKS.md, services)."""
-        changes = []
+        decoding, diffing and recomputing what had not changed (docs/BENCHMARKS.md, services).
+        Appends what it changed to `changes` and returns them."""
+        changes = [] if changes is None else changes
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
                   self.gateway_ifindex, self.fib_main_only)
         raw = {name: self.maps[name].raw_items() for name in desired.RECONCILED_MAPS}
@@ -416,8 +421,9 @@ class Agent:
             return gen, last_full
         started = time.monotonic()
         ok = False
+        changes: list[str] = []
         try:
-            changes = self.reconcile()
+            self.reconcile(changes)
             ok = True
         except StoreError:
             raise
@@ -425,14 +431,15 @@ class Agent:
             log.error("%s", e)
             if "was removed from the store" in str(e):
                 self.stopping = True
-            changes = []
         except Exception:
             log.exception("reconcile failed; retrying")
-            changes = []
+        finally:
+            # Also when the pass failed halfway: what it changed before is changed (a
+            # veth deleted under a pass that was repairing pins must not hide the pins).
+            for c in changes:
+                log.info("%s", c)
         if self.observer is not None:
             self.observer.observe(time.monotonic() - started, ok)
-        for c in changes:
-            log.info("%s", c)
-        if changes:
+        if changes and ok:
             log.info("reconciled in %.1f ms", (time.monotonic() - started) * 1000)
         return current, now
