@@ -165,7 +165,7 @@ class Agent:
             self.dns_server = dnsd.DnsServer(self.node, forward=self.dns_forward, upstreams=self.dns_upstreams)
         try:
             self.progs = datapath.load(self.node)
-            self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp)
+            self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp).mode
             self.maps = datapath.open_maps(self.node)
             self.headroom_bridge = links.ensure_headroom_bridge(self.ipr)
             self.tables = MaglevTables(self.maps[desired.MAGLEV])
@@ -336,7 +336,7 @@ class Agent:
         todo = repair.plan(repair.observe(self.node, self.underlay.ifindex), want, self.underlay.name)
         if todo:
             fds = {**{name: m.fd for name, m in self.maps.items()}, **self.progs.fds}
-            repair.apply(self.node, todo, fds, self.underlay.ifindex, self.progs, self.xdp)
+            todo = repair.apply(self.node, todo, fds, self.underlay, self.progs, self.xdp)
             if self.observer is not None:
                 self.observer.repaired(todo)
         return [str(r) for r in todo]

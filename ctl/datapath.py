@@ -175,25 +175,36 @@ def prog_id(fd: int) -> int:
     return bpf.prog_info(fd).id
 
 
-def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> str:
+@dataclass(frozen=True)
+class UnderlayAttached:
+    mode: str                   # the XDP mode: 'native', 'generic', 'other' or 'off'
+    attached: tuple[str, ...]   # what this call attached ("tc", "xdp"): the rest was in place
+
+
+def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> UnderlayAttached:
     """tc ingress decap always; XDP filter natively if the driver can, else generic.
-    Returns the XDP mode attached ('native', 'generic' or 'off'). What is attached already
-    is left alone: adopting a running node must not disturb its traffic."""
+    What is attached already is left alone: adopting a running node must not disturb its
+    traffic. Says what it attached, as found at the moment it looked (a repair reports
+    that, not what an earlier look planned)."""
     tc_prog = progs.fds["prog_underlay_tc"]
+    attached = []
     if bpf.tc_query(ifindex) != prog_id(tc_prog):
         bpf.tc_attach(ifindex, tc_prog)
+        attached.append("tc")
     if not xdp:
         detach_xdp(ifindex)
-        return "off"
-    mode, attached = bpf.xdp_query(ifindex)
-    if attached and attached == prog_id(progs.fds["prog_underlay_xdp"]):
-        return {bpf.XDP_ATTACHED_DRV: "native", bpf.XDP_ATTACHED_SKB: "generic"}.get(mode, "other")
+        return UnderlayAttached("off", tuple(attached))
+    mode, current = bpf.xdp_query(ifindex)
+    if current and current == prog_id(progs.fds["prog_underlay_xdp"]):
+        mode = {bpf.XDP_ATTACHED_DRV: "native", bpf.XDP_ATTACHED_SKB: "generic"}.get(mode, "other")
+        return UnderlayAttached(mode, tuple(attached))
     try:
         bpf.xdp_attach(ifindex, progs.fds["prog_underlay_xdp"], bpf.XDP_FLAGS_DRV_MODE)
-        return "native"
+        mode = "native"
     except bpf.BpfError:
         bpf.xdp_attach(ifindex, progs.fds["prog_underlay_xdp"], bpf.XDP_FLAGS_SKB_MODE)
-        return "generic"
+        mode = "generic"
+    return UnderlayAttached(mode, (*attached, "xdp"))
 
 
 def detach_xdp(ifindex: int) -> None:

@@ -60,12 +60,18 @@ def observe(node: str, underlay_ifindex: int) -> Seen:
     return Seen(missing, bpf.tc_query(underlay_ifindex), bpf.xdp_query(underlay_ifindex)[1])
 
 
-def apply(node: str, repairs: list[Repair], fds: dict[str, int], underlay_ifindex: int, progs, xdp: bool) -> None:
-    """`fds`: the agent's open fd of every map and program, by pin name."""
+def apply(node: str, repairs: list[Repair], fds: dict[str, int], underlay, progs, xdp: bool) -> list[Repair]:
+    """`fds`: the agent's open fd of every map and program, by pin name; `underlay`: its
+    ifindex and name. Returns the repairs made: the underlay's programs as found when
+    attaching (one detached after the look that planned this is put back too, and said)."""
     d = pin_dir(node)
+    done = []
     for r in repairs:
         if r.kind == "pin":
             os.makedirs(d, exist_ok=True)
             bpf.obj_pin(fds[r.what], os.path.join(d, r.what))
+            done.append(r)
     if any(r.kind in ("tc", "xdp") for r in repairs):
-        datapath.attach_underlay(underlay_ifindex, progs, xdp)   # leaves alone what is right
+        attached = datapath.attach_underlay(underlay.ifindex, progs, xdp).attached   # leaves alone what is right
+        done += [Repair(kind, underlay.name) for kind in attached]
+    return done

@@ -31,11 +31,12 @@ def log_of(node: str) -> str:
         return f.read()
 
 
-def wait_for(what: str, check, timeout: float = 10) -> None:
+def wait_for(what: str, check, timeout: float = 10, detail=lambda: "") -> None:
+    """Poll check() until it holds; on timeout, fail saying what, and detail() if given."""
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail()}")
         time.sleep(0.1)
 
 
@@ -167,8 +168,9 @@ def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
             f"repaired: endpoint {n1}-b: created veth {host_ifname(f'{n1}-b')}",
             f"repaired: endpoint {n1}-a: attached the endpoint program",
             "repaired: the tc program on eth1", "repaired: the XDP program on eth1"]
-        wait_for("the repairs in the log", lambda: all(w in log_of(n1)[logged:] for w in wanted),
-                 timeout=2 * RESYNC_SECONDS + 3)
+        missing = lambda: [w for w in wanted if w not in log_of(n1)[logged:]]   # noqa: E731
+        wait_for("the repairs in the log", lambda: not missing(), timeout=2 * RESYNC_SECONDS + 3,
+                 detail=lambda: f"; missing {missing()}; the log since:\n{log_of(n1)[logged:][-3000:]}")
         took = time.monotonic() - t0
         assert all(os.path.exists(os.path.join(pin_dir(n1), name)) for name in pins)
         # Both endpoints of node1 talk again, across nodes, both ways.

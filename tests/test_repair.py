@@ -1,4 +1,13 @@
-"""The agent's repair decision (ctl/repair.py): what it puts back, from what it finds."""
+"""The agent's repairs (ctl/repair.py): what it decides to put back, from what it finds
+(pure), and what putting it back did, on a veth of a netns of the test's own."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import pytest
+
 from ctl.repair import Repair, Seen, Want, pin_names, plan
 
 
@@ -31,3 +40,74 @@ def test_pins_checked_are_every_map_and_program():
 def test_repairs_say_what_was_done():
     assert str(Repair("pin", "xo_peers")) == "repaired: pin xo_peers was deleted: pinned again"
     assert "tc program on eth1" in str(Repair("tc", "eth1"))
+
+
+# --- applying them, in the kernel ---------------------------------------------------------------
+
+NODE = f"xotest-repair-{os.getpid()}"
+
+
+@pytest.fixture(scope="module")
+def progs():
+    """The node's real programs, compiled and pinned as `up` does; unpinned at the end."""
+    from ctl import datapath
+    if os.geteuid() != 0:
+        pytest.skip("BPF programs need root")
+    loaded = datapath.load(NODE)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+        datapath.unpin(NODE)
+
+
+@pytest.fixture
+def underlay():
+    """A veth standing for the underlay, with this thread in its netns for the test."""
+    from ctl import netns
+    from ctl.agent import Underlay
+    subprocess.run(["ip", "netns", "add", NODE], check=True)
+    try:
+        subprocess.run(["ip", "-n", NODE, "link", "add", "u0", "type", "veth", "peer", "name", "u1"], check=True)
+        with netns.entered(f"/run/netns/{NODE}"):
+            yield Underlay("u0", socket.if_nametoindex("u0"), "192.0.2.1", 1500)
+    finally:
+        subprocess.run(["ip", "netns", "del", NODE], check=False)
+
+
+def test_attach_says_what_it_attached(progs, underlay):
+    from ctl import datapath
+    assert datapath.attach_underlay(underlay.ifindex, progs, True).attached == ("tc", "xdp")
+    again = datapath.attach_underlay(underlay.ifindex, progs, True)
+    assert again.attached == () and again.mode == "native"
+
+
+def test_a_repair_reports_what_it_found_when_it_acted_not_what_was_planned(progs, underlay):
+    """The agent looked, found the tc program gone and planned that; XDP went before it
+    acted. Both are put back and both are said (the log of an agent that raced a test
+    detaching one after the other missed the XDP line)."""
+    from ctl import datapath
+    from ctl.repair import apply
+    from maps import bpf
+    datapath.attach_underlay(underlay.ifindex, progs, True)
+    planned = plan(Seen(frozenset(), 0, datapath.prog_id(progs.fds["prog_underlay_xdp"])),
+                   Want(datapath.prog_id(progs.fds["prog_underlay_tc"]),
+                        datapath.prog_id(progs.fds["prog_underlay_xdp"])), underlay.name)
+    assert planned == [Repair("tc", "u0")]
+    bpf.tc_detach(underlay.ifindex)
+    datapath.detach_xdp(underlay.ifindex)
+    assert apply(NODE, planned, progs.fds, underlay, progs, True) == [Repair("tc", "u0"), Repair("xdp", "u0")]
+    assert bpf.tc_query(underlay.ifindex) == datapath.prog_id(progs.fds["prog_underlay_tc"])
+    assert bpf.xdp_query(underlay.ifindex)[1] == datapath.prog_id(progs.fds["prog_underlay_xdp"])
+    # Planned, but put back by someone else before it acted: nothing done, nothing said.
+    assert apply(NODE, planned, progs.fds, underlay, progs, True) == []
+
+
+def test_a_deleted_pin_is_pinned_again(progs, underlay):
+    from ctl.repair import apply
+    from maps.layout import pin_dir
+    path = os.path.join(pin_dir(NODE), "prog_endpoint")
+    os.unlink(path)
+    assert apply(NODE, [Repair("pin", "prog_endpoint")], progs.fds, underlay, progs, True) == \
+        [Repair("pin", "prog_endpoint")]
+    assert os.path.exists(path)
