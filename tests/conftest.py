@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +39,20 @@ def in_netns(path: str, *cmd: str, check: bool = True, timeout: float = 60, **kw
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} in {path} failed: {r.stderr}{r.stdout}")
     return r
+
+
+@contextlib.contextmanager
+def inside_netns_with_veth(name: str, end: str = "v0", peer: str = "v1"):
+    """A netns of the test's own holding a veth pair (`end`, `peer`), this thread inside
+    it for the with-block; yields `end`'s ifindex. The netns goes at the end."""
+    from ctl import netns
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", end, "type", "veth", "peer", "name", peer], check=True)
+        with netns.entered(f"/run/netns/{name}"):
+            yield socket.if_nametoindex(end)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 class LabHandle:

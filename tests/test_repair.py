@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 
 import pytest
 
+from conftest import inside_netns_with_veth
 from ctl.repair import Repair, Seen, Want, pin_names, plan
 
 
@@ -64,15 +63,9 @@ def progs():
 @pytest.fixture
 def underlay():
     """A veth standing for the underlay, with this thread in its netns for the test."""
-    from ctl import netns
     from ctl.agent import Underlay
-    subprocess.run(["ip", "netns", "add", NODE], check=True)
-    try:
-        subprocess.run(["ip", "-n", NODE, "link", "add", "u0", "type", "veth", "peer", "name", "u1"], check=True)
-        with netns.entered(f"/run/netns/{NODE}"):
-            yield Underlay("u0", socket.if_nametoindex("u0"), "192.0.2.1", 1500)
-    finally:
-        subprocess.run(["ip", "netns", "del", NODE], check=False)
+    with inside_netns_with_veth(NODE, "u0", "u1") as ifindex:
+        yield Underlay("u0", ifindex, "192.0.2.1", 1500)
 
 
 def test_attach_says_what_it_attached(progs, underlay):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 from bcc import BPF
 
-from ctl import netns
+from conftest import inside_netns_with_veth
 from maps import bpf
 
 NETNS = f"xotest-tcx-{os.getpid()}"
@@ -32,13 +31,8 @@ def progs():
 @pytest.fixture
 def veth():
     """The ifindex of a fresh veth end, with this thread in its netns for the test."""
-    subprocess.run(["ip", "netns", "add", NETNS], check=True)
-    try:
-        subprocess.run(["ip", "-n", NETNS, "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
-        with netns.entered(f"/run/netns/{NETNS}"):
-            yield socket.if_nametoindex("v0")
-    finally:
-        subprocess.run(["ip", "netns", "del", NETNS], check=False)
+    with inside_netns_with_veth(NETNS) as ifindex:
+        yield ifindex
 
 
 def pid(fd: int) -> int:
