@@ -54,7 +54,7 @@ if [ ! -x "$venv/bin/python" ]; then
   say "creating $venv"
   /usr/bin/python3 -m venv --system-site-packages "$venv"
 fi
-if ! "$venv/bin/python" -c "import ctl, maps, pyroute2, click, rich, pytest, scapy, hypothesis" 2>/dev/null \
+if ! "$venv/bin/python" -c "import xoverlay, pyroute2, click, rich, pytest, scapy, hypothesis" 2>/dev/null \
    || [ "$here/pyproject.toml" -nt "$venv/.installed" ]; then
   say "installing xoverlay into $venv"
   log=$(mktemp)

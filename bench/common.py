@@ -52,8 +52,9 @@ def ensure_venv(script: str) -> None:
     (a plain `python3` from PATH, e.g. through the shebang)."""
     try:
         import bcc  # noqa: F401
-        import ctl  # noqa: F401
         import scapy  # noqa: F401
+
+        import xoverlay  # noqa: F401
         return
     except ImportError:
         pass
@@ -190,7 +191,7 @@ class Path:
 
 class _Underlay:
     """Nodes joined by veths to a bridge in a netns of its own: the switch. Built the way
-    ctl/lab.py builds the xoverlay lab's underlay, so that every path crosses the same
+    xoverlay/lab/namespace_lab.py builds the xoverlay lab's underlay, so that every path crosses the same
     devices."""
 
     def __init__(self, tag: str, net: str):
@@ -205,7 +206,7 @@ class _Underlay:
         return f"{self.net}.{10 + i}"
 
     def build(self, nodes: int) -> None:
-        from ctl.lab import SWITCH_NO_NETFILTER
+        from xoverlay.lab.namespace_lab import SWITCH_NO_NETFILTER
         ns_add(self.switch)
         # Like the lab's switch: no iptables on bridged frames, as on a physical switch.
         sh("ip", "netns", "exec", self.switch, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
@@ -319,7 +320,7 @@ def xoverlay_cmd() -> list[str]:
     found = shutil.which("xoverlay")
     if found:
         return [found]
-    return [sys.executable, "-m", "ctl.cli"]
+    return [sys.executable, "-m", "xoverlay"]
 
 
 class XoverlayLab(Path):
@@ -356,8 +357,8 @@ class XoverlayLab(Path):
                              f"{'native' if self.xdp else 'off'}")
 
     def counters(self) -> dict:
-        from ctl.status import drop_counts
-        from maps.drops import REASONS
+        from xoverlay.kernel.counters import drop_counts
+        from xoverlay.maps.drops import REASONS
         out = {}
         for node in self.nodes:
             for code, (packets, _bytes) in drop_counts(node).items():
@@ -366,7 +367,7 @@ class XoverlayLab(Path):
         return out
 
     def agent_pids(self) -> list[int]:
-        from ctl.agent import running_pid
+        from xoverlay.kernel.processes import running_pid
         return [p for p in (running_pid(node) for node in self.nodes) if p]
 
     def pause_agents(self) -> None:
@@ -422,8 +423,8 @@ def clean_leftovers(paths: list[Path]) -> list[str]:
             p.down()
     found += ns_del_prefix(PREFIX)
     remove_state_root()
-    from ctl import datapath
-    from maps.layout import pin_dir
+    from xoverlay.kernel import datapath
+    from xoverlay.maps.layout import pin_dir
     if os.path.isdir(pin_dir(BPF_NODE)):
         found.append(pin_dir(BPF_NODE))
         datapath.unpin(BPF_NODE)
@@ -648,7 +649,7 @@ _INSN_EXIT = 0x95
 
 def _return_prog(prog_type: int, value: int, flags: int = 0) -> int:
     """A program that only returns `value`: what a run costs with nothing to do."""
-    from maps import bpf
+    from xoverlay.kernel import bpf
     insns = bytes([_INSN_MOV_R0, 0, 0, 0]) + value.to_bytes(4, "little") + bytes([_INSN_EXIT]) + bytes(7)
     return bpf.prog_load(prog_type, "xbench_empty", insns, flags)
 
@@ -661,7 +662,7 @@ def _skb_ctx(ingress_ifindex: int) -> bytes:
 
 class BpfCostCluster:
     """Node A of a two-node cluster, built with the control plane's own functions
-    (ctl.model, then ctl.desired.desired_maps): local endpoints a1, a2 on A, b1 on node
+    (xoverlay.core.model, then xoverlay.core.desired.desired_maps): local endpoints a1, a2 on A, b1 on node
     B. The maps hold exactly what A's agent would write."""
     NET, SUBNET, VNI = "bench", "10.99.0.0/16", 4242
     A_IP, B_IP = "198.18.0.1", "198.18.0.2"
@@ -670,7 +671,7 @@ class BpfCostCluster:
     UNDERLAY_IFINDEX = 77
 
     def __init__(self):
-        from ctl import model
+        from xoverlay.core import model
         s = model.State()
         s = model.create_network(s, self.NET, self.SUBNET, vni=self.VNI)
         s = model.join_node(s, "A", self.A_IP)
@@ -681,7 +682,7 @@ class BpfCostCluster:
         self.ep = s.endpoints
 
     def fill(self, maps: dict, build_id: int) -> None:
-        from ctl import desired
+        from xoverlay.core import desired
         want = desired.desired_maps(self.state, "A", self.IFINDEX, self.UNDERLAY_IFINDEX, build_id)
         for name, entries in want.items():
             for key, value in entries.items():
@@ -745,9 +746,8 @@ def bpf_costs(samples: int, repeat: int) -> list[dict]:
       source MAC then passes the source check again: same code path, one map entry
       changed for the loop only). Each loop is checked: same verdict and output as one
       run, no drop counted."""
-    from ctl import datapath
-    from maps import bpf
-    from maps.layout import U32, sum_percpu
+    from xoverlay.kernel import bpf, datapath
+    from xoverlay.maps.layout import U32, sum_percpu
 
     c = BpfCostCluster()
     pk = c.packets()
@@ -823,7 +823,8 @@ def _sender_is_gateway(maps: dict, c: BpfCostCluster, packet: bytes) -> bytes:
     """For the local-delivery loop: a1's MAC becomes the gateway's, in its map entry and
     in the packet, so the packet as the program leaves it passes the source check again."""
     import ctypes
-    from maps.layout import U32
+
+    from xoverlay.maps.layout import U32
     key = U32(c.IFINDEX["a1"])
     entry = maps["xo_local_endpoints"].get(key)
     entry.mac = (ctypes.c_uint8 * 6).from_buffer_copy(b"\xee" * 6)
@@ -977,8 +978,9 @@ class XoverlayServices(XoverlayLab):
         """n services in all (the measured one + n-1 others); returns the seconds from the
         store update until both agents' maps hold exactly them."""
         from dataclasses import replace as dc_replace
-        from ctl import model
-        from ctl.store import open_store
+
+        from xoverlay.core import model
+        from xoverlay.store import open_store
         store = open_store(self.state)
         try:
             def change(s):
@@ -1013,8 +1015,9 @@ class XoverlayServices(XoverlayLab):
         return time.monotonic() - start
 
     def _wait_pushed(self, n: int, timeout: float = 300) -> None:
-        from maps.layout import MAPS, PinnedMap, pin_dir
-        from maps import bpf
+        from xoverlay.kernel import bpf
+        from xoverlay.kernel.pinned import PinnedMap
+        from xoverlay.maps.layout import MAPS, pin_dir
         want_ports = n - 1 + len(SVC_PORTS)
         want_backends = 2 * (n - 1) + 1
         deadline = time.monotonic() + timeout
@@ -1100,9 +1103,10 @@ def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
 def _services_state(c: BpfCostCluster, total: int):
     """c's cluster with `total` services: two measured ones (VIP-LOCAL: backend a2 on
     this node; VIP-REMOTE: b1 on node B) and fillers with two backends each, all made by
-    ctl.model."""
+    xoverlay.core.model."""
     from dataclasses import replace as dc_replace
-    from ctl import model
+
+    from xoverlay.core import model
     s = c.state
     for name, backend in (("vip-local", "a2"), ("vip-remote", "b1")):
         s = model.create_service(s, name, c.NET, [f"{UDP_PORT}/udp", f"{UDP_PORT}/tcp"], [backend])
@@ -1136,7 +1140,7 @@ def _l4_checksums_ok(ip_bytes: bytes) -> bool:
 def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
     """ns per packet of the endpoint program on the service paths next to the same
     packet without a service, with `counts` services in the maps (filled by
-    ctl.desired.desired_maps, Maglev tables pushed by ctl.lbmaps as the agent does),
+    xoverlay.core.desired.desired_maps, Maglev tables pushed by xoverlay.kernel.maglev_maps as the agent does),
     each less an empty program's cost (see bpf_costs for the two columns).
 
     single: `samples` runs of one packet each, fresh skb each time. The connection table
@@ -1151,10 +1155,11 @@ def bpf_lb_costs(samples: int, repeat: int, counts=(10, 10_000)) -> list[dict]:
       is now direct traffic, so no loop can stay on the service path.)"""
     from scapy.layers.inet import IP, TCP, UDP
     from scapy.layers.l2 import Ether
-    from ctl import datapath, desired
-    from ctl.lbmaps import MaglevTables
-    from maps import bpf
-    from maps.layout import U32, sum_percpu
+
+    from xoverlay.core import desired
+    from xoverlay.kernel import bpf, datapath
+    from xoverlay.kernel.maglev_maps import MaglevTables
+    from xoverlay.maps.layout import U32, sum_percpu
 
     c = BpfCostCluster()
     a1, a2, b1 = c.ep["a1"], c.ep["a2"], c.ep["b1"]

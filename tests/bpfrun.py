@@ -1,7 +1,7 @@
 """Run xoverlay's BPF programs on single packets through BPF_PROG_TEST_RUN.
 
 A `Datapath` is the three programs of a throwaway node, loaded and pinned the way the
-agent does it (ctl.datapath.load), with its maps filled with a small fixed cluster
+agent does it (xoverlay.kernel.datapath.load), with its maps filled with a small fixed cluster
 (`Topology`, below). Nothing is attached to any device: the kernel runs a program on a
 packet we give it and hands back the verdict and the packet as the program left it.
 
@@ -32,10 +32,22 @@ import contextlib
 import ctypes
 from dataclasses import dataclass
 
-from maps import bpf
-from maps.drops import REASONS
-from maps.layout import (Config, Endpoint, EndpointKey, LocalEndpoint, Peer, Subnet, U32, Vni,
-                         ip_be, mac_bytes, subnet_key, sum_percpu)
+from xoverlay.kernel import bpf
+from xoverlay.maps.drops import REASONS
+from xoverlay.maps.layout import (
+    U32,
+    Config,
+    Endpoint,
+    EndpointKey,
+    LocalEndpoint,
+    Peer,
+    Subnet,
+    Vni,
+    ip_be,
+    mac_bytes,
+    subnet_key,
+    sum_percpu,
+)
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 XDP_DROP, XDP_PASS = 1, 2
@@ -65,7 +77,7 @@ class Ep:
 
     @property
     def mac(self) -> str:
-        # As ctl.model.mac_for does it: 02:58 + the IPv4 address.
+        # As xoverlay.core.model.mac_for does it: 02:58 + the IPv4 address.
         return "02:58:" + ":".join(f"{int(b):02x}" for b in self.ip.split("."))
 
 
@@ -126,7 +138,7 @@ class Topology:
 def service_table(svc: Svc, backends=None) -> tuple:
     """The Maglev table the agent would push for `svc` (its active backends, or the
     (Ep, index, port) triples given)."""
-    from ctl import maglev
+    from xoverlay.core import maglev
     backends = svc.backends if backends is None else backends
     m = maglev.size_for(max(len(svc.backends), 1))
     owners = maglev.build([ep.name for ep, _, _ in backends], m)
@@ -142,7 +154,7 @@ def backend_entry(svc: Svc, ep: Ep, index: int, port: int = 0, topo=Topology, dr
                   where=None):
     """A backend's entry as the agent writes it, with a copy of its endpoint's (or `where`:
     Endpoint() is nowhere, a local endpoint not plumbed yet)."""
-    from maps.layout import LB_ACTIVE, LB_DRAINING, LbBackend, port_be
+    from xoverlay.maps.layout import LB_ACTIVE, LB_DRAINING, LbBackend, port_be
     return LbBackend(ip=ip_be(ep.ip), port=port_be(port) if port else 0,
                      state=LB_DRAINING if draining else LB_ACTIVE, slot=backend_slot(svc.id, index),
                      where=endpoint_entry(ep, topo) if where is None else where)
@@ -160,8 +172,8 @@ def entry_replaced(table, key, value):
 
 
 def write_service(maps: dict, svc: Svc, tables=None, topo=Topology) -> None:
-    from ctl.lbmaps import MaglevTables
-    from maps.layout import IPPROTO, LB_AFFINITY, LbBackendKey, LbService, LbServiceKey, port_be
+    from xoverlay.kernel.maglev_maps import MaglevTables
+    from xoverlay.maps.layout import IPPROTO, LB_AFFINITY, LbBackendKey, LbService, LbServiceKey, port_be
     for ep, index, port in svc.backends:
         maps["xo_lb_backends"].set(LbBackendKey(service=svc.id, index=index),
                                    backend_entry(svc, ep, index, port, topo))
@@ -196,8 +208,8 @@ def _mac(mac: str):
 
 
 def endpoint_flags(ep: Ep, topo=Topology) -> int:
-    """As ctl.desired.endpoint_flags: service lookups only where services are."""
-    from maps.layout import EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND
+    """As xoverlay.core.desired.endpoint_flags: service lookups only where services are."""
+    from xoverlay.maps.layout import EP_NETWORK_HAS_SERVICES, EP_SERVICE_BACKEND
     flags = EP_NETWORK_HAS_SERVICES if any(s.vni == ep.vni for s in topo.SERVICES) else 0
     if any(b is ep for s in topo.SERVICES for b, _, _ in s.backends):
         flags |= EP_SERVICE_BACKEND
@@ -257,7 +269,7 @@ class Datapath:
     """The programs and maps of one throwaway node. Always close() it: that unpins."""
 
     def __init__(self, node: str):
-        from ctl import datapath
+        from xoverlay.kernel import datapath
         self._datapath = datapath
         self.node = node
         self.progs = None

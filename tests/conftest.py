@@ -26,7 +26,7 @@ class Result:
 
 
 def run_xo(state: str, *args: str, check: bool = True, timeout: float = 60) -> Result:
-    r = subprocess.run([PY, "-m", "ctl.cli", "--state", state, *args], capture_output=True, text=True,
+    r = subprocess.run([PY, "-m", "xoverlay", "--state", state, *args], capture_output=True, text=True,
                        timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"xoverlay {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")
@@ -45,7 +45,7 @@ def in_netns(path: str, *cmd: str, check: bool = True, timeout: float = 60, **kw
 def inside_netns_with_veth(name: str, end: str = "v0", peer: str = "v1"):
     """A netns of the test's own holding a veth pair (`end`, `peer`), this thread inside
     it for the with-block; yields `end`'s ifindex. The netns goes at the end."""
-    from ctl import netns
+    from xoverlay.kernel import netns
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         subprocess.run(["ip", "-n", name, "link", "add", end, "type", "veth", "peer", "name", peer], check=True)
@@ -70,18 +70,18 @@ class LabHandle:
 
     def store(self):
         """The lab's store, whichever backend it runs on (the path follows a lab's etcd)."""
-        from ctl.store import open_store
+        from xoverlay.store import open_store
         return open_store(self.state)
 
     def lab(self):
-        from ctl.lab import Lab
+        from xoverlay.lab.namespace_lab import Lab
         return Lab(self.store(), self.state)
 
     @contextlib.contextmanager
     def agent_paused(self, node: str):
         """The node's agent frozen (SIGSTOP) for the with-block: what the test breaks stays
         broken until it has looked, however the agent's passes fall."""
-        from ctl.agent import running_pid
+        from xoverlay.kernel.processes import running_pid
         pid = running_pid(node)
         assert pid, f"no agent runs for {node}"
         os.kill(pid, signal.SIGSTOP)
@@ -110,8 +110,8 @@ class LabHandle:
                                 stdout=subprocess.PIPE, text=True)
 
     def drift(self, node: str) -> list[dict]:
-        """Entries where the node's maps differ from what the store wants (ctl/status.py)."""
-        from ctl.status import drift, read_maps
+        """Entries where the node's maps differ from what the store wants (xoverlay/ui/status.py)."""
+        from xoverlay.ui.status import drift, read_maps
         store = self.store()
         try:
             return drift(store.read(), node, read_maps(node))
@@ -135,8 +135,8 @@ class LabHandle:
             time.sleep(0.2)
 
     def drops(self, node: str) -> dict[str, int]:
-        from ctl.status import drop_counts
-        from maps.drops import REASONS
+        from xoverlay.kernel.counters import drop_counts
+        from xoverlay.maps.drops import REASONS
         return {REASONS[k].name: v[0] for k, v in drop_counts(node).items()}
 
 
@@ -158,7 +158,7 @@ def leftovers(prefix: str) -> list[str]:
     found = []
     if os.path.isdir("/run/netns"):
         found += [f"netns {n}" for n in os.listdir("/run/netns") if prefix in n]
-    if os.path.isdir("/etc/netns"):       # endpoints' resolv.conf (ctl/resolvconf.py)
+    if os.path.isdir("/etc/netns"):       # endpoints' resolv.conf (xoverlay/kernel/resolvconf.py)
         found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if prefix in n]
     if os.path.isdir("/sys/fs/bpf/xoverlay"):
         found += [f"pin {n}" for n in os.listdir("/sys/fs/bpf/xoverlay") if n.startswith(prefix)]
@@ -168,7 +168,7 @@ def leftovers(prefix: str) -> list[str]:
     for line in links.splitlines():
         name = line.split(":")[1].strip()
         # Any xo link in the host's netns is a leftover, but the etcd link of another lab
-        # that is still up (`xo-<its prefix>st`, ctl/lab.py store_link) is that lab's.
+        # that is still up (`xo-<its prefix>st`, xoverlay/lab/namespace_lab.py store_link) is that lab's.
         if name.startswith("xo") and (prefix in name or not re.match(r"xo-x[0-9a-f]{4}-st\b", name)):
             found.append(f"link {name}")
     return found
@@ -198,14 +198,14 @@ class EtcdProc:
     stop()/start() restart it on the same data (an outage)."""
 
     def __init__(self, tmp: str, tls=None):
-        from ctl import etcd_server
+        from xoverlay.store import etcd_server
         self.dir, self.tls = tmp, tls
         self.port, self.peer = etcd_server.free_port(), etcd_server.free_port()
         self.url = f"etcd://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self) -> "EtcdProc":
-        from ctl import etcd_server
+        from xoverlay.store import etcd_server
         cmd = etcd_server.command("t", os.path.join(self.dir, "data"),
                                   etcd_server.client_urls("127.0.0.1", self.port, bool(self.tls)),
                                   f"http://127.0.0.1:{self.peer}", self.tls)
@@ -213,7 +213,7 @@ class EtcdProc:
         return self
 
     def stop(self) -> None:
-        from ctl import etcd_server
+        from xoverlay.store import etcd_server
         if self.proc:
             etcd_server.stop(self.proc.pid)
             self.proc = None

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import refmodel as M
 from bpfrun import Topology as T, checksum_problems, service_table
-from maps import bpf
-from maps.drops import BY_NAME
-from maps.layout import CT_SERVICE, Ct, CtKey, ip_be, mac_bytes, port_be
+
+from xoverlay.kernel import bpf
+from xoverlay.maps.drops import BY_NAME
+from xoverlay.maps.layout import CT_SERVICE, Ct, CtKey, ip_be, mac_bytes, port_be
 
 PROGS = ("prog_endpoint", "prog_underlay_xdp", "prog_underlay_tc")
 CLIENT = "192.168.50.77"            # outside clients of the routing mesh (test_bpf_mesh.py)
@@ -553,8 +554,9 @@ def well_formed(case: Case, want: M.Outcome, out: bytes) -> list[str]:
 def new_differ(dp, ifindex: int) -> Differ:
     """A Differ for a datapath made by test_bpf_mesh.mesh_datapath (node A of
     bpfrun.Topology, underlay und0 with a neighbour entry for peer B only)."""
-    from maps.layout import U32
     from test_bpf_mesh import ONFARC, PUBLISHED
+
+    from xoverlay.maps.layout import U32
     cfg = dp.maps["xo_config"].get(U32(0))
     cfg.gateway_ifindex = T.GATEWAY_IFINDEX      # the mesh fixture has no xo-gw: DNS needs one
     dp.maps["xo_config"].set(U32(0), cfg)

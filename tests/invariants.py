@@ -1,12 +1,12 @@
 """The store's invariants, written from the spec (docs/DESIGN.md, docs/SERVICES.md) and
-not with ctl/model.py's helpers, so that a rule the model forgets is caught here. Used by
+not with xoverlay/core/model.py's helpers, so that a rule the model forgets is caught here. Used by
 the stateful property tests and the concurrency test (tests/test_state.py)."""
 from __future__ import annotations
 
 import ipaddress
 from collections import Counter
 
-from ctl.model import GATEWAY_IP, MAX_SERVICES, VNI_MAX, VNI_MIN, mac_for
+from xoverlay.core.model import GATEWAY_IP, MAX_SERVICES, VNI_MAX, VNI_MIN, mac_for
 
 
 def _dups(values) -> list:

@@ -12,14 +12,14 @@ and through the kernel must agree packet by packet.
 Where the spec says what to do but not in which order two faults of one packet are
 judged, the model judges the headers in the order they come (outer Ethernet, IPv4, UDP,
 VXLAN, then lookups), and says so below. Hash formulas (Maglev's 5-tuple hash, the
-VXLAN source port) are the control plane's (ctl/lbmaps.py) and RFC 7348's."""
+VXLAN source port) are the control plane's (xoverlay/kernel/maglev_maps.py) and RFC 7348's."""
 from __future__ import annotations
 
 import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from ctl.lbmaps import _mix32, flow_hash, slot_of
+from xoverlay.core.maglev import _mix32, flow_hash, slot_of
 
 ETH_HLEN = 14
 ENCAP_LEN = 20 + 8 + 8 + 14          # outer IPv4 + UDP + VXLAN + inner Ethernet

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from ctl import model
-from ctl.errors import XoError
-from ctl.store_etcd import EtcdStore
+from xoverlay.core import model
+from xoverlay.errors import XoError
+from xoverlay.store.etcd import EtcdStore
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "etcd-scale")
 

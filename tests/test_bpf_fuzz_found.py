@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from bpfrun import TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, Datapath, Topology as T
 
 pytest.importorskip("scapy")
-from test_bpf_programs import ETH, Case, decapsulated, run_case, set_ip_tot_len, vxlan   # noqa: E402
+from test_bpf_programs import ETH, Case, decapsulated, run_case, set_ip_tot_len, vxlan  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),

@@ -24,21 +24,47 @@ import subprocess
 import sys
 
 import pytest
+from bpfrun import (
+    GW_MAC,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    VXLAN_PORT,
+    XDP_DROP,
+    XDP_PASS,
+    Datapath,
+    Svc,
+    Topology as T,
+    backend_entry,
+    drop_delta,
+    entry_replaced,
+    ipv4_checksum,
+    write_service,
+)
 
-from bpfrun import (GW_MAC, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VXLAN_PORT, XDP_DROP, XDP_PASS, Datapath,
-                    Svc, Topology as T, backend_entry, drop_delta, entry_replaced, ipv4_checksum, write_service)
-from ctl import netns
-from maps import bpf
-from maps.layout import (CT_MESH, CT_REPLY, IPPROTO, LB_AFFINITY, Config, CtKey, Endpoint, LbBackendKey, Mesh,
-                         MeshKey, U32, ip_be, port_be)
+from xoverlay.kernel import bpf, netns
+from xoverlay.maps.layout import (
+    CT_MESH,
+    CT_REPLY,
+    IPPROTO,
+    LB_AFFINITY,
+    U32,
+    Config,
+    CtKey,
+    Endpoint,
+    LbBackendKey,
+    Mesh,
+    MeshKey,
+    ip_be,
+    port_be,
+)
 
 pytest.importorskip("scapy")
-from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
-from scapy.layers.l2 import Ether              # noqa: E402
-from scapy.layers.vxlan import VXLAN           # noqa: E402
-
-from test_bpf_programs import ENCAP, ETH, IPH, PAYLOAD, vxlan   # noqa: E402
-from test_bpf_services import assert_checksums_valid, rewritten   # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.layers.vxlan import VXLAN  # noqa: E402
+from test_bpf_programs import ENCAP, ETH, IPH, PAYLOAD, vxlan  # noqa: E402
+from test_bpf_services import assert_checksums_valid, rewritten  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),
@@ -426,7 +452,7 @@ def test_mesh_reply_for_an_unknown_connection_is_dropped(dp):
 
 
 def test_every_mesh_drop_reason_is_covered():
-    from maps.drops import REASONS
+    from xoverlay.maps.drops import REASONS
     covered = {"MESH_OVERLAY_SOURCE", "MESH_TOO_BIG", "MESH_NO_CONNECTION"}
     assert {r.name for r in REASONS.values() if r.name.startswith("MESH_")} == covered
 

@@ -19,27 +19,38 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pytest
+from bpfrun import (
+    GW_MAC,
+    SPORT_MAX,
+    SPORT_MIN,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    VXLAN_PORT,
+    XDP_DROP,
+    XDP_PASS,
+    Datapath,
+    Topology as T,
+    drop_delta,
+    ipv4_checksum,
+)
 
-from maps.layout import U32, mac_bytes, sum_percpu
-
-from bpfrun import (GW_MAC, SPORT_MAX, SPORT_MIN, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
-                    VXLAN_PORT, XDP_DROP, XDP_PASS, Datapath, Topology as T, drop_delta,
-                    ipv4_checksum)
+from xoverlay.maps.layout import U32, mac_bytes, sum_percpu
 
 pytest.importorskip("scapy")
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP   # noqa: E402
-from scapy.layers.inet6 import IPv6                               # noqa: E402
-from scapy.layers.l2 import ARP, Ether                            # noqa: E402
-from scapy.layers.vxlan import VXLAN                              # noqa: E402
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP  # noqa: E402
+from scapy.layers.inet6 import IPv6  # noqa: E402
+from scapy.layers.l2 import ARP, Ether  # noqa: E402
+from scapy.layers.vxlan import VXLAN  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),
-    # ctl.datapath hands BCC str where it wants bytes: not ours to fix here.
+    # xoverlay.kernel.datapath hands BCC str where it wants bytes: not ours to fix here.
     pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning"),
 ]
 
 ETH, IPH, UDPH, VXH = 14, 20, 8, 8
-GW_IP = "169.254.1.1"                  # ctl.model.GATEWAY_IP: the node's DNS responder
+GW_IP = "169.254.1.1"                  # xoverlay.core.model.GATEWAY_IP: the node's DNS responder
 ENCAP = IPH + UDPH + VXH + ETH          # what encap adds after the outer Ethernet header
 
 
@@ -418,7 +429,7 @@ def test_every_drop_reason_is_covered():
     """Each reason the data path can produce on bad input has a row (ENCAP_FAILED and
     DECAP_FAILED are kernel failures we cannot provoke from a frame; UNDERLAY_UNREACHABLE
     comes from the node's routes, in test_bpf_route.py)."""
-    from maps.drops import REASONS
+    from xoverlay.maps.drops import REASONS
     covered = {c.drop for c in ENDPOINT + UNDERLAY_TC + UNDERLAY_XDP if c.drop}
     # Services' reasons have their rows in test_bpf_services.py, the mesh's in test_bpf_mesh.py.
     lb = {r.name for r in REASONS.values() if r.name.startswith(("LB_", "MESH_"))}

@@ -12,11 +12,11 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bpfrun import Datapath, Topology as T               # noqa: E402
-from test_bpf_programs import Case, container, run_case     # noqa: E402
+from bpfrun import Datapath, Topology as T  # noqa: E402
+from test_bpf_programs import Case, container, run_case  # noqa: E402
 
-from ctl import netns                                    # noqa: E402
-from maps.layout import CFG_FIB_MAIN_ONLY, U32            # noqa: E402
+from xoverlay.kernel import netns  # noqa: E402
+from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY, U32  # noqa: E402
 
 TC_ACT_SHOT, TC_ACT_REDIRECT = 2, 7
 NETNS = f"xotest-route-{os.getpid()}"
@@ -108,7 +108,7 @@ def test_a_route_that_refuses_the_peer_drops_its_tunnel_packets(dp, routes, kind
 def test_policy_rules_count_unless_the_agent_found_none_of_the_operators(dp, routes):
     """A rule sends the way to B into a table where it is a blackhole: the full policy
     lookup obeys it; with XO_CFG_FIB_MAIN_ONLY (which the agent sets only when there is no
-    such rule: ctl/links.main_table_suffices) the main table's on-link route is used."""
+    such rule: xoverlay/kernel/veth.py main_table_suffices) the main table's on-link route is used."""
     ip("route", "add", "blackhole", f"{T.PEER_B}/32", "table", "100")
     ip("rule", "add", "to", f"{T.PEER_B}/32", "lookup", "100", "pref", "100")
     send(dp, TO_B, TC_ACT_SHOT, drop="UNDERLAY_UNREACHABLE")

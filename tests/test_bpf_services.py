@@ -1,6 +1,6 @@
 """Services in the data path, through BPF_PROG_TEST_RUN on the real programs (compiled,
-pinned and filled as the agent does it; the Maglev tables built by ctl.maglev and pushed
-by ctl.lbmaps): DNAT, reverse NAT on both delivery paths, the connection table, draining,
+pinned and filled as the agent does it; the Maglev tables built by xoverlay.core.maglev and pushed
+by xoverlay.kernel.maglev_maps): DNAT, reverse NAT on both delivery paths, the connection table, draining,
 removal, affinity and counters. Output frames are compared with what scapy builds, so
 every IP, TCP and UDP checksum in them is checked independently of the kernel.
 
@@ -15,19 +15,41 @@ import os
 import struct
 
 import pytest
+from bpfrun import (
+    GW_MAC,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    Datapath,
+    Topology as T,
+    backend_entry,
+    backend_slot,
+    checksum_problems,
+    drop_delta,
+    entry_replaced,
+    service_table,
+    write_service,
+)
 
-from bpfrun import (GW_MAC, TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T, backend_entry, backend_slot,
-                    checksum_problems, drop_delta, entry_replaced, service_table, write_service)
-from ctl.lbmaps import MaglevTables, flow_hash, slot_of
-from maps.layout import (CT_REPLY, CT_SERVICE, IPPROTO, CtKey, Endpoint, EndpointKey, LbBackendKey, U32, ip_be,
-                         port_be, sum_percpu)
+from xoverlay.core.maglev import flow_hash, slot_of
+from xoverlay.kernel.maglev_maps import MaglevTables
+from xoverlay.maps.layout import (
+    CT_REPLY,
+    CT_SERVICE,
+    IPPROTO,
+    U32,
+    CtKey,
+    Endpoint,
+    EndpointKey,
+    LbBackendKey,
+    ip_be,
+    port_be,
+    sum_percpu,
+)
 
 pytest.importorskip("scapy")
-from scapy.layers.inet import ICMP, IP, TCP, UDP   # noqa: E402
-from scapy.layers.l2 import Ether                  # noqa: E402
-
-from test_bpf_programs import (ENCAP, ETH, PAYLOAD, container, decapsulated, delivered,  # noqa: E402
-                               encapsulated, vxlan)
+from scapy.layers.inet import ICMP, IP, TCP, UDP  # noqa: E402
+from scapy.layers.l2 import Ether  # noqa: E402
+from test_bpf_programs import ENCAP, ETH, PAYLOAD, container, decapsulated, delivered, encapsulated, vxlan  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),
@@ -417,7 +439,7 @@ def test_removed_backend_udp_flow_is_dropped_then_starts_over(dp, many):
 
 
 def test_every_service_drop_reason_is_covered():
-    from maps.drops import REASONS
+    from xoverlay.maps.drops import REASONS
     lb = {r.name for r in REASONS.values() if r.name.startswith("LB_")}
     covered = {reason for _, _, reason in NOT_SERVED} | {"LB_BACKEND_GONE"}
     assert lb - covered == {"LB_NAT_FAILED"}     # a kernel refusal: not provokable by a frame

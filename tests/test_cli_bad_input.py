@@ -8,15 +8,14 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import PY, run_xo
 
 pytestmark = pytest.mark.lab
 
 
 def snapshot(lab) -> tuple:
-    from ctl.datapath import open_maps
-    from ctl.desired import RECONCILED_MAPS
+    from xoverlay.core.desired import RECONCILED_MAPS
+    from xoverlay.kernel.datapath import open_maps
     gen, rows = lab.store().snapshot()      # either backend: the whole state and its generation
     kernel = {}
     for node in lab.nodes():
@@ -148,7 +147,7 @@ def test_bad_input_changes_nothing(lab, case, vip=None):
 def test_second_agent_for_a_node_is_refused(lab):
     n1 = lab.nodes()[0]
     before = snapshot(lab)
-    r = subprocess.run(["nsenter", f"--net=/run/netns/xo-{n1}", "--", PY, "-m", "ctl.cli", "--state", lab.state,
+    r = subprocess.run(["nsenter", f"--net=/run/netns/xo-{n1}", "--", PY, "-m", "xoverlay", "--state", lab.state,
                         "up", "--node", n1, "--underlay", "eth1"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stderr.strip().splitlines() == [
         r.stderr.strip().splitlines()[0]] and "already running" in r.stderr
@@ -167,7 +166,7 @@ def test_without_bpffs(lab, tmp_path):
     """In a mount namespace of its own, bpffs unmounted: `up` refuses before doing anything."""
     n1 = lab.nodes()[0]
     before = snapshot(lab)
-    script = (f"umount /sys/fs/bpf && nsenter --net=/run/netns/xo-{n1} -- {PY} -m ctl.cli --state {lab.state} "
+    script = (f"umount /sys/fs/bpf && nsenter --net=/run/netns/xo-{n1} -- {PY} -m xoverlay --state {lab.state} "
               f"up --node nobpffs --underlay eth1")
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60)
@@ -179,7 +178,7 @@ def test_without_bpffs(lab, tmp_path):
 
 def test_without_root(tmp_path):
     state = tmp_path / "state.db"
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "ctl.cli",
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "xoverlay",
                         "--state", str(state), "network", "ls"], capture_output=True, text=True, timeout=30,
                        cwd="/")
     assert r.returncode != 0
@@ -226,7 +225,7 @@ def test_dns_port_taken_refuses_before_changing_anything(lab):
         before = snapshot(lab)
         node_before = [subprocess.run(["ip", "-n", ns, *what], capture_output=True, text=True).stdout
                        for what in (["addr"], ["rule"])]
-        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", PY, "-m", "ctl.cli", "--state", lab.state,
+        r = subprocess.run(["nsenter", f"--net=/run/netns/{ns}", "--", PY, "-m", "xoverlay", "--state", lab.state,
                             "up", "--node", "dnsbusy", "--underlay", "eth1"], capture_output=True, text=True,
                            timeout=60)
         assert r.returncode != 0

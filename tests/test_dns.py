@@ -1,4 +1,4 @@
-"""The DNS responder's policy (ctl/dns.py), as pure functions over a State: names, types,
+"""The DNS responder's policy (xoverlay/core/dns.py), as pure functions over a State: names, types,
 suffixes, who may ask, what stays invisible, and the message-level rules."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import re
 from dataclasses import dataclass, replace
 
 import pytest
-from dnslib import DNSHeader, DNSRecord, EDNS0, QTYPE, RCODE
+from dnslib import EDNS0, QTYPE, RCODE, DNSHeader, DNSRecord
 from hypothesis import given, settings, strategies as st
 
-from ctl import dns, model
-from ctl.model import State
+from xoverlay.core import dns, model
+from xoverlay.core.model import State
 
 # --- the cluster ----------------------------------------------------------------------
 
@@ -337,7 +337,7 @@ def test_c_and_python_agree_on_the_gateway_address():
 # --- the endpoint's resolv.conf ---------------------------------------------------------------
 
 def test_resolv_conf_for_a_named_netns_written_and_removed(tmp_path):
-    from ctl import resolvconf
+    from xoverlay.kernel import resolvconf
     ep = STATE.endpoints["web1"]
     assert resolvconf.write(ep, str(tmp_path)) is True
     path = tmp_path / "web1" / "resolv.conf"
@@ -350,7 +350,7 @@ def test_resolv_conf_for_a_named_netns_written_and_removed(tmp_path):
 
 
 def test_resolv_conf_of_someone_else_is_left_alone(tmp_path):
-    from ctl import resolvconf
+    from xoverlay.kernel import resolvconf
     ep = STATE.endpoints["web1"]
     (tmp_path / "web1").mkdir()
     theirs = tmp_path / "web1" / "resolv.conf"
@@ -367,7 +367,7 @@ def test_resolv_conf_of_someone_else_is_left_alone(tmp_path):
 
 
 def test_resolv_conf_needs_a_netns_name(tmp_path):
-    from ctl import resolvconf
+    from xoverlay.kernel import resolvconf
     ep = replace(STATE.endpoints["web1"], netns="/proc/4242/ns/net")
     assert resolvconf.netns_name(ep.netns) is None
     assert resolvconf.write(ep, str(tmp_path)) is False and list(tmp_path.iterdir()) == []
@@ -375,8 +375,8 @@ def test_resolv_conf_needs_a_netns_name(tmp_path):
 
 
 def test_resolv_conf_that_cannot_be_written_is_an_error(tmp_path):
-    from ctl import resolvconf
-    from ctl.errors import XoError
+    from xoverlay.errors import XoError
+    from xoverlay.kernel import resolvconf
     (tmp_path / "blocked").write_text("a file where a directory should be")
     with pytest.raises(XoError, match="endpoint web1: cannot write"):
         resolvconf.write(STATE.endpoints["web1"], str(tmp_path / "blocked"))

@@ -1,4 +1,4 @@
-"""The DNS responder's sockets (ctl/dnsd.py) on real ones, without the lab: a namespace
+"""The DNS responder's sockets (xoverlay/agent/dns_responder.py) on real ones, without the lab: a namespace
 plays the node (the gateway address on its loopback, as the agent puts it, plus an
 endpoint address to ask from), another one the node's upstream resolver (a tiny dnslib
 server), joined by a veth. The responder and the upstream run as threads of this
@@ -14,12 +14,14 @@ import time
 import uuid
 
 import pytest
-from dnslib import A, DNSRecord, QTYPE, RCODE, RR
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSLogger, DNSServer
 
-from ctl import dnsd, links, model, netns
-from ctl.errors import XoError
-from ctl.model import GATEWAY_IP, State
+from xoverlay.agent import dns_responder
+from xoverlay.core import model
+from xoverlay.core.model import GATEWAY_IP, State
+from xoverlay.errors import XoError
+from xoverlay.kernel import netns, veth
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -82,7 +84,7 @@ def net():
         for addr in ("10.10.0.1", "10.10.1.1", "10.10.9.9"):
             _ip("-n", node, "addr", "add", f"{addr}/32", "dev", "lo")
         with netns.iproute(f"/run/netns/{node}") as ipr:
-            links.ensure_gateway(ipr)
+            veth.ensure_gateway(ipr)
         resolver = Upstream()
         quiet = DNSLogger("-recv,-send,-request,-reply,-truncated,-error,-data", logf=lambda s: None)
         with netns.entered(f"/run/netns/{up}"):
@@ -106,11 +108,11 @@ class Net:
         self.upstream = upstream
         self.responders = []
 
-    def responder(self, port=53, **kw) -> dnsd.DnsServer:
+    def responder(self, port=53, **kw) -> dns_responder.DnsServer:
         kw.setdefault("upstreams", [(UPSTREAM_IP, 53)])
         kw.setdefault("timeout", 0.5)
         with netns.entered(self.node):
-            r = dnsd.DnsServer("n1", port=port, **kw)
+            r = dns_responder.DnsServer("n1", port=port, **kw)
             r.set_state(cluster())
             r.start()
         self.responders.append(r)
@@ -139,8 +141,8 @@ class Net:
             s.connect((GATEWAY_IP, port))
             s.sendall(b"".join(struct.pack("!H", len(q.pack())) + q.pack() for q in qs))
             for q in qs:
-                n = struct.unpack("!H", dnsd._recv_exact(s, 2))[0]
-                r = DNSRecord.parse(dnsd._recv_exact(s, n))
+                n = struct.unpack("!H", dns_responder._recv_exact(s, 2))[0]
+                r = DNSRecord.parse(dns_responder._recv_exact(s, n))
                 assert r.header.id == q.header.id
                 out.append(r)
         return out
@@ -263,16 +265,16 @@ def test_a_second_responder_on_the_same_address_is_refused_and_stop_frees_it(dns
                                        ("fd00::1", ("fd00::1", 53)), ("[fd00::1]:5353", ("fd00::1", 5353)),
                                        ("[fd00::1]", ("fd00::1", 53))])
 def test_parse_upstream(text, want):
-    assert dnsd.parse_upstream(text) == want
+    assert dns_responder.parse_upstream(text) == want
 
 
 @pytest.mark.parametrize("text", ["dns.example", "10.0.0.2:0", "10.0.0.2:x", "[fd00::1]5353", "10.0.0.256"])
 def test_parse_upstream_refuses(text):
     with pytest.raises(XoError):
-        dnsd.parse_upstream(text)
+        dns_responder.parse_upstream(text)
 
 
 def test_nameservers_of_a_resolv_conf():
     text = ("; comment\nnameserver 10.0.0.2\nnameserver  fe80::1%eth0 \nnameserver fd00::53\nnameserver bogus\n"
             f"nameserver {GATEWAY_IP}\noptions ndots:2\n#nameserver 10.9.9.9\n")
-    assert dnsd.nameservers(text) == [("10.0.0.2", 53), ("fd00::53", 53)]
+    assert dns_responder.nameservers(text) == [("10.0.0.2", 53), ("fd00::53", 53)]

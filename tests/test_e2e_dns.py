@@ -14,7 +14,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import in_netns, run_xo
 
 pytestmark = pytest.mark.lab
@@ -195,9 +194,9 @@ UPSTREAM_IP = "192.0.2.250"
 
 
 def _restart_agent(lab, node: str, *flags: str) -> None:
-    from ctl.teardown import stop_agent
+    from xoverlay.kernel.teardown import stop_agent
     stop_agent(node)
-    cmd = ["nsenter", f"--net=/run/netns/xo-{node}", "--", sys.executable, "-m", "ctl.cli", "--state",
+    cmd = ["nsenter", f"--net=/run/netns/xo-{node}", "--", sys.executable, "-m", "xoverlay", "--state",
            lab.state, "up", "--node", node, "--underlay", "eth1", "--detach", *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
@@ -228,7 +227,7 @@ def upstream(lab):
             proc.kill()
             proc.wait()
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        from ctl.teardown import stop_agent
+        from xoverlay.kernel.teardown import stop_agent
         stop_agent(n1)
         run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
 

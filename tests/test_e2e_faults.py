@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import in_netns, ping_loss
 
 pytestmark = pytest.mark.lab
@@ -26,7 +25,7 @@ def prefix(lab) -> str:
 
 
 def log_of(node: str) -> str:
-    from ctl.agent import log_path
+    from xoverlay.kernel.processes import log_path
     with open(log_path(node)) as f:
         return f.read()
 
@@ -42,8 +41,8 @@ def wait_for(what: str, check, timeout: float = 10, detail=lambda: "") -> None:
 
 def start_agent(lab, node: str, env: dict | None = None) -> None:
     """`xoverlay up --detach` in the node's netns, as `lab up` starts it."""
-    from ctl.lab import UNDERLAY_DEV
-    cmd = ["nsenter", f"--net={lab.node_netns(node)}", "--", sys.executable, "-m", "ctl.cli", "--state",
+    from xoverlay.lab.namespace_lab import UNDERLAY_DEV
+    cmd = ["nsenter", f"--net={lab.node_netns(node)}", "--", sys.executable, "-m", "xoverlay", "--state",
            lab.state, "up", "--node", node, "--underlay", UNDERLAY_DEV, "--detach", "--xdp"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})})
     assert r.returncode == 0, f"up --node {node}: {r.stderr}{r.stdout}"
@@ -62,7 +61,7 @@ def update_store(lab, change) -> None:
 def add_batch(names: list[str], nodes: list[str], service: str):
     """Six endpoints (two per node) and a service over them, in one store transaction:
     one reconcile pass of at least 18 steps on every node."""
-    from ctl import model
+    from xoverlay.core import model
 
     def change(s):
         for i, name in enumerate(names):
@@ -73,7 +72,7 @@ def add_batch(names: list[str], nodes: list[str], service: str):
 
 def remove_batch(names: list[str], service: str):
     """Whatever of add_batch is there, marked for removal in one transaction."""
-    from ctl import model
+    from xoverlay.core import model
 
     def change(s):
         if service in s.services:
@@ -87,12 +86,13 @@ def remove_batch(names: list[str], service: str):
 
 def test_agent_sigkilled_mid_reconcile_20_times_converges_and_loses_nothing(lab):
     """Each round kills one agent (chosen at random) after a random step (1..14) of the
-    reconcile that applies a batch of changes (ctl/agent.py FAULT_ENV): the agent dies with
+    reconcile that applies a batch of changes (xoverlay/agent/loop.py FAULT_ENV): the agent dies with
     the batch half applied (checked: its maps still differ from the store, or endpoints are
     still pending), the next `up` converges (drift 0 on every node, every endpoint ready),
     and two 100 Hz pings between endpoints nobody touches lose nothing."""
-    from ctl.agent import FAULT_ENV, running_pid
-    from ctl.teardown import stop_agent
+    from xoverlay.agent.loop import FAULT_ENV
+    from xoverlay.kernel.processes import running_pid
+    from xoverlay.kernel.teardown import stop_agent
     nodes = lab.nodes()
     n1, n2, n3 = nodes
     seed = int(os.environ.get("XO_FAULT_SEED", time.time()))
@@ -145,11 +145,10 @@ def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
     """Pins deleted, an endpoint's veth deleted, tc programs and XDP detached: within a
     resync or two the agent has put everything back, says so in its log, and traffic
     that does not cross node1 never noticed."""
-    from ctl.agent import RESYNC_SECONDS
-    from ctl import netns
-    from ctl.links import host_ifname
-    from maps import bpf
-    from maps.layout import pin_dir
+    from xoverlay.agent.loop import RESYNC_SECONDS
+    from xoverlay.kernel import bpf, netns
+    from xoverlay.kernel.veth import host_ifname
+    from xoverlay.maps.layout import pin_dir
     n1, n2, n3 = lab.nodes()
     ns = lab.node_netns(n1)
     ping = lab.ping_stream(f"{n2}-b", lab.ep(f"{n3}-a")["ip"])
@@ -189,7 +188,7 @@ def test_a_veth_left_half_made_by_a_killed_agent_is_made_again(lab):
     """An agent killed inside veth creation leaves the host end down (it is set up last),
     the container end still beside it. The next pass must not take it for plumbed: it
     deletes it and plumbs the endpoint from scratch, which then talks across nodes."""
-    from ctl.links import creating_ifname, host_ifname
+    from xoverlay.kernel.veth import creating_ifname, host_ifname
     n1, n2, _ = lab.nodes()
     ns, name = lab.node_netns(n1), f"{n1}-half"
     host = host_ifname(name)
@@ -216,7 +215,7 @@ def test_store_locked_corrupt_or_unreadable_one_line_errors_and_the_data_path_ru
     """A writer holding the lock, junk at the state file's path, a directory there: the
     CLI says so in one line and changes nothing; agents keep forwarding, log the store
     unreachable once, and pick up again when it is back (an endpoint added then is plumbed)."""
-    from ctl.agent import running_pid
+    from xoverlay.kernel.processes import running_pid
     if lab.backend != "sqlite":
         pytest.skip("a SQLite file's faults (etcd outages: tests/test_e2e_store.py)")
     nodes = lab.nodes()

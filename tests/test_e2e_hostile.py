@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import in_netns, ping_loss
 
 pytestmark = pytest.mark.lab
@@ -165,7 +164,7 @@ def mac_of(ns_path: str, dev: str) -> str:
 
 
 def test_rogue_underlay_host_gets_nothing_in_and_every_packet_is_counted(lab, hostile, rogue):
-    from ctl.model import mac_for
+    from xoverlay.core.model import mac_for
     n1, n2, n3 = lab.nodes()
     st = {n: json.loads(lab.xo("status", "--node", n, "--json").out)["node"] for n in (n1, n2)}
     node1_ip, node2_ip = st[n1]["underlay_ip"], st[n2]["underlay_ip"]
@@ -220,7 +219,7 @@ def test_compromised_container_gets_nothing_through_and_neighbours_keep_talking(
     n1, n2, n3 = lab.nodes()
     eps = lab.endpoints()
     evil = eps[hostile["evil"]]
-    from ctl.links import GW_MAC
+    from xoverlay.kernel.veth import GW_MAC
     gw = GW_MAC
     base = {"kind": "ip", "smac": evil["mac"], "dmac": gw, "src": evil["ip"], "mark": MARK}
     batches = [

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import LAB_STORES, in_netns, leftovers, ping_loss, run_xo
 
 pytestmark = pytest.mark.lab
@@ -97,8 +96,8 @@ def test_networks_are_isolated(lab):
 
 
 def test_endpoint_removed_stops_traffic_and_map_entries(lab):
-    from maps.layout import EndpointKey, ip_be
-    from ctl.datapath import open_maps
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.maps.layout import EndpointKey, ip_be
     n1, n2, _ = names(lab)
     lab.xo("endpoint", "add", "tmp-ep", "--network", "demo", "--node", n2)
     ep = lab.ep("tmp-ep")
@@ -118,7 +117,7 @@ def test_endpoint_removed_stops_traffic_and_map_entries(lab):
 
 
 def test_agent_sigkill_and_restart_lose_nothing(lab):
-    from ctl.agent import running_pid
+    from xoverlay.kernel.processes import running_pid
     n1, n2, _ = names(lab)
     pins_before = sorted(os.listdir(f"/sys/fs/bpf/xoverlay/{n1}"))
     ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"], 6)
@@ -143,9 +142,9 @@ def test_agent_sigkill_and_restart_lose_nothing(lab):
 def test_store_change_reaches_every_node_without_waiting_for_resync(lab):
     """Agents watch the store: a new endpoint is in every node's map well before the
     2-second full resync would put it there (the latency itself is measured in bench/)."""
-    from ctl.agent import RESYNC_SECONDS
-    from ctl.datapath import open_maps
-    from maps.layout import EndpointKey, ip_be
+    from xoverlay.agent.loop import RESYNC_SECONDS
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.maps.layout import EndpointKey, ip_be
     lab.xo("endpoint", "add", "fast-ep", "--network", "demo", "--node", lab.nodes()[1], "--no-wait")
     t0 = time.monotonic()
     try:
@@ -165,9 +164,9 @@ def test_store_change_reaches_every_node_without_waiting_for_resync(lab):
 def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path, store):
     state = str(tmp_path / "state.db")
     run_xo(state, "lab", "up", "--nodes", "2", "--no-xdp", "--store", store, timeout=120)
-    from ctl.lab import Lab
-    from ctl.store import open_store
-    from ctl.agent import running_pid
+    from xoverlay.kernel.processes import running_pid
+    from xoverlay.lab.namespace_lab import Lab
+    from xoverlay.store import open_store
     lab = Lab(open_store(state), state)
     assert leftovers(lab.prefix)
     for node in lab.nodes():         # a crash: agents gone, registry gone
@@ -180,9 +179,9 @@ def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path, store):
 def test_new_build_replaces_programs_in_place_without_loss(lab):
     """An agent of another build (faked: the pinned build id changed) loads its programs
     and swaps them in with tc/XDP replace while traffic runs: nothing lost."""
-    from ctl.agent import running_pid
-    from ctl.datapath import open_maps
-    from maps.layout import U32
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.kernel.processes import running_pid
+    from xoverlay.maps.layout import U32
     n1, n2, _ = names(lab)
     os.kill(running_pid(n1), signal.SIGTERM)
     deadline = time.monotonic() + 5
@@ -233,7 +232,7 @@ def test_the_switch_keeps_its_address_when_a_port_comes_and_goes(lab):
     MAC there is (a test's DNS upstream, an outside host) joining and leaving must not
     change the switch's address: with etcd on it, the nodes' ARP entries would point at
     a MAC that left, and agents would lose the store until those entries aged out."""
-    from ctl.lab import ETCD_HOST, SWITCH_MAC
+    from xoverlay.lab.namespace_lab import ETCD_HOST, SWITCH_MAC
     switch = lab.lab().underlay_netns
     node_ns = lab.node_netns(names(lab)[0])
 
@@ -265,8 +264,8 @@ def test_containers_reserve_room_for_the_vxlan_headers(lab):
     """Encap must not reallocate every small packet: a container's eth0 asks its sockets
     for the VXLAN headroom, because the host end of its veth is a port of the node's
     (down) headroom bridge. Off the bridge it asks for nothing; the agent puts it back."""
-    from ctl import netns
-    from ctl.links import ENCAP_HEADROOM, HEADROOM_BRIDGE, host_ifname, needed_headroom
+    from xoverlay.kernel import netns
+    from xoverlay.kernel.veth import ENCAP_HEADROOM, HEADROOM_BRIDGE, host_ifname, needed_headroom
     n1, _, _ = names(lab)
     ep = f"{n1}-a"
     host, node_ns = host_ifname(ep), lab.node_netns(n1)

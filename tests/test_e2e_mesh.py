@@ -13,7 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import in_netns
 
 pytestmark = pytest.mark.lab
@@ -87,7 +86,7 @@ def test_mesh_counters(lab):
 def test_without_xdp_tc_serves_the_mesh(lab):
     """XDP off on node 3's underlay (as with `up --no-xdp`): tc does the whole forward
     path; then the agent, restarted, attaches XDP again."""
-    from ctl.teardown import stop_agent
+    from xoverlay.kernel.teardown import stop_agent
     n3 = lab.nodes()[2]
     ip = node_ips(lab)[n3]
     stop_agent(n3)
@@ -106,12 +105,12 @@ def test_without_xdp_tc_serves_the_mesh(lab):
 def test_demo_server_is_supervised(lab):
     """Its server killed: the supervisor starts another. The supervisor killed (SIGKILL):
     the server goes with it, and `lab up` starts them again."""
-    from ctl.lab import _cmdline, _pids_with
+    from xoverlay.kernel.processes import _cmdline, _pids_with
     lo = lab_obj(lab)
     ip = node_ips(lab)[lab.nodes()[0]]
 
     def pids():
-        return {p: _cmdline(p) for p in _pids_with(["ctl.demo_server", f"--tag={lo.demo_tag}"])}
+        return {p: _cmdline(p) for p in _pids_with(["xoverlay.lab.demo_server", f"--tag={lo.demo_tag}"])}
 
     def serving(timeout=10):
         deadline = time.monotonic() + timeout

@@ -1,5 +1,5 @@
 """Services end to end on the 3-node namespace lab: a VIP load-balanced over a backend on
-every node (ctl/demo_server.py in node1-a, node2-a, node3-a), used from other endpoints
+every node (xoverlay/lab/demo_server.py in node1-a, node2-a, node3-a), used from other endpoints
 with tests/lb_client.py. Real veths, real programs, real TCP and UDP."""
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ class Web:
 
 def kernel_tables(lab, sid: int) -> dict[str, set]:
     """The backend indexes in each node's Maglev table of service `sid`."""
-    from ctl.datapath import open_maps
-    from ctl.lbmaps import MaglevTables
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.kernel.maglev_maps import MaglevTables
     out = {}
     for node in lab.nodes():
         maps = open_maps(node)
@@ -75,7 +75,7 @@ def web(lab):
     servers = []
     try:
         for b in backends:
-            p = subprocess.Popen(["nsenter", f"--net={lab.ep(b)['netns']}", "--", PY, "-m", "ctl.demo_server", b],
+            p = subprocess.Popen(["nsenter", f"--net={lab.ep(b)['netns']}", "--", PY, "-m", "xoverlay.lab.demo_server", b],
                                  cwd=ROOT, stdout=subprocess.PIPE, text=True)
             servers.append(p)
             assert p.stdout.readline().strip() == "listening"

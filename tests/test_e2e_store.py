@@ -9,7 +9,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import PY, in_netns, ping_loss
 from test_e2e_lab import names
 
@@ -19,7 +18,7 @@ PROPAGATION_SECONDS = 0.3
 
 def _seen_everywhere(nodes, map_name, key, started, timeout=5.0) -> dict[str, float]:
     """Seconds after `started` at which each node's pinned map held `key`."""
-    from ctl.datapath import open_maps
+    from xoverlay.kernel.datapath import open_maps
     maps = {n: open_maps(n) for n in nodes}
     seen = {}
     deadline = started + timeout
@@ -35,9 +34,10 @@ def _seen_everywhere(nodes, map_name, key, started, timeout=5.0) -> dict[str, fl
 
 
 def test_a_change_reaches_every_agents_maps_within_300ms(lab):
-    from ctl import model, netns
-    from maps.layout import EndpointKey, ip_be
-    from ctl.desired import subnet_key
+    from xoverlay.core import model
+    from xoverlay.core.desired import subnet_key
+    from xoverlay.kernel import netns
+    from xoverlay.maps.layout import EndpointKey, ip_be
     n1, n2, n3 = names(lab)
     store = lab.store()
     try:
@@ -65,7 +65,8 @@ def _liveness(lab, node, peer):
 def test_node_whose_agent_is_gone_is_shown_down_and_still_forwarded_to(lab):
     """SIGKILL (no goodbye): the node's registration expires after its TTL (10 s) and
     status says down; its data path and its peers' keep forwarding to it meanwhile."""
-    from ctl.agent import LEASE_TTL, running_pid
+    from xoverlay.agent.loop import LEASE_TTL
+    from xoverlay.kernel.processes import running_pid
     n1, _, n3 = names(lab)
     assert _liveness(lab, n1, n3) == "up"
     try:
@@ -93,7 +94,7 @@ def _etcd_only(lab):
 
 
 def _stop_etcd(lab):
-    from ctl import etcd_server
+    from xoverlay.store import etcd_server
     pids = lab.lab()._etcd_pids()
     assert pids, "the lab's etcd is not running"
     for pid in pids:
@@ -126,9 +127,9 @@ def test_etcd_restarted_mid_traffic_loses_nothing(lab):
 
 
 def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
-    from ctl.agent import running_pid
-    from ctl.etcd_server import free_port
-    from ctl.teardown import stop_agent
+    from xoverlay.kernel.processes import running_pid
+    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.store.etcd_server import free_port
     _etcd_only(lab)
     n1, n2, _ = names(lab)
     node_url = json.load(open(lab.lab().registry))["etcd"]["node_url"]
@@ -138,7 +139,7 @@ def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
         time.sleep(0.5)
         _stop_etcd(lab)
         stop_agent(n1)
-        r = in_netns(f"/run/netns/xo-{n1}", PY, "-m", "ctl.cli", "--store", node_url, "up", "--node", n1,
+        r = in_netns(f"/run/netns/xo-{n1}", PY, "-m", "xoverlay", "--store", node_url, "up", "--node", n1,
                      "--underlay", "eth1", "--detach", "--metrics", f"127.0.0.1:{port}", timeout=60)
         assert running_pid(n1), r.stderr
         status = json.loads(lab.xo("status", "--node", n1, "--json").out)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import in_netns
 
 pytestmark = pytest.mark.lab
@@ -25,14 +24,15 @@ def node_ips(lab) -> dict[str, str]:
 
 
 def config_flags(node: str) -> int:
-    from maps.layout import MAPS, PinnedMap, U32, pin_dir
+    from xoverlay.kernel.pinned import PinnedMap
+    from xoverlay.maps.layout import MAPS, U32, pin_dir
     with PinnedMap(pin_dir(node), MAPS["xo_config"]) as cfg:
         return cfg.get(U32(0)).flags
 
 
 def wait_main_only(node: str, want: bool, timeout: float = 15) -> None:
     """Until the node's agent has read its rules again (every pass, 2 s apart)."""
-    from maps.layout import CFG_FIB_MAIN_ONLY
+    from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY
     deadline = time.monotonic() + timeout
     while bool(config_flags(node) & CFG_FIB_MAIN_ONLY) != want:
         assert time.monotonic() < deadline, f"{node}: XO_CFG_FIB_MAIN_ONLY still {not want}"

@@ -18,16 +18,14 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from bpfrun import Topology as T
 
 pytest.importorskip("scapy")
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st   # noqa: E402
-
-import fuzzpackets as F                                                   # noqa: E402
-import refmodel as M                                                      # noqa: E402
-import test_bpf_programs as P                                             # noqa: E402
+import fuzzpackets as F  # noqa: E402
+import refmodel as M  # noqa: E402
+import test_bpf_programs as P  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 PER_PROGRAM = 20_000
 BATCH = 500                 # frames per program per seed (and per drop counter check)
@@ -90,7 +88,7 @@ def differ():
 @root
 @pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
 def test_kernel_agrees_with_the_model(differ):
-    from ctl import netns
+    from xoverlay.kernel import netns
 
     # Two batches more than 20,000 frames: the few the kernel refuses to run do not count.
     @settings(max_examples=PER_PROGRAM // BATCH + 2, derandomize=True, database=None, deadline=None,
@@ -108,7 +106,7 @@ def test_kernel_agrees_with_the_model(differ):
     for prog in F.PROGS:
         assert differ.run[prog] >= PER_PROGRAM, (prog, differ.run[prog], differ.refused[prog])
     # The frames reached every behaviour, and every drop reason a frame can cause.
-    from maps.drops import REASONS
+    from xoverlay.maps.drops import REASONS
     seen = {reason for (_, _, reason) in differ.outcomes}
     # Kernel refusals, and the node's routes (no frame makes a route refuse a peer).
     unreachable = {"ENCAP_FAILED", "DECAP_FAILED", "LB_NAT_FAILED", "UNDERLAY_UNREACHABLE"}

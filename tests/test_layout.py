@@ -1,5 +1,5 @@
 """The C map layouts (bpf/lib/maps.h, as clang lays them out) and the Python ones
-(maps/layout.py) agree: same size, and every field that is not padding at the same
+(xoverlay/maps/layout.py) agree: same size, and every field that is not padding at the same
 offset with the same size. Cilium's bpf_alignchecker, done with BCC: BCC hands us the
 key and value types of every table as ctypes built from clang's own layout."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from maps.drops import REASONS
-from maps.layout import MAPS
+from xoverlay.maps.drops import REASONS
+from xoverlay.maps.layout import MAPS
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="compiling BPF maps needs root")
 
@@ -60,7 +60,7 @@ def bcc_module():
     """The bundle compiled as the loader compiles it, its maps pinned in a throwaway
     directory that is removed afterwards."""
     bcc = pytest.importorskip("bcc")
-    from ctl import datapath
+    from xoverlay.kernel import datapath
     node = f"pytest-layout-{os.getpid()}"
     pin = datapath.pin_dir(node)
     os.makedirs(pin, exist_ok=True)
@@ -85,9 +85,9 @@ def test_map_layout_matches_c(bcc_module, name):
     spec = MAPS[name]
     if spec.ringbuf:
         # The record type, from the throwaway array; the size from the kernel.
-        from maps import bpf
+        from xoverlay.kernel import bpf
         problems = [f"record {p}" for p in same_layout(module[b"xo_layout_event"].Leaf, spec.value)]
-        assert not problems, f"{name}: maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
+        assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
         info = bpf.map_info(module[name.encode()].map_fd)
         assert info.type == 27, f"{name} is not a BPF_MAP_TYPE_RINGBUF"
         assert info.max_entries == spec.max_entries
@@ -102,12 +102,12 @@ def test_map_layout_matches_c(bcc_module, name):
         assert not issubclass(leaf, ctypes.Array), f"{name} is per-CPU in C but not in Python"
     problems = ([f"key {p}" for p in same_layout(table.Key, spec.key)] +
                 [f"value {p}" for p in same_layout(leaf, spec.value)])
-    assert not problems, f"{name}: maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
+    assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
     assert table.max_entries == spec.max_entries, \
         f"{name}: max_entries C {table.max_entries}, Python {spec.max_entries}"
     # The type too: datapath.load() compares pinned maps to the specs to find the ones a
     # new build must recreate.
-    from maps import bpf
+    from xoverlay.kernel import bpf
     assert bpf.map_info(table.map_fd).type == spec.map_type, f"{name}: C map type is not {spec.kind!r}"
 
 
@@ -126,7 +126,7 @@ def test_drop_reasons_parsed():
     assert all(0 < code < 32 for code in codes), codes     # 0 is "no drop"; xo_drops has 32
     assert all(r.text for r in REASONS.values())
     # Codes are the dict keys, so duplicates would have collapsed: count the lines instead.
-    from maps.drops import DROP_HEADER, _LINE
+    from xoverlay.maps.drops import _LINE, DROP_HEADER
     assert len(_LINE.findall(DROP_HEADER.read_text())) == len(REASONS), "duplicate drop code"
 
 
@@ -147,7 +147,7 @@ def test_layout_check_catches_a_moved_field():
 
 
 def test_freshly_pinned_maps_are_not_outdated(bcc_module):
-    from ctl import datapath
+    from xoverlay.kernel import datapath
     _, pin = bcc_module
     assert datapath.outdated_maps(pin) == []
 
@@ -155,9 +155,9 @@ def test_freshly_pinned_maps_are_not_outdated(bcc_module):
 def test_new_build_remakes_only_the_maps_whose_layout_changed():
     """A map pinned by a build with another layout (here xo_peers as it was before it had
     counter slots: a 4-byte value) is made anew, empty; the others keep their entries."""
-    from ctl import datapath
-    from maps import bpf
-    from maps.layout import MAP_TYPES, Peer, PinnedMap, Vni, U32
+    from xoverlay.kernel import bpf, datapath
+    from xoverlay.kernel.pinned import PinnedMap
+    from xoverlay.maps.layout import MAP_TYPES, U32, Peer, Vni
     node = f"pytest-upgrade-{os.getpid()}"
     pin = datapath.pin_dir(node)
     try:

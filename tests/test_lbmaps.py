@@ -1,4 +1,4 @@
-"""Maglev tables in the kernel (ctl/lbmaps.py) on a real array of maps: swapped in whole,
+"""Maglev tables in the kernel (xoverlay/kernel/maglev_maps.py) on a real array of maps: swapped in whole,
 read back, emptied; and 10,000 services' worth of them, which is what the per-service
 table size is chosen for."""
 from __future__ import annotations
@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-from ctl import desired, maglev
-from ctl.lbmaps import MaglevTables, flow_hash
-from maps import bpf
-from maps.layout import LB_MAX_SERVICES
+from xoverlay.core import desired, maglev
+from xoverlay.core.maglev import flow_hash
+from xoverlay.kernel import bpf
+from xoverlay.kernel.maglev_maps import MaglevTables
+from xoverlay.maps.layout import LB_MAX_SERVICES
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="creating BPF maps needs root")
 

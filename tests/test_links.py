@@ -1,7 +1,7 @@
-"""ctl/links.py helpers that need no namespace of their own (reads of this one only)."""
+"""xoverlay/kernel/veth.py helpers that need no namespace of their own (reads of this one only)."""
 from pyroute2 import IPRoute
 
-from ctl import links
+from xoverlay.kernel import veth
 
 
 def test_stray_acks_of_get_requests_are_dropped():
@@ -10,20 +10,20 @@ def test_stray_acks_of_get_requests_are_dropped():
     the socket working."""
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        links.drop_unclaimed_replies(ipr)
+        veth.drop_unclaimed_replies(ipr)
         for _ in range(20):
             ipr.link_lookup(ifname="lo")
             ipr.get_links(lo)
         stray = ipr.asyncore.msg_queue.root.qsize()
         assert stray == 40, "pyroute2 no longer leaves ACKs behind? Then drop_unclaimed_replies can go"
-        assert links.drop_unclaimed_replies(ipr) == stray
+        assert veth.drop_unclaimed_replies(ipr) == stray
         assert ipr.asyncore.msg_queue.root.empty()
         assert ipr.get_links(lo)[0].get_attr("IFLA_IFNAME") == "lo"
-        assert links.drop_unclaimed_replies(ipr) == 1
+        assert veth.drop_unclaimed_replies(ipr) == 1
 
 
 def _rule(priority, table, action=1, src=None, dst=None, **more):
-    """An IPv4 rule as pyroute2 reads it (the attributes links.rule_shape looks at)."""
+    """An IPv4 rule as pyroute2 reads it (the attributes veth.rule_shape looks at)."""
     attrs = [("FRA_TABLE", table), ("FRA_SUPPRESS_PREFIXLEN", 0xffffffff), ("FRA_PROTOCOL", 2)]
     if priority:
         attrs.append(("FRA_PRIORITY", priority))
@@ -37,11 +37,11 @@ def _rule(priority, table, action=1, src=None, dst=None, **more):
 
 
 KERNEL = [_rule(0, 255), _rule(32766, 254), _rule(32767, 253)]
-OURS = _rule(links.RETURN_RULE_PRIORITY, links.RETURN_TABLE, src=links.GATEWAY_IP)
+OURS = _rule(veth.RETURN_RULE_PRIORITY, veth.RETURN_TABLE, src=veth.GATEWAY_IP)
 
 
 def suffices(rules):
-    return links.main_table_suffices(links.rule_shape(r) for r in rules)
+    return veth.main_table_suffices(veth.rule_shape(r) for r in rules)
 
 
 def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
@@ -55,7 +55,7 @@ def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
     assert not suffices(KERNEL + [_rule(200, 253)])                          # default table first
     assert not suffices(KERNEL[1:] + [OURS])                                 # no `lookup local`
     assert not suffices([KERNEL[0], _rule(32766, 254, action=2), KERNEL[2], OURS])   # main -> goto
-    assert not suffices(KERNEL + [_rule(links.RETURN_RULE_PRIORITY, links.RETURN_TABLE, src="192.0.2.1")])
+    assert not suffices(KERNEL + [_rule(veth.RETURN_RULE_PRIORITY, veth.RETURN_TABLE, src="192.0.2.1")])
     suppress = _rule(32766, 254)
     suppress["attrs"][1] = ("FRA_SUPPRESS_PREFIXLEN", 0)                   # main, suppress_prefixlength 0
     assert not suffices([KERNEL[0], suppress, KERNEL[2]])

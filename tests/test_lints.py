@@ -10,10 +10,10 @@ import subprocess
 import time
 
 import pytest
-
-from ctl import lints
-
 from conftest import PY, in_netns
+
+from xoverlay.kernel import monitor_flag
+from xoverlay.ui import lints
 
 
 def ids(found):
@@ -130,11 +130,10 @@ time.sleep(120)
 
 @pytest.mark.lab
 def test_lints_on_a_misconfigured_lab_node(lab):
-    from ctl import monitor
-    from ctl.datapath import detach_xdp, open_maps
-    from ctl.netns import entered
-    from ctl.teardown import stop_agent
-    from maps.layout import Monitor, U32
+    from xoverlay.kernel.datapath import detach_xdp, open_maps
+    from xoverlay.kernel.netns import entered
+    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.maps.layout import U32, Monitor
     n3 = lab.nodes()[2]
     node_ns = f"/run/netns/xo-{n3}"
 
@@ -176,13 +175,13 @@ def test_lints_on_a_misconfigured_lab_node(lab):
     while status_lints() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert status_lints() == {}
-    assert monitor.read_flag(n3) == Monitor()
+    assert monitor_flag.read_flag(n3) == Monitor()
 
 
 @pytest.mark.lab
 def test_status_without_bpffs_says_so(lab):
     n1 = lab.nodes()[0]
-    script = f"umount /sys/fs/bpf && {PY} -m ctl.cli --state {lab.state} status --node {n1} --json"
+    script = f"umount /sys/fs/bpf && {PY} -m xoverlay --state {lab.state} status --node {n1} --json"
     r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                        capture_output=True, text=True, timeout=60, cwd=os.getcwd())
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,4 @@
-"""Maglev lookup tables (ctl/maglev.py): spread, disruption, weights, stability."""
+"""Maglev lookup tables (xoverlay/core/maglev.py): spread, disruption, weights, stability."""
 from __future__ import annotations
 
 import statistics
@@ -6,8 +6,8 @@ import statistics
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ctl import maglev
-from ctl.maglev import Weighted
+from xoverlay.core import maglev
+from xoverlay.core.maglev import Weighted
 
 
 def names(n, prefix="ep"):

@@ -10,11 +10,11 @@ import subprocess
 import time
 
 import pytest
-
-from ctl import metrics, model
-from ctl.errors import XoError
-
 from conftest import PY, in_netns
+
+from xoverlay.agent import metrics
+from xoverlay.core import model
+from xoverlay.errors import XoError
 
 # --- the address (pure) ---------------------------------------------------------------------
 
@@ -83,9 +83,8 @@ def series(all_samples: dict, name: str, **labels) -> float:
 @pytest.mark.skipif(os.geteuid() != 0, reason="loads BPF programs")
 @pytest.mark.filterwarnings("ignore:not a bytes object:DeprecationWarning")
 def test_collector_reads_the_pinned_maps_at_scrape_time():
-    from prometheus_client import CollectorRegistry, generate_latest
-
     from bpfrun import TC_ACT_REDIRECT, TC_ACT_SHOT, Datapath, Topology as T
+    from prometheus_client import CollectorRegistry, generate_latest
     from test_bpf_programs import _web1_to_api1, container
 
     with Datapath(f"pytest-metrics-{os.getpid()}") as dp:
@@ -129,9 +128,8 @@ def test_collector_reads_the_pinned_maps_at_scrape_time():
 def test_service_and_backend_counters_are_series():
     import dataclasses
 
-    from prometheus_client import CollectorRegistry, generate_latest
-
     from bpfrun import TC_ACT_REDIRECT, Datapath, Topology as T
+    from prometheus_client import CollectorRegistry, generate_latest
     from test_bpf_programs import container
     from test_bpf_services import syn
 
@@ -167,16 +165,17 @@ def scrape_in(netns: str, addr: str) -> dict[str, float]:
 
 def start_agent(lab, node: str, *extra: str, where: str | None = None) -> subprocess.CompletedProcess:
     """`up --node NODE` in the netns of lab node `where` (default: NODE's own)."""
-    return subprocess.run(["nsenter", f"--net=/run/netns/xo-{where or node}", "--", PY, "-m", "ctl.cli", "--state", lab.state,
+    return subprocess.run(["nsenter", f"--net=/run/netns/xo-{where or node}", "--", PY, "-m", "xoverlay", "--state", lab.state,
                            "up", "--node", node, "--underlay", "eth1", *extra], capture_output=True, text=True,
                           timeout=120)
 
 
 @pytest.mark.lab
 def test_lab_agent_serves_metrics_that_follow_traffic(lab):
-    from ctl.teardown import stop_agent
-    from test_cli_bad_input import one_line_error, snapshot
     from conftest import Result
+    from test_cli_bad_input import one_line_error, snapshot
+
+    from xoverlay.kernel.teardown import stop_agent
     n1, n2, _ = lab.nodes()
     netns = f"/run/netns/xo-{n1}"
     stop_agent(n1)

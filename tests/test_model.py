@@ -3,9 +3,9 @@ import ipaddress
 
 import pytest
 
-from ctl import model
-from ctl.errors import XoError
-from ctl.model import State
+from xoverlay.core import model
+from xoverlay.core.model import State
+from xoverlay.errors import XoError
 
 
 def cluster(nodes=("n1", "n2")) -> State:

@@ -12,13 +12,14 @@ import subprocess
 import time
 
 import pytest
-
-from ctl import model, monitor
-from ctl.errors import XoError
-from maps.drops import BY_NAME
-from maps.layout import EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, MON_DROPS, MON_SERVICES, Event, Monitor, ip_be
-
 from conftest import PY, in_netns
+
+from xoverlay.core import model
+from xoverlay.errors import XoError
+from xoverlay.kernel import monitor_flag, processes
+from xoverlay.maps.drops import BY_NAME
+from xoverlay.maps.layout import EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, MON_DROPS, MON_SERVICES, Event, Monitor, ip_be
+from xoverlay.ui import monitor
 
 
 def state():
@@ -106,7 +107,7 @@ def test_decode_a_forward_event():
 
 
 def test_decode_and_filter_a_service_connection():
-    from maps.layout import EVF_XLATE
+    from xoverlay.maps.layout import EVF_XLATE
     names = monitor.Names(services={7: "web"}, local={31: "web"}, ifnames={31: "xo0123456789"})
     ev = monitor.decode(record(type=3, hook=1, reason=7, flags=EVF_IP | EVF_PORTS | EVF_XLATE, ifindex=31,
                                protocol=6, saddr=ip_be("10.10.0.5"), daddr=ip_be("10.10.255.254"),
@@ -146,20 +147,20 @@ def test_reason_names_are_checked_and_forgiving():
 
 
 def test_flag_states():
-    assert monitor.flag_state(None) == "off"
-    assert monitor.flag_state(Monitor()) == "off"
-    assert monitor.flag_state(Monitor(events=1, pid=7, pid_start=70), lambda pid, start: True) == "running"
-    assert monitor.flag_state(Monitor(events=1, pid=7, pid_start=70), lambda pid, start: False) == "stale"
+    assert monitor_flag.flag_state(None) == "off"
+    assert monitor_flag.flag_state(Monitor()) == "off"
+    assert monitor_flag.flag_state(Monitor(events=1, pid=7, pid_start=70), lambda pid, start: True) == "running"
+    assert monitor_flag.flag_state(Monitor(events=1, pid=7, pid_start=70), lambda pid, start: False) == "stale"
 
 
 def test_owner_alive_tells_a_reused_pid_apart():
-    me, start = os.getpid(), monitor.proc_start(os.getpid())
-    assert start and monitor.owner_alive(me, start)
-    assert not monitor.owner_alive(me, start + 1), "same pid, another start time: another process"
+    me, start = os.getpid(), processes.proc_start(os.getpid())
+    assert start and processes.owner_alive(me, start)
+    assert not processes.owner_alive(me, start + 1), "same pid, another start time: another process"
     child = subprocess.Popen(["true"])
     child.wait()
-    assert monitor.proc_start(child.pid) is None and not monitor.owner_alive(child.pid, 1)
-    assert not monitor.owner_alive(0, 0)
+    assert processes.proc_start(child.pid) is None and not processes.owner_alive(child.pid, 1)
+    assert not processes.owner_alive(0, 0)
 
 
 def test_proc_start_reads_past_a_command_name_with_spaces_and_parentheses(tmp_path):
@@ -168,7 +169,7 @@ def test_proc_start_reads_past_a_command_name_with_spaces_and_parentheses(tmp_pa
     p = subprocess.Popen([str(exe), "5"])
     try:
         time.sleep(0.1)
-        assert monitor.proc_start(p.pid) == int(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[19])
+        assert processes.proc_start(p.pid) == int(open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()[19])
     finally:
         p.kill()
         p.wait()
@@ -189,12 +190,12 @@ def node_maps():
 
 
 def flag(dp) -> Monitor:
-    from maps.layout import U32
+    from xoverlay.maps.layout import U32
     return dp.maps["xo_monitor"].get(U32(0))
 
 
 def set_raw_flag(dp, mon: Monitor) -> None:
-    from maps.layout import U32
+    from xoverlay.maps.layout import U32
     dp.maps["xo_monitor"].set(U32(0), mon)
 
 
@@ -203,7 +204,7 @@ def test_listener_sets_and_clears_its_flag(node_maps):
     with monitor.Listener(node_maps.node, events=3, sample=7) as listener:
         mon = flag(node_maps)
         assert (mon.events, mon.sample, mon.pid) == (3, 7, os.getpid())
-        assert monitor.flag_state(mon) == "running"
+        assert monitor_flag.flag_state(mon) == "running"
         assert listener.took_over is None
     assert flag(node_maps) == Monitor()
 
@@ -229,7 +230,7 @@ def test_a_stale_flag_is_taken_over_and_a_live_one_refused(node_maps):
     live = subprocess.Popen(["sleep", "30"])
     try:
         time.sleep(0.1)
-        owner = Monitor(events=1, pid=live.pid, pid_start=monitor.proc_start(live.pid))
+        owner = Monitor(events=1, pid=live.pid, pid_start=processes.proc_start(live.pid))
         set_raw_flag(node_maps, owner)
         with pytest.raises(XoError, match=f"already running \\(pid {live.pid}\\)"):
             monitor.Listener(node_maps.node, events=1)
@@ -237,9 +238,9 @@ def test_a_stale_flag_is_taken_over_and_a_live_one_refused(node_maps):
     finally:
         live.kill()
         live.wait()
-    assert monitor.clear_if_stale(node_maps.maps["xo_monitor"]) == owner, "its owner is gone now"
+    assert monitor_flag.clear_if_stale(node_maps.maps["xo_monitor"]) == owner, "its owner is gone now"
     assert flag(node_maps) == Monitor()
-    assert monitor.clear_if_stale(node_maps.maps["xo_monitor"]) is None
+    assert monitor_flag.clear_if_stale(node_maps.maps["xo_monitor"]) is None
 
 
 def test_listener_refuses_a_node_without_maps():
@@ -279,7 +280,7 @@ class Monitoring:
     """`xoverlay monitor ARGS` in the background, ready once it says it is listening."""
 
     def __init__(self, lab, *args):
-        self.proc = subprocess.Popen([PY, "-m", "ctl.cli", "--state", lab.state, "monitor", *args],
+        self.proc = subprocess.Popen([PY, "-m", "xoverlay", "--state", lab.state, "monitor", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      preexec_fn=_as_in_a_terminal)
         self.notes = []
@@ -309,7 +310,7 @@ def _provoke_every_reason(lab, n1, n2, iso_ip):
     lab.ping(f"{n1}-a", "10.10.250.250", count=1)                    # UNKNOWN_DESTINATION
     lab.ping(f"{n1}-a", iso_ip, count=1)                             # OTHER_NETWORK
     lab.ping(f"{n1}-a", "10.99.0.1", count=1)                        # NO_ROUTE
-    from scapy.layers.inet import IP, UDP, ICMP
+    from scapy.layers.inet import ICMP, IP, UDP
     from scapy.layers.l2 import ARP, Ether
     from scapy.layers.vxlan import VXLAN
     spoofed = Ether(src=src["mac"], dst="ee:ee:ee:ee:ee:ee") / IP(src="10.10.0.99", dst=lab.ep(f"{n1}-b")["ip"]) / \
@@ -332,7 +333,7 @@ def _provoke_every_reason(lab, n1, n2, iso_ip):
 
 @pytest.mark.lab
 def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
-    from ctl.links import host_ifname
+    from xoverlay.kernel.veth import host_ifname
     n1, n2, _ = lab.nodes()
     lab.xo("network", "create", "mon-iso", "--subnet", "10.78.0.0/16")
     mon = None
@@ -340,7 +341,7 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
         lab.xo("endpoint", "add", "mon-iso-x", "--network", "mon-iso", "--node", n2)
         iso_ip = lab.ep("mon-iso-x")["ip"]
         mon = Monitoring(lab, "--node", n1, "--json", "--count", "7")
-        assert monitor.read_flag(n1).events == MON_DROPS | MON_SERVICES, "the flag is set while it runs"
+        assert monitor_flag.read_flag(n1).events == MON_DROPS | MON_SERVICES, "the flag is set while it runs"
         node_ip = _provoke_every_reason(lab, n1, n2, iso_ip)
         code, events, err = mon.finish()
     finally:
@@ -376,7 +377,7 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
     assert (peer["outer"]["src"], peer["outer"]["src_node"], peer["vni"], peer["network"]) == \
         ("192.0.2.99", None, 4096, "demo")
     assert (vni["outer"]["src_node"], vni["vni"], vni["network"]) == (n2, 777, None)
-    assert monitor.read_flag(n1).events == 0, "cleared when it stopped after --count"
+    assert monitor_flag.read_flag(n1).events == 0, "cleared when it stopped after --count"
 
 
 @pytest.mark.lab
@@ -425,7 +426,7 @@ def test_monitor_clears_its_flag_when_stopped(lab, sig):
     n1 = lab.nodes()[0]
     mon = Monitoring(lab, "--node", n1)
     try:
-        assert monitor.read_flag(n1).pid == mon.proc.pid
+        assert monitor_flag.read_flag(n1).pid == mon.proc.pid
         lab.ping(f"{n1}-a", "10.10.250.3", count=1)
         time.sleep(0.5)
         mon.proc.send_signal(sig)
@@ -433,7 +434,7 @@ def test_monitor_clears_its_flag_when_stopped(lab, sig):
     finally:
         mon.kill()
     assert code == 0, err
-    assert monitor.read_flag(n1) == Monitor()
+    assert monitor_flag.read_flag(n1) == Monitor()
 
 
 @pytest.mark.lab
@@ -443,11 +444,11 @@ def test_a_killed_monitor_leaves_a_stale_flag_that_the_agent_clears(lab):
     pid = mon.proc.pid
     mon.proc.kill()
     mon.proc.wait()
-    left = monitor.read_flag(n1)
-    assert left.pid == pid and monitor.flag_state(left) in ("stale", "off")
+    left = monitor_flag.read_flag(n1)
+    assert left.pid == pid and monitor_flag.flag_state(left) in ("stale", "off")
     deadline = time.monotonic() + 6           # the agent checks on every pass, at least every 2 s
-    while monitor.read_flag(n1).events and time.monotonic() < deadline:
+    while monitor_flag.read_flag(n1).events and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert monitor.read_flag(n1) == Monitor()
+    assert monitor_flag.read_flag(n1) == Monitor()
     log = open(f"/run/xoverlay/{n1}.log").read()
     assert f"cleared the monitor flag left by pid {pid}" in log

@@ -15,20 +15,38 @@ import os
 import socket
 
 import pytest
-
-from ctl import monitor
-from maps import bpf
-from maps.drops import BY_NAME
-from maps.layout import (EVF_IP, EVF_OUTER, EVF_PORTS, EVF_VNI, MON_DROPS, MON_FORWARDS, Event, Monitor, U32,
-                         ip_str)
-
 from bpfrun import TC_ACT_REDIRECT, Datapath, Topology as T
-from test_bpf_programs import (ENDPOINT, UNDERLAY_TC, UNDERLAY_XDP, _from_c, _ok, _web1_to_api1, _web1_to_web2,
-                               container, vxlan)
+from test_bpf_programs import (
+    ENDPOINT,
+    UNDERLAY_TC,
+    UNDERLAY_XDP,
+    _from_c,
+    _ok,
+    _web1_to_api1,
+    _web1_to_web2,
+    container,
+    vxlan,
+)
+
+from xoverlay.kernel import bpf
+from xoverlay.maps.drops import BY_NAME
+from xoverlay.maps.layout import (
+    EVF_IP,
+    EVF_OUTER,
+    EVF_PORTS,
+    EVF_VNI,
+    MON_DROPS,
+    MON_FORWARDS,
+    U32,
+    Event,
+    Monitor,
+    ip_str,
+)
+from xoverlay.ui import monitor
 
 pytest.importorskip("scapy")
-from scapy.layers.inet import ICMP, TCP, UDP   # noqa: E402
-from scapy.layers.l2 import ARP, Ether         # noqa: E402
+from scapy.layers.inet import ICMP, TCP, UDP  # noqa: E402
+from scapy.layers.l2 import ARP, Ether  # noqa: E402
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF programs needs root"),
@@ -233,8 +251,8 @@ def test_service_drop_events_show_the_packet_as_the_client_sent_it(dp):
     """A VIP with no backend, and a connection whose backend was removed (answered with a
     TCP reset built from the very packet): the event shows client -> VIP, not the reset."""
     from bpfrun import write_service
-    from test_bpf_services import NOT_SERVED, _set_backends, predicted, syn
     from scapy.layers.inet import TCP
+    from test_bpf_services import NOT_SERVED, _set_backends, predicted, syn
     _, frame, reason = next(c for c in NOT_SERVED if c[2] == "LB_NO_BACKEND")
     ev = _ev(dp, "prog_endpoint", frame, T.WEB1.ifindex)
     assert ev.reason == BY_NAME["LB_NO_BACKEND"].code
@@ -258,8 +276,9 @@ def test_service_drop_events_show_the_packet_as_the_client_sent_it(dp):
 def test_new_service_connection_event_names_client_vip_and_backend(dp):
     """A SYN to a VIP is told (when the monitor asks for service connections) as client ->
     VIP with the backend chosen; the next packet of the connection is not a new one."""
-    from maps.layout import EVF_XLATE, MON_SERVICES
     from test_bpf_services import ack, predicted, syn
+
+    from xoverlay.maps.layout import EVF_XLATE, MON_SERVICES
     sport = next(p for p in range(45200, 45300) if predicted(T.MANY, T.WEB1, p) == T.API1)
     verdict, events = events_of(dp, "prog_endpoint", container(T.WEB1, T.MANY.vip, l4=syn(sport)),
                                 T.WEB1.ifindex, flag=MON_SERVICES)

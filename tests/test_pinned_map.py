@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
-from maps import bpf
-from maps.layout import (MAP_TYPES, MAPS, PIN_ROOT, EndpointKey, PinnedMap, Subnet, Traffic, U32, subnet_key)
+from xoverlay.kernel import bpf
+from xoverlay.kernel.pinned import PinnedMap
+from xoverlay.maps.layout import MAP_TYPES, MAPS, PIN_ROOT, U32, EndpointKey, Subnet, Traffic, subnet_key
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF maps need root")
 

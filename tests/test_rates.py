@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctl.rates import History, Rates, ago, drop_rates, per_second, row_rates, snapshot_rates, traffic_rates
+from xoverlay.core.rates import History, Rates, ago, drop_rates, per_second, row_rates, snapshot_rates, traffic_rates
 
 
 def traffic(tx_packets=0, tx_bytes=0, rx_packets=0, rx_bytes=0, **row):

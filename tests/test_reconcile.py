@@ -1,7 +1,7 @@
 """Desired maps from the store, and the diff that gets the kernel there (pure)."""
-from ctl import desired, model
-from ctl.model import State
-from maps.layout import Endpoint, EndpointKey, NO_SLOT, Traffic, U32, ip_be, ip_str, mac_str, subnet_key
+from xoverlay.core import desired, model
+from xoverlay.core.model import State
+from xoverlay.maps.layout import NO_SLOT, U32, Endpoint, EndpointKey, Traffic, ip_be, ip_str, mac_str, subnet_key
 
 
 def state():
@@ -141,10 +141,9 @@ def test_drift_check_and_agent_agree_on_slots():
 
 # --- services ----------------------------------------------------------------------------
 
-from ctl import maglev                                                  # noqa: E402
-from ctl.desired import MAGLEV                                          # noqa: E402
-from maps.layout import (IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING,  # noqa: E402
-                         LbBackendKey, LbServiceKey, port_be)
+from xoverlay.core import maglev  # noqa: E402
+from xoverlay.core.desired import MAGLEV  # noqa: E402
+from xoverlay.maps.layout import IPPROTO, LB_ACTIVE, LB_AFFINITY, LB_DRAINING, LbBackendKey, LbServiceKey, port_be  # noqa: E402
 
 
 def with_service(**kw):
@@ -338,7 +337,7 @@ def test_return_path_ops():
 
 
 def test_endpoint_flags_ask_for_service_lookups_only_where_services_are():
-    from maps.layout import EP_NETWORK_HAS_SERVICES as NET, EP_SERVICE_BACKEND as BACKEND
+    from xoverlay.maps.layout import EP_NETWORK_HAS_SERVICES as NET, EP_SERVICE_BACKEND as BACKEND
     assert set(desired.endpoint_flags(state()).values()) == {0}
     s = with_service()             # web in app, backends a and b; d in app; c in db
     assert desired.endpoint_flags(s) == {"a": NET | BACKEND, "b": NET | BACKEND, "d": NET, "c": 0}
@@ -353,7 +352,7 @@ def test_endpoint_flags_ask_for_service_lookups_only_where_services_are():
 def test_published_ports_on_every_node():
     """8080:80 publishes 80/tcp on every node as (8080, tcp) -> service, its network, and
     the service port (a backend's default target: not the published port)."""
-    from maps.layout import MeshKey
+    from xoverlay.maps.layout import MeshKey
     s = with_service(ports=["80/tcp", "80/udp"], backends=["a", "b"], publish=["8080:80"], affinity="client-ip")
     svc = s.services["web"]
     for node in ("n1", "n2"):

@@ -1,13 +1,13 @@
-"""The agent's repairs (ctl/repair.py): what it decides to put back, from what it finds
+"""The agent's repairs (xoverlay/agent/repair.py): what it decides to put back, from what it finds
 (pure), and what putting it back did, on a veth of a netns of the test's own."""
 from __future__ import annotations
 
 import os
 
 import pytest
-
 from conftest import inside_netns_with_veth
-from ctl.repair import Repair, Seen, Want, pin_names, plan
+
+from xoverlay.agent.repair import Repair, Seen, Want, pin_names, plan
 
 
 def test_nothing_undone_nothing_to_do():
@@ -49,7 +49,7 @@ NODE = f"xotest-repair-{os.getpid()}"
 @pytest.fixture(scope="module")
 def progs():
     """The node's real programs, compiled and pinned as `up` does; unpinned at the end."""
-    from ctl import datapath
+    from xoverlay.kernel import datapath
     if os.geteuid() != 0:
         pytest.skip("BPF programs need root")
     loaded = datapath.load(NODE)
@@ -63,13 +63,13 @@ def progs():
 @pytest.fixture
 def underlay():
     """A veth standing for the underlay, with this thread in its netns for the test."""
-    from ctl.agent import Underlay
+    from xoverlay.agent.loop import Underlay
     with inside_netns_with_veth(NODE, "u0", "u1") as ifindex:
         yield Underlay("u0", ifindex, "192.0.2.1", 1500)
 
 
 def test_attach_says_what_it_attached(progs, underlay):
-    from ctl import datapath
+    from xoverlay.kernel import datapath
     assert datapath.attach_underlay(underlay.ifindex, progs, True).attached == ("tc", "xdp")
     again = datapath.attach_underlay(underlay.ifindex, progs, True)
     assert again.attached == () and again.mode == "native"
@@ -79,9 +79,8 @@ def test_a_repair_reports_what_it_found_when_it_acted_not_what_was_planned(progs
     """The agent looked, found the tc program gone and planned that; XDP went before it
     acted. Both are put back and both are said (the log of an agent that raced a test
     detaching one after the other missed the XDP line)."""
-    from ctl import datapath
-    from ctl.repair import apply
-    from maps import bpf
+    from xoverlay.agent.repair import apply
+    from xoverlay.kernel import bpf, datapath
     datapath.attach_underlay(underlay.ifindex, progs, True)
     planned = plan(Seen(frozenset(), 0, datapath.prog_id(progs.fds["prog_underlay_xdp"])),
                    Want(datapath.prog_id(progs.fds["prog_underlay_tc"]),
@@ -97,8 +96,8 @@ def test_a_repair_reports_what_it_found_when_it_acted_not_what_was_planned(progs
 
 
 def test_a_deleted_pin_is_pinned_again(progs, underlay):
-    from ctl.repair import apply
-    from maps.layout import pin_dir
+    from xoverlay.agent.repair import apply
+    from xoverlay.maps.layout import pin_dir
     path = os.path.join(pin_dir(NODE), "prog_endpoint")
     os.unlink(path)
     assert apply(NODE, [Repair("pin", "prog_endpoint")], progs.fds, underlay, progs, True) == \

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ctl import model
-from ctl.errors import XoError
-from ctl.model import State
-from ctl.store import SqliteStore
+from xoverlay.core import model
+from xoverlay.core.model import State
+from xoverlay.errors import XoError
+from xoverlay.store.sqlite import SqliteStore
 
 
 def cluster() -> State:

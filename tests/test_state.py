@@ -5,7 +5,7 @@ service create, update and remove, valid and invalid, through the real SqliteSto
 the model functions the CLI calls. After every step: the store's invariants hold
 (tests/invariants.py), a refused step raised one clear XoError and changed nothing (same
 generation, same contents), and the agent's map pass (Agent.sync_maps, the code
-`xoverlay up` runs) has made a real node's pinned BPF maps equal to what ctl/desired.py
+`xoverlay up` runs) has made a real node's pinned BPF maps equal to what xoverlay/core/desired.py
 computes from the store, which independent counts of the store confirm.
 
 The node's maps are the real thing: BCC compiles the data path and pins its maps in a
@@ -24,27 +24,29 @@ import tempfile
 from collections import Counter
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
-from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
-                                 run_state_machine_as_test)
-
-from ctl import datapath, desired, model, services
-from ctl.agent import Agent, Underlay
-from ctl.errors import XoError
-from ctl.lbmaps import MaglevTables
-from ctl.store import SqliteStore
-from maps import bpf
-from maps.layout import MAX_LOCAL_ENDPOINTS, MAX_PEERS, ip_be
-
+from hypothesis import HealthCheck, seed, settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 from invariants import violations
+
+from xoverlay.agent.loop import Agent, Underlay
+from xoverlay.core import desired, model
+from xoverlay.errors import XoError
+from xoverlay.kernel import bpf, datapath
+from xoverlay.kernel.maglev_maps import MaglevTables
+from xoverlay.maps.layout import MAX_LOCAL_ENDPOINTS, MAX_PEERS, ip_be
+from xoverlay.store.sqlite import SqliteStore
+from xoverlay.ui import service_view
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="BPF maps need root")
 
 PROFILES = {
-    "ci": dict(max_examples=60, stateful_step_count=25, derandomize=True),
+    "ci": dict(max_examples=60, stateful_step_count=25, derandomize=True),    # with CI_SEED
     "long": dict(max_examples=int(os.environ.get("XO_STATE_EXAMPLES", "500")), stateful_step_count=50),
 }
 PROFILE = os.environ.get("XO_STATE_PROFILE", "ci")
+# derandomize alone seeds hypothesis from the source of the state machine, so any edit of
+# the class would draw another campaign; a seed of our own keeps CI's campaign the same.
+CI_SEED = int(os.environ.get("XO_STATE_SEED", "0"))
 
 ME, OTHERS = f"xostate{os.getpid()}", ("n2", "n3")    # ME: the node whose maps are pinned
 UNDERLAY = {ME: "192.0.2.1", "n2": "192.0.2.2", "n3": "192.0.2.3"}
@@ -462,8 +464,8 @@ class StoreAndKernel(RuleBasedStateMachine):
             assert any(ipaddress.IPv4Address(e.ip) in ipaddress.IPv4Network(sl.subnet)
                        for sl in model.node_slices(s, e.network, e.node)), f"{name} {e.ip} outside {e.node}'s slices"
         # What `service ls/inspect` show agrees with the store.
-        for row in services.rows(s):
-            info = services.inspect(s, row["name"])
+        for row in service_view.rows(s):
+            info = service_view.inspect(s, row["name"])
             for b in info["backends"]:
                 assert b["ip"] == s.endpoints[b["endpoint"]].ip and b["state"] in ("active", "draining")
 
@@ -494,7 +496,7 @@ class StoreAndKernel(RuleBasedStateMachine):
         tables = MaglevTables(maps[desired.MAGLEV]).read()      # a new reader: the kernel, not a cache
         assert tables == desired.desired_tables(s)
 
-        # The same, counted from the store without ctl/desired.py.
+        # The same, counted from the store without xoverlay/core/desired.py.
         live = [e for e in s.endpoints.values() if not e.removing]
         assert sorted(v.vni for v in have["xo_subnets"].values()) == sorted(n.vni for n in s.networks.values())
         assert {(k.vni, k.ip): v.node_ip for k, v in have["xo_endpoints"].items()} == \
@@ -540,7 +542,8 @@ def test_random_changes_keep_store_and_kernel_consistent(pinned_node):
     StoreAndKernel.node = pinned_node
     Counts.by_rule.clear()
     Counts.examples = Counts.steps = Counts.accepted = Counts.refused = Counts.kernel_checks = 0
-    run_state_machine_as_test(StoreAndKernel, settings=settings(
+    machine = seed(CI_SEED)(StoreAndKernel) if PROFILE == "ci" else StoreAndKernel
+    run_state_machine_as_test(machine, settings=settings(
         deadline=None, suppress_health_check=list(HealthCheck), **PROFILES[PROFILE]))
     print(f"\nstate machine ({PROFILE}): {Counts.examples} examples, {Counts.steps} steps "
           f"({Counts.accepted} accepted, {Counts.refused} refused), {Counts.kernel_checks} kernel checks")

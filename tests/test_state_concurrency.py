@@ -15,15 +15,17 @@ import random
 import time
 
 import pytest
-
-from ctl import desired, model, status
-from ctl.errors import XoError
-from ctl.lab import Lab
-from ctl.lbmaps import MaglevTables
-from ctl.store import SqliteStore, open_store
-from maps.layout import MAPS, PinnedMap, ip_be, pin_dir
-
 from invariants import violations
+
+from xoverlay.core import desired, model
+from xoverlay.errors import XoError
+from xoverlay.kernel.maglev_maps import MaglevTables
+from xoverlay.kernel.pinned import PinnedMap
+from xoverlay.lab.namespace_lab import Lab
+from xoverlay.maps.layout import MAPS, ip_be, pin_dir
+from xoverlay.store import open_store
+from xoverlay.store.sqlite import SqliteStore
+from xoverlay.ui import status
 
 pytestmark = pytest.mark.lab
 

@@ -6,9 +6,11 @@ import json
 
 import pytest
 
-from ctl import desired, model, status
-from ctl.model import State
-from maps.layout import EndpointKey, Endpoint, U32, ip_be
+from xoverlay.core import desired, model
+from xoverlay.core.model import State
+from xoverlay.kernel import counters
+from xoverlay.maps.layout import U32, Endpoint, EndpointKey, ip_be
+from xoverlay.ui import status
 
 
 def cluster():
@@ -52,7 +54,7 @@ def test_services_section_lists_backends_with_weight_and_state():
     s = model.add_endpoint(s, "c", "app", "n2", "/run/netns/c", True)
     s = model.create_service(s, "web", "app", ["80/tcp"], ["a@3", "b", "c:8080"], publish=["8080:80"])
     s = model.update_service(s, "web", drain=["b"])
-    rows = status.service_rows(s, "no-such-node")       # no pins here: zero counters
+    rows = counters.service_rows(s, "no-such-node")       # no pins here: zero counters
     assert [r["name"] for r in rows] == ["web"]
     web = rows[0]
     assert (web["vip"], web["ports"], web["publish"]) == (s.services["web"].vip, ["80/tcp"], ["8080:80/tcp"])
@@ -62,13 +64,13 @@ def test_services_section_lists_backends_with_weight_and_state():
 
 
 def test_seconds_since_a_data_path_time():
-    assert status.seconds_since(0, 5_000_000_000) is None                 # never
-    assert status.seconds_since(1_500_000_000, 4_000_000_000) == 2.5
-    assert status.seconds_since(4_001_000_000, 4_000_000_000) == 0.0      # the coarse clock is not ahead
+    assert counters.seconds_since(0, 5_000_000_000) is None                 # never
+    assert counters.seconds_since(1_500_000_000, 4_000_000_000) == 2.5
+    assert counters.seconds_since(4_001_000_000, 4_000_000_000) == 0.0      # the coarse clock is not ahead
 
 
 def test_per_cpu_counters_add_up_but_times_take_the_latest():
-    from maps.layout import Traffic, sum_percpu
+    from xoverlay.maps.layout import Traffic, sum_percpu
     total = sum_percpu([Traffic(rx_packets=2, rx_bytes=100, last_rx_ns=70), Traffic(rx_packets=3, last_rx_ns=90),
                         Traffic()])
     assert (total.rx_packets, total.rx_bytes, total.last_rx_ns) == (5, 100, 90)
@@ -107,7 +109,7 @@ def test_programs_seen_from_outside_the_node_or_not_pinned():
 
 @pytest.mark.lab
 def test_status_json_counts_traffic_and_sees_drift(lab):
-    from ctl.datapath import open_maps
+    from xoverlay.kernel.datapath import open_maps
     n1, n2, _ = lab.nodes()
     snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
     assert snap["node"]["agent_alive"] and snap["node"]["build_current"] and snap["drift"] == []
@@ -130,7 +132,7 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
     assert {m["name"]: m["entries"] for m in snap["maps"]}["xo_peers"] == 2
 
     # Behind a stopped agent's back: status shows it; the agent, back, repairs it.
-    from ctl.teardown import stop_agent
+    from xoverlay.kernel.teardown import stop_agent
     stop_agent(n1)
     endpoints = open_maps(n1)["xo_endpoints"]
     key = EndpointKey(vni=4096, ip=ip_be(lab.ep(f"{n2}-b")["ip"]))

@@ -5,9 +5,9 @@ import stat
 
 import pytest
 
-from ctl import model
-from ctl.errors import XoError
-from ctl.store import SqliteStore
+from xoverlay.core import model
+from xoverlay.errors import XoError
+from xoverlay.store.sqlite import SqliteStore
 
 
 def test_file_is_root_only(tmp_path):

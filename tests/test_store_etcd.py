@@ -1,4 +1,4 @@
-"""The etcd store (ctl/store_etcd.py) against Debian's etcd: atomic updates under
+"""The etcd store (xoverlay/store/etcd.py) against Debian's etcd: atomic updates under
 concurrent writers, watches, liveness leases, outages, TLS; and its pure parts."""
 import json
 import multiprocessing
@@ -9,13 +9,16 @@ import threading
 import time
 
 import pytest
-
 from conftest import PY, EtcdProc, run_xo
-from ctl import agent, model
-from ctl.errors import XoError
-from ctl.etcd_server import ServerTls, free_port
-from ctl.store import MemoryStore, StoreUnavailable, Tls, alive_now, changes, open_store
-from ctl.store_etcd import EtcdStore, explain, parse_url
+
+from xoverlay.agent import loop
+from xoverlay.core import model
+from xoverlay.errors import XoError
+from xoverlay.store import open_store
+from xoverlay.store.base import StoreUnavailable, Tls, alive_now, changes
+from xoverlay.store.etcd import EtcdStore, explain, parse_url
+from xoverlay.store.etcd_server import ServerTls, free_port
+from xoverlay.store.memory import MemoryStore
 
 # --- pure -------------------------------------------------------------------------------
 
@@ -62,10 +65,10 @@ def test_liveness_counts_only_unexpired_registrations():
 
 
 def test_retry_backoff_doubles_and_is_capped():
-    waits = [agent.next_retry(None)]
+    waits = [loop.next_retry(None)]
     for _ in range(8):
-        waits.append(agent.next_retry(waits[-1]))
-    assert waits[0] == agent.RETRY_FIRST and waits[1] == 2 * waits[0] and max(waits) == agent.RETRY_MAX
+        waits.append(loop.next_retry(waits[-1]))
+    assert waits[0] == loop.RETRY_FIRST and waits[1] == 2 * waits[0] and max(waits) == loop.RETRY_MAX
 
 
 def test_memory_store_moves_generation_only_on_change():
@@ -228,7 +231,7 @@ def tls_etcd(tmp_path):
 
 
 def _xo(url, *args, tls=()):
-    return subprocess.run([PY, "-m", "ctl.cli", "--store", url, *tls, *args], capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "xoverlay", "--store", url, *tls, *args], capture_output=True, text=True,
                           timeout=60)
 
 
@@ -273,7 +276,7 @@ def test_store_serve_runs_debians_etcd_with_our_flags(tmp_path):
         assert "app" in open_store(url).read().networks
         assert oct(os.stat(tmp_path / "etcd").st_mode & 0o777) == "0o700"
     finally:
-        from ctl.etcd_server import stop
+        from xoverlay.store.etcd_server import stop
         stop(pid)
     bad = run_xo(str(tmp_path / "x.db"), "store", "serve", "--tls-cert", "/nonexistent", check=False)
     assert bad.code != 0 and "needs all three" in bad.err

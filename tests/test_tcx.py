@@ -1,4 +1,4 @@
-"""maps/bpf.py's tcx attach, in a netns of the test's own: ours goes first, replaces
+"""xoverlay/kernel/bpf.py's tcx attach, in a netns of the test's own: ours goes first, replaces
 itself in place, leaves other programs alone, and takes over from the cls_bpf filter an
 older build attached."""
 from __future__ import annotations
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 from bcc import BPF
-
 from conftest import inside_netns_with_veth
-from maps import bpf
+
+from xoverlay.kernel import bpf
 
 NETNS = f"xotest-tcx-{os.getpid()}"
 PROGS = b"int xo_one(struct __sk_buff *s) { return 0; }\nint xo_two(struct __sk_buff *s) { return 0; }\n" \
@@ -74,7 +74,7 @@ def test_the_cls_bpf_filter_of_an_older_build_is_removed(progs, veth):
     assert bpf.tcx_programs(veth) == [pid(progs["xo_two"])]
 
 
-DETACH = "import socket; from maps import bpf; i = socket.if_nametoindex('v0'); " \
+DETACH = "import socket; from xoverlay.kernel import bpf; i = socket.if_nametoindex('v0'); " \
          "bpf.tc_detach(i); bpf.tc_detach(i, bpf.BPF_TCX_EGRESS); print('detached')"
 
 

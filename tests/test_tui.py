@@ -12,8 +12,8 @@ import time
 import pytest
 from rich.console import Console
 
-from ctl.tui import Dashboard, PeerScreen, ServiceScreen, StatusApp, StoreSource, human, matches, spark
-from maps.drops import REASONS
+from xoverlay.maps.drops import REASONS
+from xoverlay.ui.tui import Dashboard, PeerScreen, ServiceScreen, StatusApp, StoreSource, human, matches, spark
 
 DROP = next(iter(REASONS.values()))
 
@@ -488,7 +488,8 @@ def test_store_source_reports_an_unreadable_store_and_never_creates_one(tmp_path
 @pytest.mark.lab
 def test_real_lab_peer_rate_rises_while_a_ping_runs(tmp_path):
     from conftest import PY, run_xo
-    from ctl.store import open_store
+
+    from xoverlay.store import open_store
     state = str(tmp_path / "state.db")
     ping = None
     try:
@@ -497,7 +498,7 @@ def test_real_lab_peer_rate_rises_while_a_ping_runs(tmp_path):
         n1, n2 = sorted(st.nodes)
         dst = st.endpoints[f"{n2}-a"].ip
         source = StoreSource(state)
-        ping = subprocess.Popen([PY, "-m", "ctl.cli", "--state", state, "lab", "exec",
+        ping = subprocess.Popen([PY, "-m", "xoverlay", "--state", state, "lab", "exec",
                                  f"{n1}-a", "--", "ping", "-i", "0.2", dst],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         app = StatusApp(source.snapshot, n1, source.nodes, interval=0.5)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ctl.cli import cli
+from xoverlay.ui.cli import cli
 
 VAGRANT = Path(__file__).resolve().parent.parent / "vagrant"
 
@@ -98,12 +98,12 @@ def test_the_vms_certificates_and_store_settings_reach_a_real_tls_etcd(tmp_path)
     import subprocess
     import sys
 
-    from ctl.etcd_server import free_port, stop
+    from xoverlay.store.etcd_server import free_port, stop
     shutil.copy(VAGRANT / "make-certs", tmp_path / "make-certs")
     subprocess.run([str(tmp_path / "make-certs"), "127.0.0.1"], check=True, capture_output=True)
     tls = tmp_path / "tls"
     port = free_port()
-    serve = subprocess.run([sys.executable, "-m", "ctl.cli", "--state", str(tmp_path / "unused.db"), "store", "serve",
+    serve = subprocess.run([sys.executable, "-m", "xoverlay", "--state", str(tmp_path / "unused.db"), "store", "serve",
                             "--listen", f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "etcd"), "--peer-port",
                             str(free_port()), "--tls-cert", str(tls / "etcd.crt"), "--tls-key", str(tls / "etcd.key"),
                             "--client-ca", str(tls / "ca.crt"), "--detach"], capture_output=True, text=True, timeout=60)
@@ -115,7 +115,7 @@ def test_the_vms_certificates_and_store_settings_reach_a_real_tls_etcd(tmp_path)
         base = {k: v for k, v in os.environ.items() if not k.startswith("XOVERLAY_")}
 
         def xo(*args, **extra):
-            return subprocess.run([sys.executable, "-m", "ctl.cli", *args], capture_output=True, text=True,
+            return subprocess.run([sys.executable, "-m", "xoverlay", *args], capture_output=True, text=True,
                                   timeout=60, env={**base, **env, **extra})
         r = xo("network", "create", "vnet", "--subnet", "10.77.0.0/16")
         assert r.returncode == 0, r.stderr

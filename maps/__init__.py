@@ -1,1 +1,0 @@
-"""maps: the contract between the BPF data path and the control plane."""

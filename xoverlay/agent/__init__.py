@@ -1,0 +1,1 @@
+"""The per-node agent: the reconcile loop, repair, the DNS responder, metrics."""

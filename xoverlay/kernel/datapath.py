@@ -1,0 +1,240 @@
+"""Compile, load, pin and attach the BPF programs of one node (the side effects; the
+decisions about what goes in the maps live in desired.py).
+
+Pinned under /sys/fs/bpf/xoverlay/<node>/: every map (BCC pins them at compile time) and
+the three programs. Programs and maps outlive the agent: a new agent with the same build
+adopts them without touching the kernel; one with a new build replaces the programs in
+place (tcx replace, XDP replace), keeping the maps and their contents."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from xoverlay.errors import XoError
+from xoverlay.kernel import bpf
+from xoverlay.kernel.pinned import PinnedMap
+from xoverlay.maps import BPF_DIR
+from xoverlay.maps.layout import MAPS, PIN_ROOT, U32, pin_dir
+
+SOURCES = ("endpoint.c", "underlay_tc.c", "underlay_xdp.c")
+
+# program pin name -> (function in the C source, program type)
+PROGRAMS = {
+    "prog_endpoint": ("xo_endpoint_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
+    "prog_underlay_tc": ("xo_underlay_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
+    "prog_underlay_xdp": ("xo_underlay_xdp", bpf.BPF_PROG_TYPE_XDP),
+}
+
+
+def build_id() -> int:
+    """Identifies the BPF sources: equal ids mean the pinned programs are ours as built."""
+    h = hashlib.sha256()
+    for path in sorted(BPF_DIR.rglob("*.[ch]")):
+        h.update(path.relative_to(BPF_DIR).as_posix().encode())
+        h.update(path.read_bytes())
+    return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def check_bpffs() -> None:
+    if not os.path.ismount("/sys/fs/bpf"):
+        raise XoError("bpffs is not mounted at /sys/fs/bpf: run `mount -t bpf bpf /sys/fs/bpf` "
+                      "(setup.sh does it)")
+
+
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"\s*$', re.M)
+
+
+def bundle_source(sources=SOURCES) -> str:
+    """One translation unit of our C: BCC takes programs, and rewrites map calls, only in
+    its main file, so our own quoted includes are inlined (each once; #line keeps compiler
+    messages pointing at the real file). System <...> includes stay includes."""
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> str:
+        path = path.resolve()
+        if path in seen:
+            return ""
+        seen.add(path)
+        out, pos = [], 0
+        text = path.read_text()
+        for m in _LOCAL_INCLUDE.finditer(text):
+            out.append(text[pos:m.start()])
+            line = text.count("\n", 0, m.end()) + 2
+            out.append(expand(path.parent / m.group(1)) + f'\n#line {line} "{path}"\n')
+            pos = m.end() + 1
+        out.append(text[pos:])
+        return f'#line 1 "{path}"\n' + "".join(out)
+
+    return "\n".join(expand(BPF_DIR / name) for name in sources)
+
+
+def compile_programs(pin: str) -> dict[str, int]:
+    """Compile with BCC (which creates or reuses the pinned maps), load each program, and
+    return their fds. The XDP program is loaded through libbpf, frags-aware: BCC 0.26
+    cannot set BPF_F_XDP_HAS_FRAGS."""
+    from bcc import BPF, libbcc  # imported here: BCC is slow to import and only `up` needs it
+
+    text = bundle_source()
+    cflags = [f"-I{BPF_DIR}", f'-DXO_PIN_DIR="{pin}"', "-Wno-macro-redefined"]
+    try:
+        module = BPF(text=text.encode(), cflags=cflags)
+    except Exception as e:
+        raise XoError(f"compiling the BPF programs failed: {e}") from None
+    fds = {}
+    try:
+        for pin_name, (func, prog_type) in PROGRAMS.items():
+            if prog_type == bpf.BPF_PROG_TYPE_XDP:
+                start = libbcc.lib.bpf_function_start(module.module, func.encode())
+                size = libbcc.lib.bpf_function_size(module.module, func.encode())
+                import ctypes
+                insns = ctypes.string_at(start, size)
+                fds[pin_name] = bpf.prog_load(prog_type, func, insns, bpf.BPF_F_XDP_HAS_FRAGS)
+            else:
+                fn = module.load_func(func.encode(), BPF.SCHED_CLS)
+                fds[pin_name] = os.dup(fn.fd)
+    finally:
+        module.cleanup()
+    return fds
+
+
+@dataclass
+class Programs:
+    """Open fds of the three pinned programs of a node."""
+    fds: dict
+    build: int
+    replaced: bool       # False: adopted from pins of the same build
+    recreated: tuple = ()    # maps of another shape, pinned by an older build: made anew, empty
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+
+
+def _pinned_build(pin: str) -> int | None:
+    try:
+        with PinnedMap(pin, MAPS["xo_config"]) as cfg:
+            value = cfg.get(U32(0))
+            return value.build_id if value else None
+    except OSError:
+        return None
+
+
+def outdated_maps(pin: str) -> list[str]:
+    """The maps pinned in `pin` whose shape (type, key and value size, entries) is not
+    what xoverlay/maps/layout.py (checked against bpf/lib/maps.h) declares: pinned by a build with
+    another layout. BCC would reuse such a pin as it is, and the programs would read
+    its entries with the new layout."""
+    out = []
+    for name, spec in MAPS.items():
+        path = os.path.join(pin, name)
+        if not os.path.exists(path):
+            continue
+        fd = bpf.obj_get(path)
+        try:
+            info = bpf.map_info(fd)
+        finally:
+            os.close(fd)
+        if (info.type, info.key_size, info.value_size, info.max_entries) != spec.shape:
+            out.append(name)
+    return out
+
+
+def is_pinned(node: str) -> bool:
+    """Does `node` have a data path pinned here (an agent ran and may run again)?"""
+    return _pinned_build(pin_dir(node)) is not None
+
+
+def load(node: str, force: bool = False) -> Programs:
+    """Adopt the node's pinned programs if they are of this build, else compile and pin
+    new ones (the caller re-attaches them and writes the new build id)."""
+    check_bpffs()
+    pin = pin_dir(node)
+    os.makedirs(pin, exist_ok=True)
+    build = build_id()
+    pins = {name: os.path.join(pin, name) for name in PROGRAMS}
+    if not force and _pinned_build(pin) == build and all(os.path.exists(p) for p in pins.values()):
+        return Programs({name: bpf.obj_get(p) for name, p in pins.items()}, build, replaced=False)
+    # An outdated map is unpinned for BCC to make anew; the old programs keep theirs
+    # until they are replaced, and the agent fills the new one on its next pass.
+    recreated = tuple(outdated_maps(pin))
+    for name in recreated:
+        os.unlink(os.path.join(pin, name))
+    fds = compile_programs(pin)
+    for name, fd in fds.items():
+        if os.path.exists(pins[name]):
+            os.unlink(pins[name])
+        bpf.obj_pin(fd, pins[name])
+    return Programs(fds, build, replaced=True, recreated=recreated)
+
+
+def prog_id(fd: int) -> int:
+    return bpf.prog_info(fd).id
+
+
+@dataclass(frozen=True)
+class UnderlayAttached:
+    mode: str                   # the XDP mode: 'native', 'generic', 'other' or 'off'
+    attached: tuple[str, ...]   # what this call attached ("tc", "xdp"): the rest was in place
+
+
+def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> UnderlayAttached:
+    """tc ingress decap always; XDP filter natively if the driver can, else generic.
+    What is attached already is left alone: adopting a running node must not disturb its
+    traffic. Says what it attached, as found at the moment it looked (a repair reports
+    that, not what an earlier look planned)."""
+    tc_prog = progs.fds["prog_underlay_tc"]
+    attached = []
+    if bpf.tc_query(ifindex) != prog_id(tc_prog):
+        bpf.tc_attach(ifindex, tc_prog)
+        attached.append("tc")
+    if not xdp:
+        detach_xdp(ifindex)
+        return UnderlayAttached("off", tuple(attached))
+    mode, current = bpf.xdp_query(ifindex)
+    if current and current == prog_id(progs.fds["prog_underlay_xdp"]):
+        mode = {bpf.XDP_ATTACHED_DRV: "native", bpf.XDP_ATTACHED_SKB: "generic"}.get(mode, "other")
+        return UnderlayAttached(mode, tuple(attached))
+    try:
+        bpf.xdp_attach(ifindex, progs.fds["prog_underlay_xdp"], bpf.XDP_FLAGS_DRV_MODE)
+        mode = "native"
+    except bpf.BpfError:
+        bpf.xdp_attach(ifindex, progs.fds["prog_underlay_xdp"], bpf.XDP_FLAGS_SKB_MODE)
+        mode = "generic"
+    return UnderlayAttached(mode, (*attached, "xdp"))
+
+
+def detach_xdp(ifindex: int) -> None:
+    mode, pid = bpf.xdp_query(ifindex)
+    if pid:
+        flags = {bpf.XDP_ATTACHED_DRV: bpf.XDP_FLAGS_DRV_MODE,
+                 bpf.XDP_ATTACHED_SKB: bpf.XDP_FLAGS_SKB_MODE}.get(mode, 0)
+        bpf.xdp_detach(ifindex, flags)
+
+
+def detach_underlay(ifindex: int) -> None:
+    bpf.tc_detach(ifindex)
+    try:
+        detach_xdp(ifindex)
+    except bpf.BpfError:
+        pass
+
+
+def open_maps(node: str) -> dict[str, PinnedMap]:
+    pin = pin_dir(node)
+    try:
+        return {name: PinnedMap(pin, spec) for name, spec in MAPS.items()}
+    except OSError as e:
+        raise XoError(f"node {node} has no pinned maps under {pin} ({e.strerror}): is `xoverlay up` "
+                      "running or has it run?") from None
+
+
+def unpin(node: str) -> None:
+    shutil.rmtree(pin_dir(node), ignore_errors=True)
+    try:
+        os.rmdir(PIN_ROOT)   # only when no node is left
+    except OSError:
+        pass

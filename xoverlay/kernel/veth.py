@@ -1,0 +1,377 @@
+"""Plumbing a local endpoint: a veth pair from the node into the container's netns, and
+the container's side configured so that it needs nothing else (address, MTU, default
+route via a gateway whose MAC is permanent, no IPv6 chatter). Runs in the node's netns.
+Idempotent: an endpoint already plumbed is left as it is (that is how a restarted agent
+adopts running containers without disturbing them)."""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import os
+import socket
+import struct
+
+from xoverlay.core import desired
+from xoverlay.core.model import GATEWAY_IP, Endpoint, State
+from xoverlay.errors import XoError
+from xoverlay.kernel import bpf, netns, resolvconf
+
+IFF_UP = 1
+
+log = logging.getLogger("xoverlay.links")
+
+GW_MAC = "ee:ee:ee:ee:ee:ee"      # same as XO_GW_MAC in bpf/lib/common.h
+CONTAINER_IFNAME = "eth0"
+HOST_PREFIX = "xo"
+IFA_F_NOPREFIXROUTE = 0x200
+RTNH_F_ONLINK = 4
+NUD_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+# The node's side of the gateway: a device of its own, xo-gw, holding GATEWAY_IP (where
+# the DNS responder listens) and GW_MAC. endpoint.c redirects a container's DNS into its
+# ingress: a host veth cannot pass it up itself, being a port of the down headroom bridge.
+# It is a bridge with no ports because this kernel has no dummy devices; nothing is ever
+# switched through it. Replies leave from GATEWAY_IP by a routing table of their own,
+# with a route to each local endpoint through its veth (docs/DNS.md).
+GATEWAY_DEV = "xo-gw"
+RETURN_TABLE = 30831            # 0x786f, "xo"
+RETURN_RULE_PRIORITY = 30831
+
+# Encap puts 50 bytes in front of every packet a container sends. A socket reserves in
+# front of its packets what the device asks for (LL_RESERVED_SPACE), and a veth asks for
+# nothing, so without more, bpf_skb_adjust_room reallocates and copies every small packet
+# (measured: half the cost of encap). A veth asks for more only when a bridge it is a port
+# of tells it to (ndo_set_rx_headroom, which sets both ends of the pair, the container's
+# included), and a bridge asks for what its hungriest port needs: a vxlan device. So every
+# host-side veth is a port of this bridge, whose other port is a vxlan device that only
+# anchors the headroom. Both stay down: nothing is ever switched or tunnelled through
+# them, and a frame our program passes up (TC_ACT_OK) reaches a port of a down bridge and
+# is dropped, which keeps the endpoint program the only way out of a container.
+HEADROOM_BRIDGE = "xo-headroom"
+HEADROOM_ANCHOR = "xo-headroom0"
+
+
+def host_ifname(endpoint: str) -> str:
+    """Stable, at most 15 characters, and recognisable as ours."""
+    return HOST_PREFIX + hashlib.sha1(endpoint.encode()).hexdigest()[:10]
+
+
+def creating_ifname(host: str) -> str:
+    """The container end's name while it is made, in the node's netns, before it moves."""
+    return "xt" + host[len(HOST_PREFIX):]
+
+
+def _write_sysctl(path: str, value: str) -> None:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        pass   # IPv6 compiled out or the interface just went away: nothing to silence
+
+
+def drop_unclaimed_replies(ipr) -> int:
+    """Empty pyroute2's catch-all queue of `ipr`; returns how many messages it held.
+    pyroute2 (0.9.7) asks for an ACK on every "get" (link_lookup by name, get_links of
+    one index) but stops reading at the answer, so the ACK arrives for a request that is
+    over and is queued where nothing ever reads it (no multicast group is bound). The
+    agent makes several such requests a pass: measured, about 10 ACKs a second per agent
+    under bench/soak's churn. Each is a 36-byte message, but received into a 256 KiB
+    buffer (asyncio's datagram recvfrom) and shrunk in place, so each one kept alive pins
+    its spot in the malloc heap. The heap fragmented and RSS grew 2.2 MiB a minute
+    while tracemalloc's total stayed flat. Whoever keeps an IPRoute open calls this
+    once a pass; a message nobody asked for is nothing we need."""
+    queue = ipr.asyncore.msg_queue.root
+    dropped = 0
+    while not queue.empty():
+        queue.get_nowait()
+        queue.task_done()
+        dropped += 1
+    return dropped
+
+
+def our_veths(ipr) -> dict[str, int]:
+    """Host-side veths we made, by name."""
+    out = {}
+    for link in ipr.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        if kind == "veth" and name.startswith(HOST_PREFIX) and len(name) == len(HOST_PREFIX) + 10:
+            out[name] = link["index"]
+    return out
+
+
+def ensure_headroom_bridge(ipr) -> int:
+    """The bridge that makes containers reserve room for encap (see HEADROOM_BRIDGE);
+    returns its ifindex. Idempotent."""
+    if not ipr.link_lookup(ifname=HEADROOM_BRIDGE):
+        ipr.link("add", ifname=HEADROOM_BRIDGE, kind="bridge")
+    bridge = ipr.link_lookup(ifname=HEADROOM_BRIDGE)[0]
+    if not ipr.link_lookup(ifname=HEADROOM_ANCHOR):
+        # collect_md: no VNI, no remote; never brought up, so it binds no UDP port.
+        ipr.link("add", ifname=HEADROOM_ANCHOR, kind="vxlan", vxlan_collect_metadata=1)
+    anchor = ipr.link_lookup(ifname=HEADROOM_ANCHOR)[0]
+    if ipr.get_links(anchor)[0].get_attr("IFLA_MASTER") != bridge:
+        ipr.link("set", index=anchor, master=bridge)
+    return bridge
+
+
+IFLA_HEADROOM = 68          # linux/if_link.h; pyroute2 0.9 does not decode it
+ENCAP_HEADROOM = 50         # outer IPv4 + UDP + VXLAN + inner Ethernet (XO_ENCAP_LEN)
+
+
+def needed_headroom(ifindex: int) -> int | None:
+    """What a device of the current netns asks sockets to reserve in front of each
+    packet (dev->needed_headroom), straight from rtnetlink; None if the kernel does not
+    say."""
+    RTM_NEWLINK, RTM_GETLINK, NLM_F_REQUEST = 16, 18, 1
+    request = struct.pack("=IHHII", 32, RTM_GETLINK, NLM_F_REQUEST, 1, 0) + \
+        struct.pack("=BxHiII", socket.AF_UNSPEC, 0, ifindex, 0, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as s:
+        s.send(request)
+        reply = s.recv(1 << 16)
+    length, kind = struct.unpack_from("=IH", reply)
+    offset = 32                 # nlmsghdr + ifinfomsg, then the attributes
+    while kind == RTM_NEWLINK and offset + 4 <= min(length, len(reply)):
+        attr_len, attr_type = struct.unpack_from("=HH", reply, offset)
+        if attr_len < 4:
+            break
+        if attr_type & 0x3fff == IFLA_HEADROOM:
+            return struct.unpack_from("=H", reply, offset + 4)[0]
+        offset += (attr_len + 3) & ~3
+    return None
+
+
+def remove_headroom_bridge(ipr) -> None:
+    for name in (HEADROOM_ANCHOR, HEADROOM_BRIDGE):
+        for index in ipr.link_lookup(ifname=name):
+            ipr.link("del", index=index)
+
+
+def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -> tuple[int, list[str]]:
+    """Make sure the endpoint's veth pair exists and is configured, with the endpoint
+    program attached. Returns the host-side ifindex and what it had to do (for an
+    endpoint already plumbed, that is a repair)."""
+    host = host_ifname(ep.name)
+    found = ipr.link_lookup(ifname=host)
+    link = ipr.get_links(found[0])[0] if found else None
+    did = []
+    if link is not None and not link["flags"] & IFF_UP:
+        # _create sets the host end up last: one that is down was left half made (an
+        # agent killed inside _create: the container end still here, or the container
+        # without its address or route) or taken down by someone. Made again from scratch.
+        unplumb(ipr, host)
+        link = None
+        did.append(f"deleted veth {host}, found down (half made)")
+    if link is not None:
+        ifindex = link["index"]
+        if link.get_attr("IFLA_MASTER") != headroom_bridge:
+            ipr.link("set", index=ifindex, master=headroom_bridge)   # plumbed by an older build
+            did.append(f"put {host} back on {HEADROOM_BRIDGE}")
+        _adopt_resolv_conf(ep)
+    else:
+        ifindex = _create(ipr, state, ep, host, headroom_bridge)
+        did.append(f"created veth {host}")
+    if bpf.tc_query(ifindex) != bpf.prog_info(prog_fd).id:
+        bpf.tc_attach(ifindex, prog_fd)
+        did.append(f"attached the endpoint program to {host}")
+    return ifindex, did
+
+
+def _adopt_resolv_conf(ep: Endpoint) -> None:
+    """A running endpoint whose resolv.conf is missing (plumbed by an agent from before
+    DNS, or the file was deleted) gets one. Never a reason to unplumb it: only logged."""
+    path = resolvconf.path_for(ep)
+    if path and not os.path.exists(path):
+        try:
+            if resolvconf.write(ep):
+                log.info("endpoint %s: wrote %s", ep.name, path)
+        except XoError as e:
+            log.error("%s", e)
+
+
+def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) -> int:
+    from xoverlay.core.model import endpoint_mtu
+    if ep.owns_netns and not os.path.exists(ep.netns):
+        netns.create(os.path.basename(ep.netns))
+    if not netns.exists(ep.netns):
+        raise XoError(f"endpoint {ep.name}: netns {ep.netns} does not exist")
+    mtu = endpoint_mtu(state)
+    tmp = creating_ifname(host)
+    for stale in ipr.link_lookup(ifname=tmp):
+        ipr.link("del", index=stale)
+    ipr.link("add", ifname=host, kind="veth", peer={"ifname": tmp, "address": ep.mac, "mtu": mtu})
+    ifindex = ipr.link_lookup(ifname=host)[0]
+    peer = ipr.link_lookup(ifname=tmp)[0]
+    try:
+        _write_sysctl(f"/proc/sys/net/ipv6/conf/{host}/disable_ipv6", "1")
+        ipr.link("set", index=ifindex, address=GW_MAC, mtu=mtu)
+        # Before the container can open a socket: its packets reserve headroom from now on.
+        ipr.link("set", index=ifindex, master=headroom_bridge)
+        fd = os.open(ep.netns, os.O_RDONLY)
+        try:
+            ipr.link("set", index=peer, net_ns_fd=fd)
+        finally:
+            os.close(fd)
+        prefixlen = ipaddress.IPv4Network(state.networks[ep.network].subnet).prefixlen
+        _configure_container(ep, tmp, prefixlen)
+        wrote = resolvconf.write(ep)
+        try:
+            ipr.link("set", index=ifindex, state="up")
+        except Exception:
+            if wrote:
+                resolvconf.remove(ep)
+            raise
+    except Exception:
+        ipr.link("del", index=ifindex)
+        raise
+    return ifindex
+
+
+def _configure_container(ep: Endpoint, tmp: str, prefixlen: int) -> None:
+    """The address carries the network's prefix (it looks like one LAN) but no prefix
+    route: everything goes to the gateway, i.e. to our program on the host-side veth."""
+    with netns.iproute(ep.netns) as c:
+        if c.link_lookup(ifname=CONTAINER_IFNAME):
+            raise XoError(f"endpoint {ep.name}: {ep.netns} already has an {CONTAINER_IFNAME}")
+        idx = c.link_lookup(ifname=tmp)[0]
+        c.link("set", index=idx, ifname=CONTAINER_IFNAME)
+        with netns.entered(ep.netns):   # /proc/sys/net is the opener's netns
+            _write_sysctl(f"/proc/sys/net/ipv6/conf/{CONTAINER_IFNAME}/disable_ipv6", "1")
+        lo = c.link_lookup(ifname="lo")[0]
+        c.link("set", index=lo, state="up")
+        c.link("set", index=idx, state="up")
+        c.addr("add", index=idx, address=ep.ip, prefixlen=prefixlen,
+               flags=IFA_F_NOPREFIXROUTE)
+        c.neigh("add", dst=GATEWAY_IP, lladdr=GW_MAC, ifindex=idx, state=NUD_PERMANENT)
+        c.route("add", dst="0.0.0.0/0", gateway=GATEWAY_IP, oif=idx, flags=RTNH_F_ONLINK)
+
+
+def unplumb(ipr, ifname: str) -> None:
+    """Remove a host-side veth (its container end goes with it)."""
+    for index in ipr.link_lookup(ifname=ifname):
+        ipr.link("del", index=index)
+
+
+def remove_endpoint(ipr, ep: Endpoint) -> None:
+    unplumb(ipr, host_ifname(ep.name))
+    resolvconf.remove(ep)
+    if ep.owns_netns:
+        netns.remove(ep.netns)
+
+
+# --- the gateway address on the node ------------------------------------------------------
+
+def _return_rules(ipr) -> list:
+    return [r for r in ipr.get_rules(family=socket.AF_INET)
+            if r.get_attr("FRA_TABLE") == RETURN_TABLE or r["table"] == RETURN_TABLE]
+
+
+# --- which routing table the data path may consult directly --------------------------
+
+FR_ACT_TO_TBL = 1
+# The IPv4 rules every policy starts with: lookup local, main, default (shape below).
+KERNEL_RULES = frozenset({(0, 255, FR_ACT_TO_TBL, ()), (32766, 254, FR_ACT_TO_TBL, ()),
+                          (32767, 253, FR_ACT_TO_TBL, ())})
+# Ours: what leaves from GATEWAY_IP (DNS replies) by RETURN_TABLE. No packet the data
+# path routes has that source.
+OUR_RULE = (RETURN_RULE_PRIORITY, RETURN_TABLE, FR_ACT_TO_TBL, (("FRA_SRC", GATEWAY_IP), ("src_len", 32)))
+_NOT_SELECTORS = {"FRA_TABLE", "FRA_PRIORITY", "FRA_PROTOCOL"}
+NO_SUPPRESS = 0xffffffff
+
+
+def rule_shape(msg) -> tuple:
+    """An IPv4 rule as (priority, table, action, selectors): selectors are what it matches
+    (or suppresses) on, in a fixed order; a rule with none applies to every packet."""
+    attrs = dict(msg["attrs"])
+    selectors = tuple(sorted((k, v) for k, v in attrs.items() if k not in _NOT_SELECTORS
+                             and not (k == "FRA_SUPPRESS_PREFIXLEN" and v == NO_SUPPRESS)))
+    selectors += tuple((k, msg[k]) for k in ("dst_len", "src_len", "tos", "flags") if msg[k])
+    return (attrs.get("FRA_PRIORITY", 0), attrs.get("FRA_TABLE", msg["table"]), msg["action"], selectors)
+
+
+def main_table_suffices(shapes) -> bool:
+    """Whether the main table alone routes every packet the data path sends out of the
+    underlay (config flag XO_CFG_FIB_MAIN_ONLY, bpf/lib/route.h) as the whole policy
+    would: the rules are the kernel's three and ours, nothing else. Our destinations are
+    never local addresses (the local table), and a miss in main falls back to the
+    kernel's full route. Any rule of the operator's, and it is the whole policy."""
+    return set(shapes) - {OUR_RULE} == KERNEL_RULES
+
+
+def fib_main_only(ipr) -> bool:
+    return main_table_suffices(rule_shape(r) for r in ipr.get_rules(family=socket.AF_INET))
+
+
+def ensure_gateway(ipr) -> tuple[int, list[str]]:
+    """xo-gw: up, GW_MAC, GATEWAY_IP/32 (scope link: never picked as the source of
+    anything else), loose reverse-path filtering (a query comes in on xo-gw, its reply
+    leaves by the endpoint's veth: strict filtering would drop the query), no IPv6; and
+    the rule that routes what leaves from GATEWAY_IP by RETURN_TABLE. Returns its ifindex
+    (for the data path's config) and what it changed."""
+    changes = []
+    found = ipr.link_lookup(ifname=GATEWAY_DEV)
+    if not found:
+        ipr.link("add", ifname=GATEWAY_DEV, kind="bridge")
+        found = ipr.link_lookup(ifname=GATEWAY_DEV)
+        changes.append(f"created {GATEWAY_DEV}")
+    index = found[0]
+    _write_sysctl(f"/proc/sys/net/ipv6/conf/{GATEWAY_DEV}/disable_ipv6", "1")
+    # max(all, this device) is what counts: 2 (loose) whatever `all` says.
+    _write_sysctl(f"/proc/sys/net/ipv4/conf/{GATEWAY_DEV}/rp_filter", "2")
+    link = ipr.get_links(index)[0]
+    if (link.get_attr("IFLA_ADDRESS") or "").lower() != GW_MAC:
+        ipr.link("set", index=index, address=GW_MAC)
+    if not link["flags"] & IFF_UP:
+        ipr.link("set", index=index, state="up")
+    addrs = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)]
+    if GATEWAY_IP not in addrs:
+        ipr.addr("add", index=index, address=GATEWAY_IP, prefixlen=32, scope=RT_SCOPE_LINK)
+        changes.append(f"added {GATEWAY_IP}/32 to {GATEWAY_DEV}")
+    rules = _return_rules(ipr)
+    good = [r for r in rules if r.get_attr("FRA_SRC") == GATEWAY_IP and r["src_len"] == 32
+            and r.get_attr("FRA_PRIORITY") == RETURN_RULE_PRIORITY]
+    if not good:
+        ipr.rule("add", family=socket.AF_INET, table=RETURN_TABLE, priority=RETURN_RULE_PRIORITY,
+                 src=GATEWAY_IP, src_len=32)
+        changes.append(f"added rule from {GATEWAY_IP} lookup {RETURN_TABLE}")
+    return index, changes
+
+
+def remove_gateway(ipr) -> None:
+    for r in _return_rules(ipr):
+        ipr.rule("del", family=socket.AF_INET, table=RETURN_TABLE, priority=r.get_attr("FRA_PRIORITY"),
+                 src=r.get_attr("FRA_SRC"), src_len=r["src_len"])
+    for route in ipr.get_routes(family=socket.AF_INET, table=RETURN_TABLE):
+        if route.get_attr("RTA_TABLE") == RETURN_TABLE:
+            ipr.route("del", table=RETURN_TABLE, dst=route.get_attr("RTA_DST"), dst_len=route["dst_len"])
+    for index in ipr.link_lookup(ifname=GATEWAY_DEV):
+        ipr.link("del", index=index)
+
+
+def sync_return_paths(ipr, want: dict[str, tuple[int, str]]) -> list[str]:
+    """Routes (in RETURN_TABLE) and permanent neighbour entries for the local endpoints,
+    so that replies from GATEWAY_IP reach them. Permanent: the node never ARPs for a
+    container (endpoint.c would drop the container's ARP reply)."""
+    veths = set(our_veths(ipr).values())
+    routes = {r.get_attr("RTA_DST"): r.get_attr("RTA_OIF")
+              for r in ipr.get_routes(family=socket.AF_INET, table=RETURN_TABLE)
+              if r["dst_len"] == 32 and r.get_attr("RTA_TABLE") == RETURN_TABLE}
+    neighbours = {(n.get_attr("NDA_DST"), n["ifindex"]): (n.get_attr("NDA_LLADDR"), bool(n["state"] & NUD_PERMANENT))
+                  for n in ipr.get_neighbours(family=socket.AF_INET) if n["ifindex"] in veths}
+    ops = desired.return_path_ops(want, routes, neighbours)
+    for op in ops:
+        try:
+            if op.kind == "route" and op.value is not None:
+                ipr.route("replace", table=RETURN_TABLE, dst=op.key, dst_len=32, oif=op.value,
+                          scope=RT_SCOPE_LINK)
+            elif op.kind == "route":
+                ipr.route("del", table=RETURN_TABLE, dst=op.key, dst_len=32)
+            elif op.value is not None:
+                ipr.neigh("replace", dst=op.key[0], ifindex=op.key[1], lladdr=op.value, state=NUD_PERMANENT)
+            else:
+                ipr.neigh("del", dst=op.key[0], ifindex=op.key[1])
+        except Exception as e:        # a veth that went away meanwhile: the next pass sees it
+            log.warning("%s failed: %s", op, e)
+    return [str(op) for op in ops]

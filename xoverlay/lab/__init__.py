@@ -1,0 +1,1 @@
+"""The namespace lab: nodes, an underlay switch, the demo network, service and client."""

@@ -1,0 +1,1 @@
+"""What a person sees: the CLI, status and its TUI, monitor, lints, service views."""

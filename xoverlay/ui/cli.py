@@ -1,0 +1,691 @@
+"""The `xoverlay` command. Thin: parse, call into model/store/agent/lab, print."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from xoverlay.agent import loop as agent_mod
+from xoverlay.core import model
+from xoverlay.errors import XoError
+from xoverlay.kernel import netns, processes
+from xoverlay.lab import namespace_lab as lab_mod
+from xoverlay.store import open_store
+from xoverlay.store.base import Tls
+
+# Wide when piped, so tables in logs and tests are not truncated.
+console = Console(width=None if sys.stdout.isatty() else 120)
+WAIT_SECONDS = 10.0
+
+
+def _store(ctx):
+    return open_store(ctx.obj["state"], ctx.obj["tls"])
+
+
+def _print_table(title: str, columns: list[str], rows: list[list], as_json: bool, records: list[dict]):
+    if as_json:
+        click.echo(json.dumps(records, indent=2))
+        return
+    table = Table(title=title, title_justify="left")
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*[str(x) for x in r])
+    console.print(table)
+
+
+def _require_root():
+    if os.geteuid() != 0:
+        raise XoError("xoverlay must run as root (it loads BPF programs and changes network namespaces)")
+
+
+def _default_node(state: model.State, node: str | None) -> str:
+    """--node, else $XOVERLAY_NODE, else this host's name if it is a node, else the only node."""
+    node = node or os.environ.get("XOVERLAY_NODE")
+    if node:
+        if node not in state.nodes:
+            raise XoError(f"node {node} does not exist (run `xoverlay up --node {node}` there first)")
+        return node
+    if socket.gethostname() in state.nodes:
+        return socket.gethostname()
+    if len(state.nodes) == 1:
+        return next(iter(state.nodes))
+    if not state.nodes:
+        raise XoError("no node has joined yet: run `xoverlay up --node NAME --underlay DEV` first")
+    raise XoError(f"say which node with --node ({', '.join(sorted(state.nodes))})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--store", "--state", "state", envvar=["XOVERLAY_STORE", "XOVERLAY_STATE"], default=None,
+              metavar="PATH|etcd://HOST:PORT",
+              help="the cluster store: a SQLite file (default /var/lib/xoverlay/state.db) or etcd://HOST:PORT[/PREFIX] "
+                   "(env XOVERLAY_STORE or XOVERLAY_STATE)")
+@click.option("--store-ca", envvar="XOVERLAY_STORE_CA", default=None, metavar="FILE",
+              help="etcd over TLS: the CA that signed etcd's certificate (env XOVERLAY_STORE_CA)")
+@click.option("--store-cert", envvar="XOVERLAY_STORE_CERT", default=None, metavar="FILE",
+              help="etcd over TLS: our client certificate (env XOVERLAY_STORE_CERT)")
+@click.option("--store-key", envvar="XOVERLAY_STORE_KEY", default=None, metavar="FILE",
+              help="etcd over TLS: the key of --store-cert (env XOVERLAY_STORE_KEY)")
+@click.pass_context
+def cli(ctx, state, store_ca, store_cert, store_key):
+    """xoverlay: a VXLAN overlay for containers with its data path in eBPF."""
+    ctx.ensure_object(dict)
+    ctx.obj["state"] = state
+    ctx.obj["tls"] = Tls(store_ca, store_cert, store_key)
+    for flag, path in (("--store-ca", store_ca), ("--store-cert", store_cert), ("--store-key", store_key)):
+        if path and not os.path.isfile(path):
+            raise XoError(f"{flag} {path}: no such file")
+    if ctx.invoked_subcommand and "--help" not in sys.argv and "-h" not in sys.argv:
+        _require_root()
+
+
+# --- up / down ----------------------------------------------------------------------
+
+@cli.command()
+@click.option("--node", required=True, help="this node's name in the cluster")
+@click.option("--underlay", required=True, help="the device that carries VXLAN between nodes")
+@click.option("--xdp/--no-xdp", default=True, show_default=True,
+              help="drop bad tunnel traffic in XDP before the stack sees it")
+@click.option("--vxlan-port", default=model.DEFAULT_VXLAN_PORT, show_default=True, type=int)
+@click.option("--detach", is_flag=True, help="run the agent in the background (pid file and log in /run/xoverlay)")
+@click.option("--dns/--no-dns", default=True, show_default=True,
+              help=f"answer the endpoints' DNS on {model.GATEWAY_IP}:53 (docs/DNS.md)")
+@click.option("--dns-forward/--dns-refuse", default=True, show_default=True,
+              help="names that are not the network's: forward them to the node's resolvers, or answer REFUSED")
+@click.option("--dns-upstream", "dns_upstreams", multiple=True, metavar="ADDR[:PORT]",
+              help="where to forward (repeatable; default: the nameservers of /etc/resolv.conf)")
+@click.option("--metrics", default=None, metavar="IP:PORT",
+              help="serve Prometheus metrics there, e.g. 127.0.0.1:9469 (default: off)")
+@click.option("--lease-ttl", default=agent_mod.LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
+              help="seconds without the agent before the node is shown down (its registration's lease)")
+@click.pass_context
+def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
+    """Load and attach the data path, join the cluster, and keep the maps in sync."""
+    from xoverlay.agent import dns_responder
+    model.check_name("node", node)
+    upstreams = [dns_responder.parse_upstream(u) for u in dns_upstreams] or None
+    metrics_mod = None
+    if metrics:
+        from xoverlay.agent import metrics as metrics_mod  # prometheus_client only when asked for
+        metrics_mod.parse_listen(metrics)
+    pid = processes.running_pid(node)
+    if pid:
+        raise XoError(f"an agent for node {node} is already running (pid {pid})")
+    if detach:
+        _detach_agent(ctx, node)
+        return
+    ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    lock = a = server = None
+    try:
+        # The port first: a bad address or a port in use is refused before anything changes.
+        server = metrics_mod.bind(metrics) if metrics else None
+        lock = processes.take_pid_lock(node)
+        a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port, dns=dns,
+                            dns_forward=dns_forward, dns_upstreams=upstreams, lease_ttl=lease_ttl)
+        a.start()
+        if a.store_error is None:
+            a.reconcile()
+    except XoError as e:
+        if a is not None:
+            a.stop_dns()
+        if lock is not None:
+            processes.release_pid_lock(node, lock)
+        if server is not None:
+            server.server_close()
+        if ready_fd >= 0:
+            os.write(ready_fd, f"{e}\n".encode())
+        raise
+    if server is not None:
+        a.observer = metrics_mod.serve(server, node, lambda: a.last_state, lambda: (a.store_error, a.alive_nodes))
+        logging.getLogger("xoverlay.agent").info("metrics on http://%s/metrics", metrics)
+    if ready_fd >= 0:
+        os.write(ready_fd, b"ok\n")
+        os.close(ready_fd)
+    else:
+        click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}"
+                   + (f", metrics on http://{metrics}/metrics" if metrics else "")
+                   + "; Ctrl-C stops the agent, the data path keeps forwarding")
+    if a.store_error:
+        click.echo(f"xoverlay: warning: {a.store_error}: the pinned data path keeps forwarding as it is; "
+                   "the agent resyncs when the store is back", err=True)
+    a.run()
+    if server is not None:
+        server.shutdown()
+        server.server_close()
+    processes.release_pid_lock(node, lock)
+
+
+def _detach_agent(ctx, node):
+    args = [a for a in sys.argv[1:] if a != "--detach"]
+    read_fd, write_fd = os.pipe()
+    os.makedirs(processes.RUN_DIR, exist_ok=True)
+    env = dict(os.environ, XOVERLAY_READY_FD=str(write_fd))
+    if ctx.obj["state"]:
+        env["XOVERLAY_STATE"] = ctx.obj["state"]
+    with open(processes.log_path(node), "ab") as logf:
+        subprocess.Popen([sys.executable, "-m", "xoverlay", *args], stdin=subprocess.DEVNULL, stdout=logf,
+                         stderr=logf, env=env, pass_fds=(write_fd,), start_new_session=True)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as r:
+        answer = r.readline().strip()
+    if answer != "ok":
+        raise XoError(answer or f"the agent for node {node} exited at start: see {processes.log_path(node)}")
+    click.echo(f"node {node} is up; agent pid {processes.running_pid(node)}, log {processes.log_path(node)}")
+
+
+@cli.command()
+@click.option("--node", required=True)
+@click.pass_context
+def down(ctx, node):
+    """Stop the node's agent, remove its programs, pins, veths and its place in the store."""
+    from xoverlay.kernel import teardown
+    store = _store(ctx)
+    lab = lab_mod.Lab(store, ctx.obj["state"])
+    path = netns.resolve(lab.node_netns(node)) if node in lab.nodes() else None
+    teardown.node_down(store, node, path)
+    click.echo(f"node {node} is down")
+
+
+# --- networks -----------------------------------------------------------------------
+
+@cli.group()
+def network():
+    """Overlay networks: one VNI and one subnet each."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option("--subnet", required=True, help="e.g. 10.10.0.0/16")
+@click.option("--vni", type=int, default=None, help=f"1..{model.VNI_MAX} (default: the first free from 4096)")
+@click.option("--slice-prefix", type=int, default=model.DEFAULT_SLICE_PREFIX, show_default=True,
+              help="prefix length of the slice each node gets for its endpoints")
+@click.pass_context
+def network_create(ctx, name, subnet, vni, slice_prefix):
+    s = _store(ctx).update(lambda st: model.create_network(st, name, subnet, vni, slice_prefix))
+    n = s.networks[name]
+    click.echo(f"network {n.name}: subnet {n.subnet}, VNI {n.vni}")
+
+
+@network.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def network_ls(ctx, as_json):
+    st = _store(ctx).read()
+    nets = sorted(st.networks.values(), key=lambda n: n.name)
+    count = {n.name: sum(1 for e in st.endpoints.values() if e.network == n.name) for n in nets}
+    _print_table("networks", ["NAME", "SUBNET", "VNI", "ENDPOINTS"],
+                 [[n.name, n.subnet, n.vni, count[n.name]] for n in nets], as_json,
+                 [dict(dataclasses.asdict(n), endpoints=count[n.name]) for n in nets])
+
+
+@network.command("rm")
+@click.argument("name")
+@click.pass_context
+def network_rm(ctx, name):
+    _store(ctx).update(lambda st: model.remove_network(st, name))
+    click.echo(f"network {name} removed")
+
+
+# --- endpoints ----------------------------------------------------------------------
+
+@cli.group()
+def endpoint():
+    """Containers (network namespaces) attached to a network."""
+
+
+@endpoint.command("add")
+@click.argument("name")
+@click.option("--network", required=True)
+@click.option("--netns", "ns", default=None,
+              help="a name under /run/netns or a path such as /proc/PID/ns/net (default: a new netns NAME)")
+@click.option("--ip", default=None, help="a fixed address (default: the next free one of the node's slice)")
+@click.option("--node", default=None, help="the node it lives on (default: this one)")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="wait until the node's agent has plumbed it")
+@click.pass_context
+def endpoint_add(ctx, name, network, ns, ip, node, wait):
+    store = _store(ctx)
+    st = store.read()
+    node = _default_node(st, node)
+    model.check_name("endpoint", name)
+    if ns is None:
+        path, owns = netns.resolve(name), True
+        if os.path.exists(path):
+            raise XoError(f"netns {name} already exists: pass --netns {name} to attach it")
+    else:
+        path, owns = netns.resolve(ns), False
+        if not netns.exists(path):
+            raise XoError(f"netns {ns} does not exist")
+        path = os.path.realpath(path) if path.startswith("/run/netns") else path
+    st = store.update(lambda s: model.add_endpoint(s, name, network, node, path, owns, ip))
+    ep = st.endpoints[name]
+    if wait and not _wait_for(store, lambda s: name in s.endpoints and s.endpoints[name].ready):
+        click.echo(f"endpoint {name}: {ep.ip} on {node} is stored, but node {node}'s agent has not plumbed it "
+                   f"yet (is `xoverlay up --node {node}` running?)", err=True)
+        return
+    click.echo(f"endpoint {name}: {ep.ip} ({ep.mac}) on {node}, netns {ep.netns}")
+    from xoverlay.kernel import resolvconf
+    if resolvconf.netns_name(ep.netns) is None:
+        click.echo(f"endpoint {name}: DNS is {model.GATEWAY_IP}; {ep.netns} has no name, so write "
+                   f"`nameserver {model.GATEWAY_IP}` into its container's resolv.conf yourself (docs/DNS.md)")
+
+
+def _wait_for(store, done, timeout=WAIT_SECONDS) -> bool:
+    deadline = time.monotonic() + timeout
+    gen = -1
+    while time.monotonic() < deadline:
+        if done(store.read()):
+            return True
+        gen = store.wait(gen, timeout=0.2)
+    return done(store.read())
+
+
+@endpoint.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--network", default=None)
+@click.option("--node", default=None)
+@click.pass_context
+def endpoint_ls(ctx, as_json, network, node):
+    st = _store(ctx).read()
+    eps = sorted((e for e in st.endpoints.values()
+                  if (network is None or e.network == network) and (node is None or e.node == node)),
+                 key=lambda e: (e.network, e.node, e.name))
+
+    def status(e):
+        return "removing" if e.removing else ("ready" if e.ready else "pending")
+    _print_table("endpoints", ["NAME", "NETWORK", "NODE", "IP", "MAC", "NETNS", "STATE"],
+                 [[e.name, e.network, e.node, e.ip, e.mac, e.netns, status(e)] for e in eps], as_json,
+                 [dict(dataclasses.asdict(e), state=status(e)) for e in eps])
+
+
+@endpoint.command("rm")
+@click.argument("name")
+@click.option("--wait/--no-wait", default=True, show_default=True)
+@click.pass_context
+def endpoint_rm(ctx, name, wait):
+    store = _store(ctx)
+    store.update(lambda s: model.mark_endpoint_removing(s, name))
+    if wait and not _wait_for(store, lambda s: name not in s.endpoints):
+        click.echo(f"endpoint {name} is marked for removal; its node's agent has not removed it yet", err=True)
+        return
+    click.echo(f"endpoint {name} removed")
+
+
+# --- services -----------------------------------------------------------------------
+
+@cli.group()
+def service():
+    """Services: a virtual IP load-balanced over endpoints (Maglev, in the kernel)."""
+
+
+@service.command("create")
+@click.argument("name")
+@click.option("--network", required=True)
+@click.option("--port", "ports", multiple=True, required=True, help="PORT[/tcp|udp], repeatable (default tcp)")
+@click.option("--backend", "backends", multiple=True,
+              help="ENDPOINT[:TARGET_PORT][@WEIGHT], repeatable (target port: only with one --port)")
+@click.option("--vip", default="auto", show_default=True, help="an address of the network's subnet, or auto")
+@click.option("--publish", "publish", multiple=True, help="NODE_PORT:SERVICE_PORT, on every node's underlay IP")
+@click.option("--affinity", type=click.Choice(model.AFFINITIES), default="none", show_default=True)
+@click.pass_context
+def service_create(ctx, name, network, ports, backends, vip, publish, affinity):
+    st = _store(ctx).update(lambda s: model.create_service(s, name, network, list(ports), list(backends), vip,
+                                                           list(publish), affinity))
+    svc = st.services[name]
+    click.echo(f"service {name}: {svc.vip} {' '.join(svc.ports)} in {network}, "
+               f"{len(svc.backends)} backend{'s' * (len(svc.backends) != 1)}")
+
+
+@service.command("update")
+@click.argument("name")
+@click.option("--add-backend", "add", multiple=True, help="ENDPOINT[:PORT][@WEIGHT] (also ends draining)")
+@click.option("--rm-backend", "rm", multiple=True, help="its connections are reset")
+@click.option("--drain", "drain", multiple=True, help="keeps its connections, gets no new ones")
+@click.pass_context
+def service_update(ctx, name, add, rm, drain):
+    st = _store(ctx).update(lambda s: model.update_service(s, name, list(add), list(rm), list(drain)))
+    svc = st.services[name]
+    click.echo(f"service {name}: {len(svc.active)} active, {len(svc.backends) - len(svc.active)} draining")
+
+
+@service.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def service_ls(ctx, as_json):
+    from xoverlay.ui import service_view
+    rows = service_view.rows(_store(ctx).read())
+    _print_table("services", ["NAME", "NETWORK", "VIP", "PORTS", "BACKENDS", "PUBLISH", "AFFINITY"],
+                 [[r["name"], r["network"], r["vip"], " ".join(r["ports"]), f"{r['active']}/{r['backends']}",
+                   " ".join(r["publish"]) or "-", r["affinity"]] for r in rows], as_json, rows)
+
+
+@service.command("inspect")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def service_inspect(ctx, name, as_json):
+    from xoverlay.ui import service_view
+    st = _store(ctx).read()
+    info = service_view.inspect(st, name, service_view.read_counters(st, name))
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    c = info["counters"]
+    click.echo(f"service {info['name']} (id {info['id']}): {info['vip']} {' '.join(info['ports'])} in "
+               f"{info['network']}; publish {' '.join(info['publish']) or '-'}; affinity {info['affinity']}; "
+               f"Maglev table {info['table_size']} slots")
+    click.echo(f"  {c['connections']} connections, {c['packets']} packets, {c['bytes']} bytes")
+    _print_table("backends", ["ENDPOINT", "ID", "IP", "NODE", "PORT", "WEIGHT", "STATE", "CONNS", "PKTS", "BYTES"],
+                 [[b["endpoint"], b["id"], b["ip"], b["node"], b["port"] or "-", b["weight"], b["state"],
+                   b["counters"]["connections"], b["counters"]["packets"], b["counters"]["bytes"]]
+                  for b in info["backends"]], False, [])
+
+
+@service.command("rm")
+@click.argument("name")
+@click.pass_context
+def service_rm(ctx, name):
+    _store(ctx).update(lambda s: model.remove_service(s, name))
+    click.echo(f"service {name} removed")
+
+
+# --- peers --------------------------------------------------------------------------
+
+@cli.group()
+def peer():
+    """The other nodes of the cluster, as one node sees them."""
+
+
+@peer.command("ls")
+@click.option("--node", default=None, help="whose peers (default: this node)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def peer_ls(ctx, node, as_json):
+    from xoverlay.core.rates import ago
+    from xoverlay.kernel.counters import peer_rows
+    store = _store(ctx)
+    st = store.read()
+    node = _default_node(st, node)
+    rows = peer_rows(st, node, store.alive())
+    _print_table(f"peers of {node}", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS",
+                                      "RX BYTES", "LAST RX"],
+                 [[r["node"], r["liveness"], r["underlay_ip"], " ".join(r["subnets"]) or "-", r["tx_packets"],
+                   r["tx_bytes"], r["rx_packets"], r["rx_bytes"], ago(r["last_rx_ago"])] for r in rows], as_json, rows)
+
+
+# --- status -------------------------------------------------------------------------
+
+def _service_table_rows(services: list[dict]) -> list[list]:
+    """One row per backend (the service's own columns on its first row only); a service
+    without backends gets a row of its own. Counters: this node's."""
+    rows = []
+    for s in services:
+        head = [s["name"], " ".join(f"{s['vip']}:{p}" for p in s["ports"]),
+                " ".join(p.split(":")[0] + "/" + p.rsplit("/", 1)[1] for p in s["publish"]) or "-"]
+        if not s["backends"]:
+            rows.append(head + ["-", "-", "-", "no backend", s["connections"], s["packets"]])
+        for i, b in enumerate(s["backends"]):
+            rows.append((head if i == 0 else ["", "", ""]) +
+                        [f"{b['endpoint']} ({b['ip']}{':' + str(b['port']) if b['port'] else ''})", b["node"] or "-",
+                         b["weight"], b["state"], b["connections"], b["packets"]])
+    return rows or [["none", "", "", "", "", "", "", "", ""]]
+
+
+def _render_status(snap: dict):
+    from rich.console import Group
+    from rich.text import Text
+    n = snap["node"]
+    agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
+    build = "no pinned programs" if not n["pinned"] else (
+        f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
+    from xoverlay.core.rates import ago
+    from xoverlay.ui.status import program_summary
+    head = Text(f"node {n['name']}  underlay {n['underlay_device'] or '?'} {n['underlay_ip']}:{n['vxlan_port']}  "
+                f"{agent}  {build}", style="bold")
+    if n["pinned"]:
+        head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
+    store = snap.get("store")
+    if store:
+        head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
+                    f"UNREACHABLE ({store['error']}); the data path keeps forwarding as it is"),
+                    style="" if store["reachable"] else "red")
+        head.append(f"; this node {n.get('liveness', 'unknown')}")
+
+    def table(title, cols, rows):
+        t = Table(title=title, title_justify="left")
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        return t
+    traffic = ["TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"]
+
+    def counts(r):
+        return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
+    parts = [head,
+             table("peers", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
+                   [[p["node"], p.get("liveness", "unknown"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
+                     *counts(p), ago(p["last_rx_ago"])] for p in snap["peers"]]),
+             table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
+                   [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
+             table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",
+                                "PKTS"], _service_table_rows(snap.get("services", []))),
+             table("drops", ["REASON", "PACKETS", "BYTES", "WHAT HAPPENED"],
+                   [[d["reason"], d["packets"], d["bytes"], d["text"]] for d in snap["drops"]] or [["none", "", "", ""]]),
+             table("maps", ["MAP", "ENTRIES", "MAX"],
+                   [[m["name"], m["entries"], m["max_entries"]] for m in snap["maps"]])]
+    drift = snap["drift"]
+    parts.append(Text(f"drift: {len(drift)} entries differ between store and kernel" if drift
+                      else "drift: none (the kernel holds exactly what the store wants)",
+                      style="red" if drift else "green"))
+    for d in drift[:10]:
+        parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
+    mon = snap.get("monitor") or {"state": "off"}
+    parts.append(Text({"off": "monitor: none running (the data path writes no events)",
+                       "running": f"monitor: running, pid {mon.get('pid')}",
+                       "stale": f"monitor: flag stale (pid {mon.get('pid')} is gone)"}[mon["state"]],
+                      style={"off": "", "running": "green", "stale": "yellow"}[mon["state"]]))
+    lints = snap.get("lints", [])
+    parts.append(table("lints", ["SEVERITY", "LINT", "ON", "WHAT", "FIX"],
+                       [[x["severity"], x["id"], x["subject"], x["message"], x["fix"]] for x in lints]
+                       or [["none", "", "", "nothing known to break or slow this node", ""]]))
+    return Group(*parts)
+
+
+@cli.command()
+@click.option("--node", default=None)
+@click.option("--once", is_flag=True, help="print one snapshot and exit")
+@click.option("--json", "as_json", is_flag=True, help="one machine-readable snapshot")
+@click.pass_context
+def status(ctx, node, once, as_json):
+    """What a node's data path is doing, from its pinned maps."""
+    from xoverlay.ui import status as status_mod
+    store = _store(ctx)
+    state, alive, where = status_mod.store_view(store)
+    if state is None:          # the maps still tell what the data path does
+        node = node or os.environ.get("XOVERLAY_NODE")
+        if not node:
+            raise XoError(f"{where['error']}: say which node with --node to see its data path")
+    else:
+        node = _default_node(state, node)
+
+    def snap():
+        return status_mod.snapshot(state or model.State(), node, alive, where)
+    if as_json:
+        click.echo(json.dumps(snap(), indent=2))
+        return
+    if once or not sys.stdout.isatty():
+        console.print(_render_status(snap()))
+        return
+    from xoverlay.ui.tui import StatusApp, StoreSource
+    source = StoreSource(ctx.obj["state"], ctx.obj["tls"])
+    StatusApp(source.snapshot, node, source.nodes).run()
+
+
+# --- monitor ------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--node", default=None)
+@click.option("--reason", "reasons", multiple=True, metavar="REASON",
+              help="only drops of this reason (repeat for more; names as `status` shows them)")
+@click.option("--endpoint", default=None, help="only events to, from or on the veth of this endpoint")
+@click.option("--service", default=None, help="only new connections to this service")
+@click.option("--sample", type=click.IntRange(min=1), default=None, metavar="N",
+              help="also show forwarded packets, one in N")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (schema in docs/STATUS.md)")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N events")
+@click.pass_context
+def monitor(ctx, node, reasons, endpoint, service, sample, as_json, count):
+    """Live data-path events: every drop with its reason and addresses, every new service
+    connection with the backend chosen (and forwarded packets with --sample). The programs
+    write events only while a monitor runs."""
+    from xoverlay.ui import monitor as monitor_mod
+    store = _store(ctx)
+    node = _default_node(store.read(), node)
+    monitor_mod.run(store.read, node, reasons=reasons, endpoint=endpoint, service=service, sample=sample,
+                    as_json=as_json, count=count, echo=click.echo, note=lambda msg: click.echo(f"xoverlay monitor: {msg}", err=True))
+
+
+# --- store ----------------------------------------------------------------------------
+
+@cli.group("store")
+def store_group():
+    """The cluster store: etcd for clusters of several machines (docs/STORE.md)."""
+
+
+@store_group.command("serve")
+@click.option("--listen", default=f"127.0.0.1:{2379}", show_default=True, metavar="IP:PORT",
+              help="where agents and the CLI reach etcd: an address of the underlay for a cluster")
+@click.option("--data-dir", default="/var/lib/xoverlay/etcd", show_default=True, help="etcd's data (kept)")
+@click.option("--name", default=None, help="the etcd member's name (default: this host's name)")
+@click.option("--peer-port", default=2380, show_default=True, type=click.IntRange(1, 65535),
+              help="etcd's peer port, on 127.0.0.1 (one member)")
+@click.option("--tls-cert", default=None, metavar="FILE", help="serve https with this certificate")
+@click.option("--tls-key", default=None, metavar="FILE", help="the key of --tls-cert")
+@click.option("--client-ca", default=None, metavar="FILE",
+              help="with --tls-cert: clients must show a certificate signed by this CA")
+@click.option("--detach", is_flag=True, help="run in the background (log beside the data dir)")
+def store_serve(listen, data_dir, name, peer_port, tls_cert, tls_key, client_ca, detach):
+    """Run Debian's etcd as the cluster store, with sane flags (no etcd of our own)."""
+    from xoverlay.agent.metrics import parse_listen
+    from xoverlay.store import etcd_server
+    host, port = parse_listen(listen)
+    given = [tls_cert, tls_key, client_ca]
+    if any(given) and not all(given):
+        raise XoError("TLS needs all three of --tls-cert, --tls-key and --client-ca")
+    for path in filter(None, given):
+        if not os.path.isfile(path):
+            raise XoError(f"{path}: no such file")
+    tls = etcd_server.ServerTls(tls_cert, tls_key, client_ca) if tls_cert else None
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    os.chmod(data_dir, 0o700)        # etcd's own requirement
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = etcd_server.command(name or socket.gethostname(), data_dir,
+                              [f"{'https' if tls else 'http'}://{hostport}"], f"http://127.0.0.1:{peer_port}", tls)
+    url = f"etcd://{hostport}"
+    hint = (" with --store-ca/--store-cert/--store-key" if tls else "")
+    if detach:
+        log = data_dir.rstrip("/") + ".log"
+        proc = etcd_server.start(cmd, log, host, port)
+        click.echo(f"etcd pid {proc.pid} serves {url} (data {data_dir}, log {log}); use --store {url}{hint}")
+        return
+    click.echo(f"etcd serves {url} (data {data_dir}); use --store {url}{hint}; Ctrl-C stops it", err=True)
+    try:
+        os.execvp(cmd[0], cmd)
+    except FileNotFoundError:
+        raise XoError("etcd is not installed: apt-get install etcd-server (setup.sh does it)") from None
+
+
+# --- lab ----------------------------------------------------------------------------
+
+@cli.group()
+def lab():
+    """A multi-node cluster of network namespaces on this machine."""
+
+
+@lab.command("up")
+@click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
+@click.option("--xdp/--no-xdp", default=True, show_default=True)
+@click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default=None,
+              help="the lab's store: the --state file (SQLite, the default for a new lab) or a real etcd "
+                   "started for the lab (Debian's; stopped and removed by `lab down`)")
+@click.pass_context
+def lab_up(ctx, nodes, xdp, store_kind):
+    lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo, store=store_kind)
+
+
+@lab.command("demo")
+@click.pass_context
+def lab_demo(ctx):
+    """Bring the lab up (if it is not) and show it carrying traffic."""
+    state = ctx.obj["state"]
+    store = _store(ctx)
+    lab = lab_mod.Lab(store, state)
+    lab.up(3, echo=click.echo)
+    nodes = lab.nodes()
+    eps = store.read().endpoints
+    src, dst = f"{nodes[0]}-a", f"{nodes[1]}-a"
+    console.rule(f"ping {dst} ({eps[dst].ip}, on {nodes[1]}) from {src} (on {nodes[0]})")
+    ping = subprocess.run(["nsenter", f"--net={eps[src].netns}", "--", "ping", "-c", "3", "-i", "0.2",
+                           eps[dst].ip], capture_output=True, text=True)
+    click.echo(ping.stdout.strip())
+    if ping.returncode != 0:
+        raise XoError(f"cross-node ping from {src} to {dst} failed")
+    src_node = nodes[0]
+    url, answers = lab.web_requests(src)
+    console.rule(f"service web: {len(answers)} requests from {src} to {url} (one connection each), spread over "
+                 "backends on every node")
+    for a in answers:
+        click.echo(f"  {a}")
+    far = nodes[1] if len(nodes) > 1 else src_node
+    url, answer = lab.mesh_request(far)
+    console.rule(f"routing mesh: the outside client ({lab.client_ip}) asks {url}, {far}'s underlay IP")
+    click.echo(f"  {answer}")
+    click.echo(f"  (the backend saw the client's own address {lab.client_ip}; the client saw only {url})")
+    console.rule("the overlay, as the CLI shows it")
+    ctx.invoke(endpoint_ls, as_json=False, network=None, node=None)
+    console.rule(f"xoverlay status --node {nodes[0]} --once")
+    ctx.invoke(status, node=nodes[0], once=True, as_json=False)
+    click.echo(f"Try: xoverlay lab exec {nodes[0]}-a -- ping 10.10.1.1 ; xoverlay lab exec client -- curl "
+               f"http://{store.read().nodes[nodes[0]].underlay_ip}:8080/ ; xoverlay lab down removes it all.")
+
+
+@lab.command("down")
+@click.pass_context
+def lab_down(ctx):
+    lab_mod.Lab(_store(ctx), ctx.obj["state"]).down(echo=click.echo)
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def lab_exec(ctx, name, command):
+    """Run COMMAND inside a lab node or an endpoint: xoverlay lab exec NAME -- CMD..."""
+    path = lab_mod.Lab(_store(ctx), ctx.obj["state"]).netns_of(name)
+    os.execvp("nsenter", ["nsenter", f"--net={path}", "--", *command])
+
+
+def main():
+    try:
+        cli(standalone_mode=False)
+    except XoError as e:
+        click.echo(f"xoverlay: error: {e}", err=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+

@@ -1,0 +1,174 @@
+"""What a node's data path is doing, read from its pinned maps (no agent, no compiler):
+counters, drops by reason, map fill, and drift between the store and the kernel."""
+from __future__ import annotations
+
+from xoverlay.core import desired
+from xoverlay.core.model import State, peers_of
+from xoverlay.kernel import monitor_flag, processes
+from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
+from xoverlay.kernel.pinned import PinnedMap
+from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
+
+
+def read_maps(node: str) -> dict[str, dict]:
+    from xoverlay.kernel import bpf
+    out = {}
+    for name in MAPS:
+        if MAPS[name].ringbuf:
+            continue
+        try:
+            with PinnedMap(pin_dir(node), MAPS[name]) as m:
+                if name == desired.MAGLEV:
+                    # An array of maps: only the slots that hold a table count.
+                    out[name] = {U32(int.from_bytes(k, "little")): int.from_bytes(v, "little")
+                                 for k, v in bpf.lookup_batch(m.fd, 4, 4, MAPS[name].max_entries)}
+                    continue
+                out[name] = m.items() if name in desired.RECONCILED_MAPS else dict.fromkeys(m.keys())
+        except OSError:
+            out[name] = {}
+    return out
+
+
+def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
+    """Entries the store wants and the kernel lacks (or holds differently), and entries
+    the kernel has that the store does not want. Local endpoints are matched to their
+    veth through the kernel's own xo_local_endpoints, so an endpoint not yet plumbed is
+    not drift."""
+    ifindex_of = {(v.vni, v.ip): k.value for k, v in actual.get("xo_local_endpoints", {}).items()}
+    ifindexes = {}
+    for ep in state.endpoints.values():
+        if ep.node == node and ep.network in state.networks:
+            found = ifindex_of.get((state.networks[ep.network].vni, ip_be(ep.ip)))
+            if found:
+                ifindexes[ep.name] = found
+    cfg = actual.get("xo_config", {}).get(U32(0))
+    if node not in state.nodes:
+        return []
+    want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
+                                cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual,
+                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY))
+    rows = []
+    for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
+        kind = "unexpected" if op.value is None else (
+            "different" if op.key in actual.get(op.map, {}) else "missing")
+        rows.append({"map": op.map, "kind": kind, "key": repr(op.key)})
+    return rows
+
+
+def program_rows(facts: dict) -> list[dict]:
+    """Where each pinned program of the node runs, from the facts the lints read
+    (xoverlay/ui/lints.py gather): its id, its hook, the devices it belongs on and how many of them
+    run it now. `attached` is None where the node's devices cannot be seen from here."""
+    ids = facts.get("program_ids") or {}
+    u = facts.get("underlay")
+    veths = facts.get("endpoint_tc_ids")
+
+    def count(want, found):
+        return None if found is None else sum(1 for f in found if want and f == want)
+    xdp_id = ids.get("prog_underlay_xdp")
+    return [
+        {"program": "prog_underlay_xdp", "id": xdp_id, "hook": "xdp", "where": u["name"] if u else None,
+         "mode": u["xdp_mode"] if u else None, "attached": count(xdp_id, [u["xdp_id"]] if u else None),
+         "places": 1},
+        {"program": "prog_underlay_tc", "id": ids.get("prog_underlay_tc"), "hook": "tc ingress",
+         "where": u["name"] if u else None, "mode": None,
+         "attached": count(ids.get("prog_underlay_tc"), [u["tc_id"]] if u else None), "places": 1},
+        {"program": "prog_endpoint", "id": ids.get("prog_endpoint"), "hook": "tc ingress",
+         "where": "endpoint veths", "mode": None,
+         "attached": count(ids.get("prog_endpoint"), None if veths is None else list(veths.values())),
+         "places": len(veths) if veths is not None else None},
+    ]
+
+
+def program_summary(row: dict) -> tuple[str, bool]:
+    """One program row as the header shows it, and whether all is as it should be
+    (XDP off is a choice, `up --no-xdp`, not a fault)."""
+    where = row["where"] or "?"
+    if row["id"] is None:
+        return f"{row['hook']} not pinned", False
+    if row["mode"] == "off":
+        return f"xdp off on {where}", True
+    mode = f" {row['mode']}" if row["mode"] else ""
+    if row["attached"] is None:
+        return f"{row['hook']} #{row['id']}{mode} ({where} not visible from here)", True
+    if row["places"] == 1:
+        ok = row["attached"] == 1
+        return f"{row['hook']} #{row['id']}{mode} {'on' if ok else 'NOT on'} {where}", ok
+    return (f"{row['hook']} #{row['id']} on {row['attached']}/{row['places']} {where}",
+            row["attached"] == row["places"])
+
+
+def store_view(store) -> tuple[State | None, dict | None, dict]:
+    """(state, live registrations, the "store" part of a snapshot); state and registrations
+    are None when the store cannot be read (the maps can still be shown)."""
+    from xoverlay.errors import XoError
+    try:
+        state = store.read()
+        alive = store.alive()
+        return state, alive, {"where": store.where, "reachable": True, "error": None}
+    except XoError as e:
+        return None, None, {"where": store.where, "reachable": False, "error": str(e)}
+
+
+def snapshot(state: State, node: str, alive: dict | None = None, store: dict | None = None) -> dict:
+    """Everything `status` shows for a node, as plain data (the --json schema)."""
+    maps = read_maps(node)
+    me = state.nodes.get(node)
+    pid = processes.running_pid(node)
+    cfg = maps["xo_config"].get(U32(0))
+    from xoverlay.kernel.datapath import build_id
+    from xoverlay.ui import lints
+    flag = monitor_flag.read_flag(node)
+    facts = lints.gather(state, node)
+    return {
+        "node": {"name": node, "underlay_ip": me.underlay_ip if me else None,
+                 "underlay_device": (facts.get("underlay") or {}).get("name"),
+                 "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
+                 "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
+                 "build_current": bool(cfg) and cfg.build_id == build_id(),
+                 "programs": program_rows(facts), "liveness": liveness(alive, node)},
+        "store": store,
+        "peers": peer_rows(state, node, alive),
+        "endpoints": endpoint_rows(state, node),
+        "services": service_rows(state, node),
+        "drops": drop_rows(node),
+        "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
+                 for name, spec in MAPS.items() if not spec.ringbuf],
+        "drift": drift(state, node, maps) if cfg else [],
+        "monitor": {"state": monitor_flag.flag_state(flag), "pid": flag.pid if flag and flag.events else None,
+                    "lost": flag.lost if flag else 0} if flag else None,
+        "lints": lints.evaluate(facts),
+    }
+
+
+# --- extras for the live dashboard (not in the --json schema) -------------------------
+
+def endpoints_by_peer(state: State, node: str) -> dict[str, list[dict]]:
+    """The endpoints each peer of `node` hosts, as the store has them: what the dashboard
+    shows when you drill into a peer."""
+    def ep_state(ep):
+        return "removing" if ep.removing else ("ready" if ep.ready else "pending")
+    out = {peer.name: [] for peer in peers_of(state, node)}
+    for ep in sorted(state.endpoints.values(), key=lambda e: e.name):
+        if ep.node in out:
+            out[ep.node].append({"name": ep.name, "network": ep.network, "ip": ep.ip, "state": ep_state(ep)})
+    return out
+
+
+# Kernel map types whose every slot always exists (linux/bpf.h: ARRAY, PERCPU_ARRAY).
+_ARRAY_TYPES = {2: "array", 6: "percpu_array"}
+
+
+def array_maps(node: str) -> list[str]:
+    """Pinned maps of `node` that are arrays, asked of the kernel: they always hold
+    max_entries entries, so a full one is not under pressure."""
+    from xoverlay.kernel import bpf
+    names = []
+    for name, spec in MAPS.items():
+        try:
+            with PinnedMap(pin_dir(node), spec) as m:
+                if bpf.map_info(m.fd).type in _ARRAY_TYPES:
+                    names.append(name)
+        except OSError:
+            pass
+    return names
