@@ -55,7 +55,7 @@ def test_set_read_replace_empty(tables):
     assert fresh.read() == {7: table_for(7), 9: table_for(9, 5)}
     tables.set(7, table_for(7, 2))
     assert fresh.read()[7] == table_for(7, 2)
-    tables.delete(9)
+    tables.apply({}, [9])
     assert tables.read() == {7: table_for(7, 2)} == fresh.read()
 
 

@@ -2,7 +2,6 @@
 Pure functions: no kernel, no store, unit-tested in tests/test_reconcile.py."""
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from xoverlay.core import maglev
@@ -287,10 +286,6 @@ def plan(desired: dict[str, dict], actual: dict[str, dict], want_tables: dict[in
     sets, service_sets = first(sets, {"xo_lb_services", "xo_lb_mesh"})
     deletes, backend_deletes = first(deletes, {"xo_lb_backends"})
     return sets + table_sets + service_sets + deletes + table_deletes + backend_deletes
-
-
-def in_network(ip: str, subnet: str) -> bool:
-    return ipaddress.IPv4Address(ip) in ipaddress.IPv4Network(subnet)
 
 
 # --- the way back from the gateway address (DNS replies) ---------------------------------

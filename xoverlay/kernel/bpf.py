@@ -210,22 +210,6 @@ def u32_update_batch(fd: int, keys: list[int], values: list[int]) -> None:
         raise BpfError(5, f"batch update: {count.value} of {n} entries written")
 
 
-def u32_delete_batch(fd: int, keys: list[int]) -> None:
-    n = len(keys)
-    if not n:
-        return
-    k = (ctypes.c_uint32 * n)(*keys)
-    count = ctypes.c_uint32(n)
-    opts = _BatchOpts(sz=ctypes.sizeof(_BatchOpts))
-    ret = _lib.bpf_map_delete_batch(fd, k, ctypes.byref(count), ctypes.byref(opts))
-    if ret in (-524, -95):
-        # Arrays (of maps, too) have no batch delete: one at a time (one kernel wait each).
-        for key in keys:
-            map_delete(fd, key.to_bytes(4, "little"))
-    elif ret < 0 and ret != -2 and ctypes.get_errno() != 2:     # ENOENT: some were gone already
-        _check(ret, "batch delete")
-
-
 def array_update_batch(fd: int, values: list[int]) -> None:
     """Set entries 0..len(values)-1 of a u32 -> u32 array in one syscall."""
     n = len(values)

@@ -11,11 +11,6 @@ from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.maps.layout import LB_MAX_SERVICES
 
 
-def to_values(table: tuple) -> list[int]:
-    """(M, idx_1..idx_M) as stored: the same tuple, as a list."""
-    return list(table)
-
-
 class MaglevTables:
     """Reads and replaces the tables of one node. Remembers the id of each inner map it
     wrote, so that a reconcile pass costs one batch lookup of the outer map, and a table
@@ -50,9 +45,6 @@ class MaglevTables:
     def set(self, sid: int, table: tuple) -> None:
         self.apply({sid: table}, [])
 
-    def delete(self, sid: int) -> None:
-        self.apply({}, [sid])
-
     # Open fds at a time: well under the default limit of 1024.
     CHUNK = 256
 
@@ -68,7 +60,7 @@ class MaglevTables:
                     fd = bpf.map_create(bpf.BPF_MAP_TYPE_ARRAY, f"xo_maglev_{sid}", 4, 4, len(table),
                                         bpf.BPF_F_INNER_MAP)
                     fds.append(fd)
-                    bpf.array_update_batch(fd, to_values(table))
+                    bpf.array_update_batch(fd, list(table))
                 bpf.u32_update_batch(self.outer.fd, [sid for sid, _ in chunk], fds)
                 for (sid, table), fd in zip(chunk, fds):
                     self._known[sid] = (bpf.map_info(fd).id, tuple(table))

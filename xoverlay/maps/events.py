@@ -25,3 +25,4 @@ def _load(macro: str) -> dict[int, Code]:
 EVENT_TYPES: dict[int, Code] = _load("XO_EVENT")
 HOOKS: dict[int, Code] = _load("XO_HOOK")
 FWD_ACTIONS: dict[int, Code] = _load("XO_FWD")
+HOOK_ENDPOINT = next(c.code for c in HOOKS.values() if c.name == "ENDPOINT")    # its ifindex is an endpoint's veth

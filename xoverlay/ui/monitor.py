@@ -28,7 +28,7 @@ from xoverlay.kernel.monitor_flag import flag_state
 from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.kernel.processes import proc_start
 from xoverlay.maps.drops import BY_NAME as DROPS_BY_NAME, REASONS
-from xoverlay.maps.events import EVENT_TYPES, FWD_ACTIONS, HOOKS
+from xoverlay.maps.events import EVENT_TYPES, FWD_ACTIONS, HOOK_ENDPOINT, HOOKS
 from xoverlay.maps.layout import (
     EVF_IP,
     EVF_OUTER,
@@ -91,10 +91,6 @@ def names_from(state: State, local: dict[int, tuple[int, str]], ifnames: dict[in
                  services={s.id: s.name for s in state.services.values()})
 
 
-def _ip(be: int) -> str:
-    return ip_str(be)
-
-
 def decode(raw: bytes, names: Names, wall_offset_ns: int = 0) -> dict:
     """One ring buffer record as the --json object (the schema is in docs/STATUS.md).
     wall_offset_ns: add to the event's CLOCK_MONOTONIC time to get the wall clock."""
@@ -109,7 +105,7 @@ def decode(raw: bytes, names: Names, wall_offset_ns: int = 0) -> dict:
         "reason": None, "action": None, "text": None,
         "ifindex": ev.ifindex,
         "interface": names.ifnames.get(ev.ifindex),
-        "endpoint": names.local.get(ev.ifindex) if ev.hook == 1 else None,
+        "endpoint": names.local.get(ev.ifindex) if ev.hook == HOOK_ENDPOINT else None,
         "len": ev.len,
         "ethertype": f"0x{socket.ntohs(ev.ethertype):04x}" if ev.ethertype else None,
         "vni": ev.vni if ev.flags & EVF_VNI else None,
@@ -135,19 +131,19 @@ def decode(raw: bytes, names: Names, wall_offset_ns: int = 0) -> dict:
     if out["vni"] is not None:
         out["network"] = names.networks.get(out["vni"])
     if ev.flags & EVF_OUTER:
-        src, dst = _ip(ev.outer_saddr), _ip(ev.outer_daddr)
+        src, dst = ip_str(ev.outer_saddr), ip_str(ev.outer_daddr)
         out["outer"] = {"src": src, "dst": dst, "src_node": names.nodes.get(src), "dst_node": names.nodes.get(dst)}
         if not ev.flags & EVF_IP:
             out["protocol"] = _proto(ev.protocol)
     if ev.flags & EVF_IP:
-        out["src"], out["dst"] = _ip(ev.saddr), _ip(ev.daddr)
+        out["src"], out["dst"] = ip_str(ev.saddr), ip_str(ev.daddr)
         out["src_endpoint"] = names.endpoint(out["vni"], out["src"])
         out["dst_endpoint"] = names.endpoint(out["vni"], out["dst"])
         out["protocol"] = _proto(ev.protocol)
     if ev.flags & EVF_PORTS:
         out["sport"], out["dport"] = socket.ntohs(ev.sport), socket.ntohs(ev.dport)
     if ev.flags & EVF_XLATE:
-        out["xlate"] = {"dst": _ip(ev.xlate_daddr), "dport": socket.ntohs(ev.xlate_dport)}
+        out["xlate"] = {"dst": ip_str(ev.xlate_daddr), "dport": socket.ntohs(ev.xlate_dport)}
     return out
 
 
