@@ -15,7 +15,7 @@ from pyroute2 import IPRoute
 
 from xoverlay.agent import dns_responder, repair
 from xoverlay.core import desired, model
-from xoverlay.errors import StoreError, XoError
+from xoverlay.errors import NodeRemoved, StoreError, XoError
 from xoverlay.kernel import datapath, monitor_flag, veth
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.store.base import Store, StoreUnavailable
@@ -173,7 +173,7 @@ class Agent:
         generation, state = self.store.snapshot()
         self.last_state = state
         if self.node not in state.nodes:
-            raise XoError(f"node {self.node} was removed from the store")
+            raise NodeRemoved(f"node {self.node} was removed from the store")
         if self.dns_server:
             self.dns_server.set_state(state, generation)
         changes += self._repair()
@@ -376,10 +376,11 @@ class Agent:
             ok = True
         except StoreError:
             raise
+        except NodeRemoved as e:
+            log.error("%s", e)
+            self.stopping = True
         except XoError as e:
             log.error("%s", e)
-            if "was removed from the store" in str(e):
-                self.stopping = True
         except Exception:
             log.exception("reconcile failed; retrying")
         finally:
