@@ -17,10 +17,10 @@ VNI_AUTO_START = 4096          # Docker's overlay driver starts here too
 DEFAULT_SLICE_PREFIX = 24       # each node gets a /24 of a network's subnet
 DEFAULT_VXLAN_PORT = 4789
 GATEWAY_IP = "169.254.1.1"      # every container's next hop (link-local, in no subnet)
-MAX_ENDPOINTS = 65536           # size of the xo_endpoints map
-MAX_LOCAL_ENDPOINTS = layout.MAX_LOCAL_ENDPOINTS    # size of the xo_local_endpoints map
-MAX_NETWORKS = 1024             # size of the xo_subnets map
-MAX_NODES = layout.MAX_PEERS    # size of the xo_peers map
+MAX_ENDPOINTS = layout.MAPS["xo_endpoints"].max_entries
+MAX_LOCAL_ENDPOINTS = layout.MAPS["xo_local_endpoints"].max_entries    # on one node
+MAX_NETWORKS = layout.MAPS["xo_subnets"].max_entries
+MAX_NODES = layout.MAPS["xo_peers"].max_entries
 _NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,62}$")
 
 
@@ -66,8 +66,8 @@ class Endpoint:
 
 PROTOCOLS = ("tcp", "udp")
 AFFINITIES = ("none", "client-ip")
-MAX_SERVICES = 16383            # service ids 1..16383: the xo_lb_maglev array of maps has 16384
-MAX_SERVICE_PORTS = 65536       # size of the xo_lb_services map (VIP, port, protocol)
+MAX_SERVICES = layout.MAPS["xo_lb_maglev"].max_entries - 1     # service ids 1..N: slot 0 is never used
+MAX_SERVICE_PORTS = layout.MAPS["xo_lb_services"].max_entries    # (VIP, port, protocol)
 MAX_BACKENDS = 1000             # per service (the Maglev table holds 65537 slots at most)
 MAX_WEIGHT = 100
 
