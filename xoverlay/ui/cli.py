@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -14,10 +13,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from xoverlay.agent import loop as agent_mod
+from xoverlay.agent.loop import LEASE_TTL
 from xoverlay.core import model
 from xoverlay.errors import XoError
-from xoverlay.kernel import netns, processes
+from xoverlay.kernel import netns
 from xoverlay.lab import namespace_lab as lab_mod
 from xoverlay.store import open_store
 from xoverlay.store.base import Tls
@@ -105,82 +104,19 @@ def cli(ctx, state, store_ca, store_cert, store_key):
               help="where to forward (repeatable; default: the nameservers of /etc/resolv.conf)")
 @click.option("--metrics", default=None, metavar="IP:PORT",
               help="serve Prometheus metrics there, e.g. 127.0.0.1:9469 (default: off)")
-@click.option("--lease-ttl", default=agent_mod.LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
+@click.option("--lease-ttl", default=LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
               help="seconds without the agent before the node is shown down (its registration's lease)")
 @click.pass_context
 def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
-    from xoverlay.agent import dns_responder
-    model.check_name("node", node)
-    upstreams = [dns_responder.parse_upstream(u) for u in dns_upstreams] or None
-    metrics_mod = None
-    if metrics:
-        from xoverlay.agent import metrics as metrics_mod  # prometheus_client only when asked for
-        metrics_mod.parse_listen(metrics)
-    pid = processes.running_pid(node)
-    if pid:
-        raise XoError(f"an agent for node {node} is already running (pid {pid})")
+    from xoverlay.agent import up as node_up
+    options = node_up.Options(node, underlay, xdp=xdp, vxlan_port=vxlan_port, dns=dns, dns_forward=dns_forward,
+                              dns_upstreams=dns_upstreams, metrics=metrics, lease_ttl=lease_ttl)
     if detach:
-        _detach_agent(ctx, node)
+        click.echo(node_up.detach(options, [a for a in sys.argv[1:] if a != "--detach"], ctx.obj["state"]))
         return
-    ready_fd = int(os.environ.pop("XOVERLAY_READY_FD", "-1"))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    lock = a = server = None
-    try:
-        # The port first: a bad address or a port in use is refused before anything changes.
-        server = metrics_mod.bind(metrics) if metrics else None
-        lock = processes.take_pid_lock(node)
-        a = agent_mod.Agent(node, underlay, _store(ctx), xdp=xdp, vxlan_port=vxlan_port, dns=dns,
-                            dns_forward=dns_forward, dns_upstreams=upstreams, lease_ttl=lease_ttl)
-        a.start()
-        if a.store_error is None:
-            a.reconcile()
-    except XoError as e:
-        if a is not None:
-            a.stop_dns()
-        if lock is not None:
-            processes.release_pid_lock(node, lock)
-        if server is not None:
-            server.server_close()
-        if ready_fd >= 0:
-            os.write(ready_fd, f"{e}\n".encode())
-        raise
-    if server is not None:
-        a.observer = metrics_mod.serve(server, node, lambda: a.last_state, lambda: (a.store_error, a.alive_nodes))
-        logging.getLogger("xoverlay.agent").info("metrics on http://%s/metrics", metrics)
-    if ready_fd >= 0:
-        os.write(ready_fd, b"ok\n")
-        os.close(ready_fd)
-    else:
-        click.echo(f"node {node} is up on {underlay} ({a.underlay.ip}), XDP {a.xdp_mode}"
-                   + (f", metrics on http://{metrics}/metrics" if metrics else "")
-                   + "; Ctrl-C stops the agent, the data path keeps forwarding")
-    if a.store_error:
-        click.echo(f"xoverlay: warning: {a.store_error}: the pinned data path keeps forwarding as it is; "
-                   "the agent resyncs when the store is back", err=True)
-    a.run()
-    if server is not None:
-        server.shutdown()
-        server.server_close()
-    processes.release_pid_lock(node, lock)
-
-
-def _detach_agent(ctx, node):
-    args = [a for a in sys.argv[1:] if a != "--detach"]
-    read_fd, write_fd = os.pipe()
-    os.makedirs(processes.RUN_DIR, exist_ok=True)
-    env = dict(os.environ, XOVERLAY_READY_FD=str(write_fd))
-    if ctx.obj["state"]:
-        env["XOVERLAY_STATE"] = ctx.obj["state"]
-    with open(processes.log_path(node), "ab") as logf:
-        subprocess.Popen([sys.executable, "-m", "xoverlay", *args], stdin=subprocess.DEVNULL, stdout=logf,
-                         stderr=logf, env=env, pass_fds=(write_fd,), start_new_session=True)
-    os.close(write_fd)
-    with os.fdopen(read_fd) as r:
-        answer = r.readline().strip()
-    if answer != "ok":
-        raise XoError(answer or f"the agent for node {node} exited at start: see {processes.log_path(node)}")
-    click.echo(f"node {node} is up; agent pid {processes.running_pid(node)}, log {processes.log_path(node)}")
+    node_up.run(options, lambda: _store(ctx), say=click.echo,
+                warn=lambda msg: click.echo(f"xoverlay: warning: {msg}", err=True))
 
 
 @cli.command()
@@ -424,83 +360,6 @@ def peer_ls(ctx, node, as_json):
 
 # --- status -------------------------------------------------------------------------
 
-def _service_table_rows(services: list[dict]) -> list[list]:
-    """One row per backend (the service's own columns on its first row only); a service
-    without backends gets a row of its own. Counters: this node's."""
-    rows = []
-    for s in services:
-        head = [s["name"], " ".join(f"{s['vip']}:{p}" for p in s["ports"]),
-                " ".join(p.split(":")[0] + "/" + p.rsplit("/", 1)[1] for p in s["publish"]) or "-"]
-        if not s["backends"]:
-            rows.append(head + ["-", "-", "-", "no backend", s["connections"], s["packets"]])
-        for i, b in enumerate(s["backends"]):
-            rows.append((head if i == 0 else ["", "", ""]) +
-                        [f"{b['endpoint']} ({b['ip']}{':' + str(b['port']) if b['port'] else ''})", b["node"] or "-",
-                         b["weight"], b["state"], b["connections"], b["packets"]])
-    return rows or [["none", "", "", "", "", "", "", "", ""]]
-
-
-def _render_status(snap: dict):
-    from rich.console import Group
-    from rich.text import Text
-    n = snap["node"]
-    agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
-    build = "no pinned programs" if not n["pinned"] else (
-        f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
-    from xoverlay.core.rates import ago
-    from xoverlay.ui.status import program_summary
-    head = Text(f"node {n['name']}  underlay {n['underlay_device'] or '?'} {n['underlay_ip']}:{n['vxlan_port']}  "
-                f"{agent}  {build}", style="bold")
-    if n["pinned"]:
-        head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
-    store = snap.get("store")
-    if store:
-        head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
-                    f"UNREACHABLE ({store['error']}); the data path keeps forwarding as it is"),
-                    style="" if store["reachable"] else "red")
-        head.append(f"; this node {n.get('liveness', 'unknown')}")
-
-    def table(title, cols, rows):
-        t = Table(title=title, title_justify="left")
-        for c in cols:
-            t.add_column(c)
-        for r in rows:
-            t.add_row(*[str(x) for x in r])
-        return t
-    traffic = ["TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"]
-
-    def counts(r):
-        return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
-    parts = [head,
-             table("peers", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
-                   [[p["node"], p.get("liveness", "unknown"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
-                     *counts(p), ago(p["last_rx_ago"])] for p in snap["peers"]]),
-             table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
-                   [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
-             table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",
-                                "PKTS"], _service_table_rows(snap.get("services", []))),
-             table("drops", ["REASON", "PACKETS", "BYTES", "WHAT HAPPENED"],
-                   [[d["reason"], d["packets"], d["bytes"], d["text"]] for d in snap["drops"]] or [["none", "", "", ""]]),
-             table("maps", ["MAP", "ENTRIES", "MAX"],
-                   [[m["name"], m["entries"], m["max_entries"]] for m in snap["maps"]])]
-    drift = snap["drift"]
-    parts.append(Text(f"drift: {len(drift)} entries differ between store and kernel" if drift
-                      else "drift: none (the kernel holds exactly what the store wants)",
-                      style="red" if drift else "green"))
-    for d in drift[:10]:
-        parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
-    mon = snap.get("monitor") or {"state": "off"}
-    parts.append(Text({"off": "monitor: none running (the data path writes no events)",
-                       "running": f"monitor: running, pid {mon.get('pid')}",
-                       "stale": f"monitor: flag stale (pid {mon.get('pid')} is gone)"}[mon["state"]],
-                      style={"off": "", "running": "green", "stale": "yellow"}[mon["state"]]))
-    lints = snap.get("lints", [])
-    parts.append(table("lints", ["SEVERITY", "LINT", "ON", "WHAT", "FIX"],
-                       [[x["severity"], x["id"], x["subject"], x["message"], x["fix"]] for x in lints]
-                       or [["none", "", "", "nothing known to break or slow this node", ""]]))
-    return Group(*parts)
-
-
 @cli.command()
 @click.option("--node", default=None)
 @click.option("--once", is_flag=True, help="print one snapshot and exit")
@@ -524,7 +383,7 @@ def status(ctx, node, once, as_json):
         click.echo(json.dumps(snap(), indent=2))
         return
     if once or not sys.stdout.isatty():
-        console.print(_render_status(snap()))
+        console.print(status_mod.render(snap()))
         return
     from xoverlay.ui.tui import StatusApp, StoreSource
     source = StoreSource(ctx.obj["state"], ctx.obj["tls"])

@@ -1,9 +1,15 @@
 """What a node's data path is doing, read from its pinned maps (no agent, no compiler):
-counters, drops by reason, map fill, and drift between the store and the kernel."""
+counters, drops by reason, map fill, and drift between the store and the kernel, as one
+snapshot (`status --json`, the TUI) or printed once (`status --once`)."""
 from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
 
 from xoverlay.core import desired
 from xoverlay.core.model import State, peers_of
+from xoverlay.core.rates import ago
 from xoverlay.kernel import monitor_flag, processes
 from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
 from xoverlay.kernel.pinned import PinnedMap
@@ -172,3 +178,79 @@ def array_maps(node: str) -> list[str]:
         except OSError:
             pass
     return names
+
+
+# --- as `status --once` prints it ------------------------------------------------------
+
+def service_table_rows(services: list[dict]) -> list[list]:
+    """One row per backend (the service's own columns on its first row only); a service
+    without backends gets a row of its own. Counters: this node's."""
+    rows = []
+    for s in services:
+        head = [s["name"], " ".join(f"{s['vip']}:{p}" for p in s["ports"]),
+                " ".join(p.split(":")[0] + "/" + p.rsplit("/", 1)[1] for p in s["publish"]) or "-"]
+        if not s["backends"]:
+            rows.append(head + ["-", "-", "-", "no backend", s["connections"], s["packets"]])
+        for i, b in enumerate(s["backends"]):
+            rows.append((head if i == 0 else ["", "", ""]) +
+                        [f"{b['endpoint']} ({b['ip']}{':' + str(b['port']) if b['port'] else ''})", b["node"] or "-",
+                         b["weight"], b["state"], b["connections"], b["packets"]])
+    return rows or [["none", "", "", "", "", "", "", "", ""]]
+
+
+def render(snap: dict):
+    """The snapshot as `status --once` prints it (rich renderables)."""
+    n = snap["node"]
+    agent = f"agent pid {n['agent_pid']}" if n["agent_alive"] else "agent not running (data path keeps forwarding)"
+    build = "no pinned programs" if not n["pinned"] else (
+        f"build {n['build']}" + ("" if n["build_current"] else " (older than this checkout)"))
+    head = Text(f"node {n['name']}  underlay {n['underlay_device'] or '?'} {n['underlay_ip']}:{n['vxlan_port']}  "
+                f"{agent}  {build}", style="bold")
+    if n["pinned"]:
+        head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
+    store = snap.get("store")
+    if store:
+        head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
+                    f"UNREACHABLE ({store['error']}); the data path keeps forwarding as it is"),
+                    style="" if store["reachable"] else "red")
+        head.append(f"; this node {n.get('liveness', 'unknown')}")
+
+    def table(title, cols, rows):
+        t = Table(title=title, title_justify="left")
+        for c in cols:
+            t.add_column(c)
+        for r in rows:
+            t.add_row(*[str(x) for x in r])
+        return t
+    traffic = ["TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"]
+
+    def counts(r):
+        return [r["tx_packets"], r["tx_bytes"], r["rx_packets"], r["rx_bytes"]]
+    parts = [head,
+             table("peers", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", *traffic, "LAST RX"],
+                   [[p["node"], p.get("liveness", "unknown"), p["underlay_ip"], " ".join(p["subnets"]) or "-",
+                     *counts(p), ago(p["last_rx_ago"])] for p in snap["peers"]]),
+             table("endpoints", ["NAME", "NETWORK", "IP", "STATE", *traffic],
+                   [[e["name"], e["network"], e["ip"], e["state"], *counts(e)] for e in snap["endpoints"]]),
+             table("services", ["SERVICE", "VIP:PORT", "PUBLISHED", "BACKEND", "NODE", "WEIGHT", "STATE", "NEW CONNS",
+                                "PKTS"], service_table_rows(snap.get("services", []))),
+             table("drops", ["REASON", "PACKETS", "BYTES", "WHAT HAPPENED"],
+                   [[d["reason"], d["packets"], d["bytes"], d["text"]] for d in snap["drops"]] or [["none", "", "", ""]]),
+             table("maps", ["MAP", "ENTRIES", "MAX"],
+                   [[m["name"], m["entries"], m["max_entries"]] for m in snap["maps"]])]
+    drift = snap["drift"]
+    parts.append(Text(f"drift: {len(drift)} entries differ between store and kernel" if drift
+                      else "drift: none (the kernel holds exactly what the store wants)",
+                      style="red" if drift else "green"))
+    for d in drift[:10]:
+        parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
+    mon = snap.get("monitor") or {"state": "off"}
+    parts.append(Text({"off": "monitor: none running (the data path writes no events)",
+                       "running": f"monitor: running, pid {mon.get('pid')}",
+                       "stale": f"monitor: flag stale (pid {mon.get('pid')} is gone)"}[mon["state"]],
+                      style={"off": "", "running": "green", "stale": "yellow"}[mon["state"]]))
+    lints = snap.get("lints", [])
+    parts.append(table("lints", ["SEVERITY", "LINT", "ON", "WHAT", "FIX"],
+                       [[x["severity"], x["id"], x["subject"], x["message"], x["fix"]] for x in lints]
+                       or [["none", "", "", "nothing known to break or slow this node", ""]]))
+    return Group(*parts)
