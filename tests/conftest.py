@@ -162,7 +162,7 @@ def leftovers(prefix: str) -> list[str]:
         found += [f"/etc/netns/{n}" for n in os.listdir("/etc/netns") if prefix in n]
     if os.path.isdir("/sys/fs/bpf/xoverlay"):
         found += [f"pin {n}" for n in os.listdir("/sys/fs/bpf/xoverlay") if n.startswith(prefix)]
-    ps = subprocess.run(["pgrep", "-af", r"ctl\.(cli|demo_server)|^etcd "], capture_output=True, text=True).stdout
+    ps = subprocess.run(["pgrep", "-af", r"-m xoverlay( |\.lab\.demo_server)|^etcd "], capture_output=True, text=True).stdout
     found += [f"process {line}" for line in ps.splitlines() if prefix in line]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     for line in links.splitlines():
