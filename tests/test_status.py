@@ -91,6 +91,14 @@ def test_programs_are_shown_where_they_run():
         ("tc ingress #13 on 2/2 endpoint veths", True)]
 
 
+def test_the_tc_programs_say_how_they_are_attached():
+    for kind in ("tcx", "cls_bpf"):
+        rows = status.program_rows(dict(FACTS, tc_attach=kind))
+        assert [r["mode"] for r in rows] == ["native", kind, kind]
+        assert [status.program_summary(r)[0] for r in rows[1:]] == [
+            f"tc ingress #12 {kind} on eth1", f"tc ingress #13 {kind} on 2/2 endpoint veths"]
+
+
 def test_a_detached_or_foreign_program_is_a_fault_but_xdp_off_is_a_choice():
     facts = dict(FACTS, underlay=dict(FACTS["underlay"], xdp_id=99, tc_id=0), endpoint_tc_ids={7: 13, 8: 0})
     assert [status.program_summary(r) for r in status.program_rows(facts)] == [
@@ -119,6 +127,8 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
         ("prog_underlay_xdp", "xdp", "eth1", 1, 1), ("prog_underlay_tc", "tc ingress", "eth1", 1, 1),
         ("prog_endpoint", "tc ingress", "endpoint veths", len(local), len(local))]
     assert snap["node"]["programs"][0]["mode"] == "native" and all(p["id"] for p in snap["node"]["programs"])
+    from xoverlay.kernel.bpf import tc_attach_kind
+    assert [p["mode"] for p in snap["node"]["programs"][1:]] == [tc_attach_kind()] * 2
     peer_before = {p["node"]: p for p in snap["peers"]}[n2]
     ep_before = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
     assert lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=5)

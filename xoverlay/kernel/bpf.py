@@ -342,21 +342,24 @@ def xdp_query(ifindex: int) -> tuple[int, int]:
     return opts.attach_mode, opts.prog_id
 
 
-# --- tc: tcx (kernel 6.6+) -------------------------------------------------------------
+# --- tc: tcx where the kernel has it (6.6+), clsact + cls_bpf below it ------------------
 #
-# Our tc programs attach through tcx, the kernel's BPF-only tc hook: no clsact qdisc, no
-# cls_bpf classifier and its filter chain in front of every packet (measured on the
-# 1-sender test: tc_run, cls_bpf_classify and tcf_classify were ~10% of what xoverlay
-# costs over plain routing). Plain BPF_PROG_ATTACH (no link): the program stays attached
-# when the agent exits, as the filter did. Ours is the program on the hook whose name
-# starts with "xo_"; it goes first, since it decides every packet's fate. An older build
-# attached a cls_bpf filter (clsact, fixed handle and priority): attaching removes it.
+# tcx is the kernel's BPF-only tc hook: no clsact qdisc, no cls_bpf classifier and its
+# filter chain in front of every packet (measured on the 1-sender test: tc_run,
+# cls_bpf_classify and tcf_classify were ~10% of what xoverlay costs over plain routing).
+# Kernels before 6.6 have only the classic way: a clsact qdisc with a cls_bpf filter in
+# direct-action mode, ours at a fixed handle and priority. Which one, a probe decides once
+# per process (tc_attach_kind). Either way the program stays attached when the agent exits
+# (plain BPF_PROG_ATTACH, no link; a filter), is replaced in place atomically, and is
+# found again as the program on the hook whose name starts with "xo_".
 
 _SYS_BPF = 321                      # x86_64
 BPF_PROG_ATTACH, BPF_PROG_DETACH, BPF_PROG_QUERY = 8, 9, 16
 BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47
 BPF_F_REPLACE, BPF_F_BEFORE = 1 << 2, 1 << 3
 OUR_PROG_PREFIX = b"xo_"
+TCX, CLS_BPF = "tcx", "cls_bpf"
+TC_ATTACH_ENV = "XOVERLAY_TC_ATTACH"    # "tcx" or "cls_bpf": overrides the probe (tests use it)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -384,6 +387,32 @@ def _sys_bpf(cmd: int, attr: ctypes.Structure, what: str) -> int:
     return ret
 
 
+def kernel_has_tcx() -> bool:
+    """A tcx query of the loopback device (ifindex 1 in every netns) answers from 6.6 on;
+    before, the kernel does not know the attach type (EINVAL)."""
+    try:
+        tcx_programs(1)
+        return True
+    except BpfError:
+        return False
+
+
+def choose_tc_attach(has_tcx: bool, forced: str | None) -> str:
+    """The attach kind: what the environment forces, else tcx where the kernel has it."""
+    if forced:
+        if forced not in (TCX, CLS_BPF):
+            raise BpfError(22, f"{TC_ATTACH_ENV}={forced}: use {TCX} or {CLS_BPF}")
+        if forced == TCX and not has_tcx:
+            raise BpfError(95, f"{TC_ATTACH_ENV}=tcx: this kernel has no tcx (it came in 6.6)")
+        return forced
+    return TCX if has_tcx else CLS_BPF
+
+
+@lru_cache(maxsize=1)
+def tc_attach_kind() -> str:
+    return choose_tc_attach(kernel_has_tcx(), os.environ.get(TC_ATTACH_ENV))
+
+
 def tcx_programs(ifindex: int, point: int = BPF_TCX_INGRESS) -> list[int]:
     """Ids of the programs on a tcx hook, in the order they run."""
     ids = (ctypes.c_uint32 * 64)()
@@ -408,7 +437,9 @@ def _ours(prog_id: int) -> bool:
 
 
 def tc_query(ifindex: int, point: int = BPF_TCX_INGRESS) -> int:
-    """Program id of ours on the tcx hook of ifindex, 0 if none."""
+    """Program id of ours on the tc hook of ifindex (as tc_attach_kind attaches), 0 if none."""
+    if tc_attach_kind() == CLS_BPF:
+        return _cls_query(ifindex, point)
     try:
         ids = tcx_programs(ifindex, point)
     except BpfError:
@@ -417,8 +448,11 @@ def tc_query(ifindex: int, point: int = BPF_TCX_INGRESS) -> int:
 
 
 def tc_attach(ifindex: int, prog_fd: int, point: int = BPF_TCX_INGRESS) -> None:
-    """Attach prog_fd as ours on the tcx hook of ifindex, first; atomically in place of
+    """Attach prog_fd as ours on the tc hook of ifindex, first; atomically in place of
     ours if one is there (no packet runs neither)."""
+    if tc_attach_kind() == CLS_BPF:
+        _cls_attach(ifindex, prog_fd, point)
+        return
     attr = _AttachAttr(target_ifindex=ifindex, attach_bpf_fd=prog_fd, attach_type=point)
     old = tc_query(ifindex, point)
     old_fd = prog_fd_by_id(old) if old else -1
@@ -431,13 +465,19 @@ def tc_attach(ifindex: int, prog_fd: int, point: int = BPF_TCX_INGRESS) -> None:
     finally:
         if old_fd >= 0:
             os.close(old_fd)
-    _legacy_tc_detach(ifindex, point)
+    _cls_detach(ifindex, point)         # the filter an earlier build attached, if any
 
 
 def tc_detach(ifindex: int, point: int = BPF_TCX_INGRESS) -> None:
-    """Detach ours from the tcx hook of ifindex (gone already is fine)."""
-    _legacy_tc_detach(ifindex, point)
-    prog = tc_query(ifindex, point)
+    """Detach ours from the tc hook of ifindex, whichever way it was attached (gone
+    already is fine)."""
+    _cls_detach(ifindex, point)
+    if tc_attach_kind() == CLS_BPF:
+        return
+    try:
+        prog = next((i for i in tcx_programs(ifindex, point) if _ours(i)), 0)
+    except BpfError:
+        return
     if not prog:
         return
     fd = prog_fd_by_id(prog)
@@ -450,7 +490,7 @@ def tc_detach(ifindex: int, point: int = BPF_TCX_INGRESS) -> None:
         os.close(fd)
 
 
-# The cls_bpf filter of builds before tcx: one per hook, at this handle and priority.
+# cls_bpf: our filter in the clsact qdisc, at this handle and priority, direct-action.
 class _TcHook(ctypes.Structure):
     _fields_ = [("sz", ctypes.c_size_t), ("ifindex", ctypes.c_int), ("attach_point", ctypes.c_int),
                 ("parent", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
@@ -462,26 +502,58 @@ class _TcOpts(ctypes.Structure):
                 ("priority", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
 
 
-_lib.bpf_tc_detach.argtypes = [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]
+for _name in ("bpf_tc_attach", "bpf_tc_detach", "bpf_tc_query"):
+    getattr(_lib, _name).argtypes = [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]
+_lib.bpf_tc_hook_create.argtypes = [ctypes.POINTER(_TcHook)]
 LEGACY_TC_HANDLE, LEGACY_TC_PRIORITY = 0x58, 1
-_LEGACY_POINT = {BPF_TCX_INGRESS: 1, BPF_TCX_EGRESS: 2}     # BPF_TC_INGRESS, BPF_TC_EGRESS
+BPF_TC_F_REPLACE = 1 << 0
+_CLS_POINT = {BPF_TCX_INGRESS: 1, BPF_TCX_EGRESS: 2}     # BPF_TC_INGRESS, BPF_TC_EGRESS
+_EEXIST, _ENOENT = 17, 2
 
 
 _lib.libbpf_set_print.restype = ctypes.c_void_p
 _lib.libbpf_set_print.argtypes = [ctypes.c_void_p]
 
 
-def _legacy_tc_detach(ifindex: int, point: int) -> None:
-    hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=_LEGACY_POINT[point])
-    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), handle=LEGACY_TC_HANDLE, priority=LEGACY_TC_PRIORITY)
-    # None there is the usual case, and libbpf would print the kernel's complaint about
-    # it ("Parent Qdisc doesn't exists") on the user's terminal: its printing is off
-    # for this one call.
+def _quiet(call):
+    """Run a libbpf tc call with its printing off: "no such filter" and "Parent Qdisc
+    doesn't exists" are the usual answers here, and libbpf would print the kernel's
+    complaint on the user's terminal."""
     printer = _lib.libbpf_set_print(None)
     try:
-        _lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+        return call()
     finally:
         _lib.libbpf_set_print(printer)
+
+
+def _cls(ifindex: int, point: int, prog_fd: int = 0, flags: int = 0) -> tuple[_TcHook, _TcOpts]:
+    hook = _TcHook(sz=ctypes.sizeof(_TcHook), ifindex=ifindex, attach_point=_CLS_POINT[point])
+    opts = _TcOpts(sz=ctypes.sizeof(_TcOpts), prog_fd=prog_fd, flags=flags, handle=LEGACY_TC_HANDLE,
+                   priority=LEGACY_TC_PRIORITY)
+    return hook, opts
+
+
+def _cls_query(ifindex: int, point: int) -> int:
+    hook, opts = _cls(ifindex, point)
+    if _quiet(lambda: _lib.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))) < 0:
+        return 0                            # no qdisc, no filter, or no device
+    return opts.prog_id if _ours(opts.prog_id) else 0
+
+
+def _cls_attach(ifindex: int, prog_fd: int, point: int) -> None:
+    hook, opts = _cls(ifindex, point, prog_fd, BPF_TC_F_REPLACE)
+    ret = _quiet(lambda: _lib.bpf_tc_hook_create(ctypes.byref(hook)))
+    if ret < 0 and ret != -_EEXIST:
+        _check(ret, f"create clsact on ifindex {ifindex}")
+    _check(_quiet(lambda: _lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))),
+           f"attach cls_bpf to ifindex {ifindex}")
+
+
+def _cls_detach(ifindex: int, point: int) -> None:
+    """Remove our filter (the clsact qdisc stays: it may hold other filters, and an empty
+    one costs nothing)."""
+    hook, opts = _cls(ifindex, point)
+    _quiet(lambda: _lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts)))
 
 
 # --- BPF_PROG_TEST_RUN ----------------------------------------------------------------

@@ -258,6 +258,7 @@ def gather(state: State, node: str) -> dict:
         with (netns.entered(path) if path else contextlib.nullcontext()):
             mode, prog = bpf.xdp_query(cfg.underlay_ifindex)
             underlay["xdp_mode"], underlay["xdp_id"] = XDP_MODES.get(mode, f"mode {mode}"), prog
+            facts["tc_attach"] = bpf.tc_attach_kind()
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["forwarding"] = _forwarding(dev["name"])

@@ -63,8 +63,9 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
 
 def program_rows(facts: dict) -> list[dict]:
     """Where each pinned program of the node runs, from the facts the lints read
-    (xoverlay/ui/lints.py gather): its id, its hook, the devices it belongs on and how many of them
-    run it now. `attached` is None where the node's devices cannot be seen from here."""
+    (xoverlay/ui/lints.py gather): its id, its hook, how it is attached (XDP mode; tcx or
+    cls_bpf), the devices it belongs on and how many of them run it now. `attached` is None
+    where the node's devices cannot be seen from here."""
     ids = facts.get("program_ids") or {}
     u = facts.get("underlay")
     veths = facts.get("endpoint_tc_ids")
@@ -77,10 +78,10 @@ def program_rows(facts: dict) -> list[dict]:
          "mode": u["xdp_mode"] if u else None, "attached": count(xdp_id, [u["xdp_id"]] if u else None),
          "places": 1},
         {"program": "prog_underlay_tc", "id": ids.get("prog_underlay_tc"), "hook": "tc ingress",
-         "where": u["name"] if u else None, "mode": None,
+         "where": u["name"] if u else None, "mode": facts.get("tc_attach"),
          "attached": count(ids.get("prog_underlay_tc"), [u["tc_id"]] if u else None), "places": 1},
         {"program": "prog_endpoint", "id": ids.get("prog_endpoint"), "hook": "tc ingress",
-         "where": "endpoint veths", "mode": None,
+         "where": "endpoint veths", "mode": facts.get("tc_attach"),
          "attached": count(ids.get("prog_endpoint"), None if veths is None else list(veths.values())),
          "places": len(veths) if veths is not None else None},
     ]
@@ -100,7 +101,7 @@ def program_summary(row: dict) -> tuple[str, bool]:
     if row["places"] == 1:
         ok = row["attached"] == 1
         return f"{row['hook']} #{row['id']}{mode} {'on' if ok else 'NOT on'} {where}", ok
-    return (f"{row['hook']} #{row['id']} on {row['attached']}/{row['places']} {where}",
+    return (f"{row['hook']} #{row['id']}{mode} on {row['attached']}/{row['places']} {where}",
             row["attached"] == row["places"])
 
 
