@@ -13,6 +13,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from xoverlay.errors import XoError
 from xoverlay.kernel import bpf
@@ -37,6 +38,76 @@ def build_id() -> int:
         h.update(path.relative_to(BPF_DIR).as_posix().encode())
         h.update(path.read_bytes())
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
+
+
+# --- what the kernel must have ---------------------------------------------------------
+#
+# Each feature the data path cannot do without, probed by asking the kernel for it (a
+# tiny program or map), never by version number: distribution kernels backport. `since`
+# is the first mainline kernel that has it, for the error message. tcx (6.6) is not
+# here: below it tc programs attach as cls_bpf filters (bpf.tc_attach_kind).
+
+def _insns(*words: tuple[int, int, int]) -> bytes:
+    """BPF instructions from (opcode, dst | src << 4, imm)."""
+    return b"".join(bytes([op, regs]) + b"\0\0" + (imm & 0xffffffff).to_bytes(4, "little") for op, regs, imm in words)
+
+
+_MOV_R1_0, _MOV_R2_0, _MOV_R3_0, _MOV_R4_0 = (0xb7, 1, 0), (0xb7, 2, 0), (0xb7, 3, 0), (0xb7, 4, 0)
+_MOV_R0_0, _EXIT = (0xb7, 0, 0), (0x95, 0, 0)
+
+
+def _loads(prog_type: int, insns: bytes, flags: int = 0) -> bool:
+    try:
+        os.close(bpf.prog_load(prog_type, "xo_probe", insns, flags))
+        return True
+    except bpf.BpfError:
+        return False
+
+
+def _calls(helper: int) -> bool:
+    """Does a tc program calling this helper (all arguments 0) pass the verifier?"""
+    return _loads(bpf.BPF_PROG_TYPE_SCHED_CLS,
+                  _insns(_MOV_R1_0, _MOV_R2_0, _MOV_R3_0, _MOV_R4_0, (0x85, 0, helper), _MOV_R0_0, _EXIT))
+
+
+def _makes_map(map_type: int, key: int, value: int, entries: int, flags: int = 0) -> bool:
+    try:
+        os.close(bpf.map_create(map_type, "xo_probe", key, value, entries, flags))
+        return True
+    except bpf.BpfError:
+        return False
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str          # as the user reads it
+    since: str         # the first mainline kernel with it
+    present: Callable[[], bool]
+
+
+FEATURES = (
+    Feature("the BPF ring buffer (monitor events)", "5.8", lambda: _makes_map(27, 0, 0, 4096)),
+    Feature("bpf_redirect_peer (delivery into a container)", "5.10", lambda: _calls(155)),
+    Feature("bpf_redirect_neigh (tunnel packets to the underlay)", "5.10", lambda: _calls(152)),
+    Feature("inner maps of their own size (Maglev tables)", "5.10",
+            lambda: _makes_map(bpf.BPF_MAP_TYPE_ARRAY, 4, 4, 1, bpf.BPF_F_INNER_MAP)),
+    Feature("XDP programs that accept multi-buffer frames (XDP frags)", "5.18",
+            lambda: _loads(bpf.BPF_PROG_TYPE_XDP, _insns((0xb7, 0, 2), _EXIT), bpf.BPF_F_XDP_HAS_FRAGS)),
+)
+
+
+def kernel_error(release: str, missing: list[Feature]) -> str:
+    """The one line `up` says on a kernel that lacks what the data path needs."""
+    oldest = max((f.since for f in missing), key=lambda v: tuple(int(x) for x in v.split(".")))
+    return (f"this kernel ({release}) lacks " + "; ".join(f"{f.name}, from Linux {f.since}" for f in missing)
+            + f": xoverlay needs Linux {oldest} or newer")
+
+
+def check_kernel() -> None:
+    """Refuse, in one line, a kernel that lacks a feature the data path needs."""
+    missing = [f for f in FEATURES if not f.present()]
+    if missing:
+        raise XoError(kernel_error(os.uname().release, missing))
 
 
 def check_bpffs() -> None:
@@ -152,6 +223,7 @@ def load(node: str, force: bool = False) -> Programs:
     """Adopt the node's pinned programs if they are of this build, else compile and pin
     new ones (the caller re-attaches them and writes the new build id)."""
     check_bpffs()
+    check_kernel()
     pin = pin_dir(node)
     os.makedirs(pin, exist_ok=True)
     build = build_id()

@@ -1,0 +1,42 @@
+"""The feature probe `up` runs before it loads anything: each feature asked of the real
+kernel, and a kernel that lacks one refused in one line naming it and its first kernel."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from xoverlay.errors import XoError
+from xoverlay.kernel import datapath
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="probing BPF needs root")
+
+
+@pytest.mark.parametrize("feature", datapath.FEATURES, ids=lambda f: f.name)
+def test_this_kernel_has_every_feature(feature):
+    assert feature.present()
+
+
+def test_the_probes_can_say_no():
+    assert not datapath._calls(10_000)                      # no such helper
+    assert not datapath._makes_map(10_000, 4, 4, 1)         # no such map type
+    assert not datapath._loads(datapath.bpf.BPF_PROG_TYPE_XDP, datapath._insns((0xb7, 0, 2), datapath._EXIT),
+                               1 << 30)                     # no such program flag
+    datapath.check_kernel()                                 # and this kernel passes
+
+
+def test_a_kernel_without_a_feature_is_refused_in_one_line(monkeypatch):
+    frags = next(f for f in datapath.FEATURES if "frags" in f.name)
+    ring = next(f for f in datapath.FEATURES if "ring buffer" in f.name)
+    monkeypatch.setattr(datapath, "FEATURES", (ring, datapath.Feature(frags.name, frags.since, lambda: False)))
+    with pytest.raises(XoError) as e:
+        datapath.check_kernel()
+    assert str(e.value) == (f"this kernel ({os.uname().release}) lacks XDP programs that accept multi-buffer "
+                            "frames (XDP frags), from Linux 5.18: xoverlay needs Linux 5.18 or newer")
+
+
+def test_the_message_names_every_missing_feature_and_the_newest_floor():
+    ring, peer = datapath.FEATURES[0], datapath.FEATURES[1]
+    assert datapath.kernel_error("5.4.0-100", [peer, ring]) == (
+        "this kernel (5.4.0-100) lacks bpf_redirect_peer (delivery into a container), from Linux 5.10; "
+        "the BPF ring buffer (monitor events), from Linux 5.8: xoverlay needs Linux 5.10 or newer")
