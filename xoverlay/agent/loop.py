@@ -209,7 +209,7 @@ class Agent:
         store's `generation` of `state`, what the last pass wanted is reused while nothing
         it depends on moved, and the periodic resync compares the maps' bytes with it
         before decoding anything: an idle agent at 10,000 services spent most of its time
-        decoding, diffing and recomputing what had not changed (docs/BENCHMARKS.md, services).
+        decoding, diffing and recomputing what had not changed (docs/INVESTIGATIONS.md).
         Appends what it changed to `changes` and returns them."""
         changes = [] if changes is None else changes
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,

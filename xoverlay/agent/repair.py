@@ -2,7 +2,7 @@
 path still runs, but `status`, the CLI and the next agent find nothing: the next agent
 would even start over with empty maps), the underlay's tc program or XDP program
 detached. Checked on every reconcile pass, cheaply: a stat per pin, two netlink
-queries. (An endpoint's veth or its tc program is put back by links.plumb, which says
+queries. (An endpoint's veth or its tc program is put back by veth.plumb, which says
 what it fixed.) The decision is pure (plan); observe and apply are the side effects."""
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
     until they are (a map entry pointing at no veth would black-hole traffic). Peers, local
     endpoints and backends keep the counter slots they have in `actual` (the maps as they
     are): see assign_slots. `fib_main_only`: the node's routing rules let the data path
-    look underlay routes up in the main table (links.main_table_suffices)."""
+    look underlay routes up in the main table (kernel/veth.py main_table_suffices)."""
     had = slots_in(actual or {})
     me = state.nodes[node]
     maps: dict[str, dict] = {name: {} for name in RECONCILED_MAPS}
