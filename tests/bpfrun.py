@@ -23,13 +23,15 @@ Rules of BPF_PROG_TEST_RUN worth knowing (net/bpf/test_run.c, bpf_prog_test_run_
   - Redirect helpers (bpf_redirect_peer, bpf_redirect_neigh) only record the target and
     return TC_ACT_REDIRECT: nothing is transmitted.
 
-Run this file to print the per-packet cost of each main path (a measurement, not a test):
-    python tests/bpfrun.py [repeat]
+The benchmarks' per-packet cost of each program (bench/lib/prog_cost.py) runs on this
+harness too, with maps of its own filling (Datapath(fill=None)) and the cost of a program
+that only returns (ReturnOnly) to subtract.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 from dataclasses import dataclass
 
 from xoverlay.kernel import bpf
@@ -265,10 +267,31 @@ class Run:
     ns: int                     # average run time reported by the kernel
 
 
-class Datapath:
-    """The programs and maps of one throwaway node. Always close() it: that unpins."""
+def prog_run(fd: int, packet: bytes, ingress_ifindex: int | None = None, repeat: int = 1) -> Run:
+    """One BPF_PROG_TEST_RUN of the program `fd` on a frame, `repeat` times on the same
+    skb. ingress_ifindex: the veth it arrived on (tc only; None: no ctx at all)."""
+    ctx = None
+    if ingress_ifindex is not None:
+        ctx = bytes(SkbCtx(ingress_ifindex=ingress_ifindex))
+    verdict, out, ns = bpf.prog_test_run(fd, bytes(packet), ctx, repeat)
+    return Run(verdict, out, ns)
 
-    def __init__(self, node: str):
+
+class _Closed:
+    """A with-block close()s it at the end."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Datapath(_Closed):
+    """The programs and maps of one throwaway node. Always close() it: that unpins.
+    fill: what writes the maps (maps -> None); None leaves them empty."""
+
+    def __init__(self, node: str, fill=fill_maps):
         from xoverlay.kernel import datapath
         self._datapath = datapath
         self.node = node
@@ -277,7 +300,8 @@ class Datapath:
         try:
             self.progs = datapath.load(node, force=True)
             self.maps = datapath.open_maps(node)
-            fill_maps(self.maps)
+            if fill is not None:
+                fill(self.maps)
         except BaseException:
             self.close()
             raise
@@ -291,21 +315,11 @@ class Datapath:
             self.progs = None
         self._datapath.unpin(self.node)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def run(self, prog: str, packet: bytes, ingress_ifindex: int | None = None,
             repeat: int = 1) -> Run:
         """Run program `prog` (a pin name: prog_endpoint, prog_underlay_tc,
         prog_underlay_xdp) on one frame. ingress_ifindex: the veth it arrived on (tc)."""
-        ctx = None
-        if ingress_ifindex is not None:
-            ctx = bytes(SkbCtx(ingress_ifindex=ingress_ifindex))
-        verdict, out, ns = bpf.prog_test_run(self.progs.fds[prog], bytes(packet), ctx, repeat)
-        return Run(verdict, out, ns)
+        return prog_run(self.progs.fds[prog], packet, ingress_ifindex, repeat)
 
     def drops(self) -> dict[int, tuple[int, int]]:
         """(packets, bytes) dropped per reason code, summed over CPUs."""
@@ -326,6 +340,28 @@ class Datapath:
 
     def peer_traffic(self, ip: str):
         return self.traffic("xo_peer_stats", peer_slot(ip))
+
+
+class ReturnOnly(_Closed):
+    """A program that only returns `verdict`, of kind "tc" or "xdp" (frags-aware, as ours):
+    what a test run costs with nothing to run, the harness's own share of a program's
+    time. Always close() it."""
+    _MOV_R0, _EXIT = 0xb7, 0x95           # BPF_ALU64 | BPF_MOV | BPF_K into r0; BPF_JMP | BPF_EXIT
+
+    def __init__(self, kind: str, verdict: int):
+        prog_type, flags = {"tc": (bpf.BPF_PROG_TYPE_SCHED_CLS, 0),
+                            "xdp": (bpf.BPF_PROG_TYPE_XDP, bpf.BPF_F_XDP_HAS_FRAGS)}[kind]
+        insns = (bytes([self._MOV_R0, 0, 0, 0]) + verdict.to_bytes(4, "little") +
+                 bytes([self._EXIT]) + bytes(7))
+        self.fd = bpf.prog_load(prog_type, "xo_return_only", insns, flags)
+
+    def run(self, packet: bytes, ingress_ifindex: int | None = None, repeat: int = 1) -> Run:
+        return prog_run(self.fd, packet, ingress_ifindex, repeat)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def drop_delta(before: dict, after: dict) -> dict[str, tuple[int, int]]:
