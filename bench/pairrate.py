@@ -104,7 +104,7 @@ def send(targets: list[tuple[str, str, int]], seconds: float, batch: int) -> dic
         s.close()
     # Every cycle's rates, target by target: two targets' rates in the same cycle were
     # measured ~10 ms apart, and the median of their ratios over the cycles shrugs off a
-    # batch the machine stalled (bench/common.cycle_ratio).
+    # batch the machine stalled (bench/lib/stats.cycle_ratio).
     return {"targets": [{"netns": t[0], "ip": t[1], "port": t[2], "source_port": ports[i], "sent": sent[i],
                          "seconds": spent[i] / 1e9, "errors": errors[i],
                          "cycle_rates": [round(c[i], 1) for c in cycles]}

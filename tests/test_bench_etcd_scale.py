@@ -64,9 +64,9 @@ def test_each_slice_keeps_room_for_the_change_test():
 
 
 def test_a_cluster_beyond_the_maps_is_refused():
-    with pytest.raises(S.C.BenchError, match="xo_peers"):
+    with pytest.raises(S.BenchError, match="xo_peers"):
         S.simulated_state(model.MAX_NODES, 0)
-    with pytest.raises(S.C.BenchError, match="xo_endpoints"):
+    with pytest.raises(S.BenchError, match="xo_endpoints"):
         S.simulated_state(10, model.MAX_ENDPOINTS + 1)
 
 
@@ -74,7 +74,7 @@ def test_a_check_with_the_model_finds_a_state_it_would_not_build():
     state = S.simulated_state(3, 9)
     last = state.endpoints[max(state.endpoints)]
     bad = state.with_("endpoint", last.name, model.Endpoint(**{**last.__dict__, "mac": "02:00:00:00:00:01"}))
-    with pytest.raises(S.C.BenchError, match="model's rules"):
+    with pytest.raises(S.BenchError, match="model's rules"):
         S.check_with_model(bad)
 
 

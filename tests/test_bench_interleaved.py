@@ -3,7 +3,6 @@
 connections are counted as its own, the time a batch takes is charged to the target it
 was sent to, and a target whose packets never arrive shows as loss. On two namespaces of
 the test's own, in 10.251.0.0/24."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,11 +11,12 @@ import time
 
 import pytest
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-_spec = importlib.util.spec_from_file_location("bench_common", os.path.join(BENCH, "common.py"))
-C = importlib.util.module_from_spec(_spec)
-sys.modules["bench_common"] = C          # its dataclasses look their module up
-_spec.loader.exec_module(C)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "bench")
+sys.path.insert(0, REPO)
+from bench.lib.shell import BenchError  # noqa: E402
+from bench.lib.stats import cycle_ratio, json_text  # noqa: E402
+from bench.lib.traffic import CONN_PORT, Target, conn_rate, interleaved_rate  # noqa: E402
 
 CLIENT, SERVER = "xtpr-client", "xtpr-server"
 FAST, SLOW, DROPPED = "10.251.0.2", "10.251.0.3", "10.251.0.4"
@@ -59,12 +59,12 @@ def pair():
 
 
 def _target(key, ip):
-    return C.Target(key, key, f"/run/netns/{CLIENT}", ip, f"/run/netns/{SERVER}")
+    return Target(key, key, f"/run/netns/{CLIENT}", ip, f"/run/netns/{SERVER}")
 
 
 def test_each_target_is_counted_and_timed_as_its_own(pair):
-    rows = C.interleaved_rate([_target("fast", FAST), _target("slow", SLOW), _target("dropped", DROPPED),
-                               _target("fast-again", FAST)], 2.0)
+    rows = interleaved_rate([_target("fast", FAST), _target("slow", SLOW), _target("dropped", DROPPED),
+                             _target("fast-again", FAST)], 2.0)
     fast, slow, dropped, again = rows
     # Counted by source port at the server: what the sender sent to it arrived (a veth
     # between two idle namespaces loses nothing but what a starved counter misses).
@@ -77,26 +77,26 @@ def test_each_target_is_counted_and_timed_as_its_own(pair):
     assert slow["pair_kpps"] < 0.8 * fast["pair_kpps"], rows
     assert 0.8 < again["pair_kpps"] / fast["pair_kpps"] < 1.25, rows
     # Cycle by cycle too, each cycle's rates aligned across the targets.
-    assert 0.8 < C.cycle_ratio(again["pair_cycle_rates"], fast["pair_cycle_rates"]) < 1.25, rows
-    assert C.cycle_ratio(slow["pair_cycle_rates"], fast["pair_cycle_rates"]) < 0.8, rows
+    assert 0.8 < cycle_ratio(again["pair_cycle_rates"], fast["pair_cycle_rates"]) < 1.25, rows
+    assert cycle_ratio(slow["pair_cycle_rates"], fast["pair_cycle_rates"]) < 0.8, rows
     assert len({len(r["pair_cycle_rates"]) for r in rows}) == 1
 
 
 def test_a_target_that_cannot_be_sent_to_is_an_error(pair):
     # No route to it from the client: every send fails, which is no measurement.
-    with pytest.raises(C.BenchError, match=r"10\.252\.0\.1:5400 .*unreachable"):
-        C.interleaved_rate([_target("fast", FAST), C.Target("unroutable", "unroutable", f"/run/netns/{CLIENT}",
-                                                            "10.252.0.1", f"/run/netns/{SERVER}")], 0.5)
+    with pytest.raises(BenchError, match=r"10\.252\.0\.1:5400 .*unreachable"):
+        interleaved_rate([_target("fast", FAST), Target("unroutable", "unroutable", f"/run/netns/{CLIENT}",
+                                                        "10.252.0.1", f"/run/netns/{SERVER}")], 0.5)
 
 
 @pytest.fixture
 def conn_server(pair):
     server = subprocess.Popen(["nsenter", f"--net=/run/netns/{SERVER}", "--", sys.executable,
-                               os.path.join(BENCH, "connrate.py"), "serve", "--port", str(C.CONN_PORT)],
+                               os.path.join(BENCH, "connrate.py"), "serve", "--port", str(CONN_PORT)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
-        while str(C.CONN_PORT) not in subprocess.run(
+        while str(CONN_PORT) not in subprocess.run(
                 ["nsenter", f"--net=/run/netns/{SERVER}", "--", "ss", "-Hltn"], capture_output=True,
                 text=True).stdout:
             assert time.monotonic() < deadline, "connrate server not listening"
@@ -108,33 +108,33 @@ def conn_server(pair):
 
 
 def test_connections_are_counted_and_timed_per_target(conn_server):
-    fast, slow, again = C.conn_rate([_target("fast", FAST), _target("slow", SLOW), _target("fast-again", FAST)],
-                                    2.0, 2)
+    fast, slow, again = conn_rate([_target("fast", FAST), _target("slow", SLOW), _target("fast-again", FAST)],
+                                  2.0, 2)
     assert fast["conn_rate"] > 0 and fast["conn_errors"] == 0
     # Every packet of a connection to SLOW walks the rules: fewer connections a second,
     # measured in the same seconds as FAST's.
     assert slow["conn_rate"] < 0.8 * fast["conn_rate"], (fast, slow)
     assert 0.8 < again["conn_rate"] / fast["conn_rate"] < 1.25, (fast, again)
-    assert C.cycle_ratio(slow["conn_cycle_rates"], fast["conn_cycle_rates"]) < 0.8
-    assert 0.8 < C.cycle_ratio(again["conn_cycle_rates"], fast["conn_cycle_rates"]) < 1.25
+    assert cycle_ratio(slow["conn_cycle_rates"], fast["conn_cycle_rates"]) < 0.8
+    assert 0.8 < cycle_ratio(again["conn_cycle_rates"], fast["conn_cycle_rates"]) < 1.25
 
 
 def test_connections_that_fail_are_an_error(conn_server):
-    with pytest.raises(C.BenchError, match="dropped: connrate"):
-        C.conn_rate([_target("fast", FAST), _target("dropped", DROPPED)], 1.0, 1)
+    with pytest.raises(BenchError, match="dropped: connrate"):
+        conn_rate([_target("fast", FAST), _target("dropped", DROPPED)], 1.0, 1)
 
 
 def test_a_stalled_cycle_does_not_move_the_cycle_ratio():
     vip, direct = [95.0, 96.0, 95.5, 10.0, 96.0], [100.0, 100.0, 100.0, 100.0, 100.0]
-    assert C.cycle_ratio(vip, direct) == 0.955
+    assert cycle_ratio(vip, direct) == 0.955
     # The totals' ratio carries the stalled batch whole.
     assert sum(vip) / sum(direct) < 0.8
-    assert C.cycle_ratio([], []) is None
+    assert cycle_ratio([], []) is None
 
 
 def test_results_files_keep_number_lists_on_one_line():
     res = {"rates": [1.5, -2, 3e-05, 10], "rows": [{"k": "v"}, [1, 2]], "empty": [], "name": "x"}
-    text = C.json_text(res)
+    text = json_text(res)
     assert json.loads(text) == res
     assert '"rates": [1.5, -2, 3e-05, 10]' in text and "[1, 2]" in text
     assert text.splitlines()[4].strip() == '"k": "v"'   # other lists as json.dumps has them
