@@ -9,7 +9,7 @@
   traffic          the servers and the traffic tools (iperf3, sockperf, the interleaved
                    packet and connection rates of bench/pairrate.py and bench/connrate.py)
   stats            summaries, the interleaved ratio, results files
-  prog_cost        per-packet cost of the BPF programs (BPF_PROG_TEST_RUN)
+  prog_cost        per-packet cost of the BPF programs, on the tests' harness (tests/bpfrun.py)
   runner           what bench/eastwest and bench/services share: options, rounds, the run's
                    life cycle, bars, results file, report and chart
 
