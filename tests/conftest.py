@@ -114,7 +114,8 @@ class LabHandle:
         from xoverlay.ui.status import drift, read_maps
         store = self.store()
         try:
-            return drift(store.read(), node, read_maps(node))
+            state = store.read()
+            return drift(state, node, read_maps(node, [s.id for s in state.services.values()]))
         finally:
             store.close()
 

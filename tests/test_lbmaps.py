@@ -11,6 +11,7 @@ import pytest
 from xoverlay.core import desired, maglev
 from xoverlay.core.maglev import flow_hash
 from xoverlay.kernel import bpf
+from xoverlay.kernel import maglev_maps
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.maps.layout import LB_MAX_SERVICES
 
@@ -57,6 +58,28 @@ def test_set_read_replace_empty(tables):
     assert fresh.read()[7] == table_for(7, 2)
     tables.apply({}, [9])
     assert tables.read() == {7: table_for(7, 2)} == fresh.read()
+
+
+def test_the_wait_probe_says_what_a_lookup_in_a_map_of_maps_costs():
+    """Before 6.8 a lookup in a map of maps waits for an RCU grace period (milliseconds);
+    the probe times one and says so."""
+    major, minor = (int(x) for x in os.uname().release.split(".")[:2])
+    assert maglev_maps.lookups_wait() == ((major, minor) < (6, 8))
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_tables_are_read_back_whether_or_not_lookups_wait(tables, monkeypatch, waits):
+    """Where lookups wait, only the slots of the services asked about and of the tables
+    this reader wrote are looked at; elsewhere every slot is read in batches."""
+    monkeypatch.setattr(maglev_maps, "lookups_wait", lambda: waits)
+    tables.set(7, table_for(7))
+    other = MaglevTables(tables.outer)            # another reader: knows no table of its own
+    other.set(9, table_for(9))
+    assert tables.read([9]) == {7: table_for(7), 9: table_for(9)}
+    assert MaglevTables(tables.outer).read([7]) == ({7: table_for(7), 9: table_for(9)} if not waits
+                                                     else {7: table_for(7)})
+    tables.apply({}, [7])
+    assert tables.read([9]) == {9: table_for(9)}
 
 
 def test_ten_thousand_services(tables):

@@ -215,7 +215,7 @@ class Agent:
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
                   self.gateway_ifindex, self.fib_main_only)
         raw = {name: self.maps[name].raw_items() for name in desired.RECONCILED_MAPS}
-        have_tables = self.tables.read()
+        have_tables = self.tables.read(s.id for s in state.services.values())
         memo = self.want_memo if generation is not None and self.want_memo and self.want_memo.inputs == inputs \
             else None
         if memo and raw == memo.raw and have_tables == memo.tables:

@@ -11,13 +11,15 @@ from xoverlay.core import desired
 from xoverlay.core.model import State, peers_of
 from xoverlay.core.rates import ago
 from xoverlay.kernel import monitor_flag, processes
+from xoverlay.kernel.maglev_maps import outer_slots
 from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
 from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
 
 
-def read_maps(node: str) -> dict[str, dict]:
-    from xoverlay.kernel import bpf
+def read_maps(node: str, service_ids=()) -> dict[str, dict]:
+    """Every map of the node as the kernel holds it. `service_ids`: the services that
+    exist, the Maglev slots that are read where each lookup waits (maglev_maps)."""
     out = {}
     for name in MAPS:
         if MAPS[name].ringbuf:
@@ -26,8 +28,7 @@ def read_maps(node: str) -> dict[str, dict]:
             with PinnedMap(pin_dir(node), MAPS[name]) as m:
                 if name == desired.MAGLEV:
                     # An array of maps: only the slots that hold a table count.
-                    out[name] = {U32(int.from_bytes(k, "little")): int.from_bytes(v, "little")
-                                 for k, v in bpf.lookup_batch(m.fd, 4, 4, MAPS[name].max_entries)}
+                    out[name] = {U32(sid): map_id for sid, map_id in outer_slots(m.fd, service_ids)}
                     continue
                 out[name] = m.items() if name in desired.RECONCILED_MAPS else dict.fromkeys(m.keys())
         except OSError:
@@ -119,7 +120,7 @@ def store_view(store) -> tuple[State | None, dict | None, dict]:
 
 def snapshot(state: State, node: str, alive: dict | None = None, store: dict | None = None) -> dict:
     """Everything `status` shows for a node, as plain data (the --json schema)."""
-    maps = read_maps(node)
+    maps = read_maps(node, [s.id for s in state.services.values()])
     me = state.nodes.get(node)
     pid = processes.running_pid(node)
     cfg = maps["xo_config"].get(U32(0))
