@@ -16,6 +16,7 @@ packages=(
   python3-venv iproute2 iputils-ping ethtool kmod util-linux procps # venv, ip/tc/nsenter, ping, sysctl
   iperf3 sockperf nftables tmux curl                               # benchmarks, baselines, TUI checks
   etcd-server openssl                                              # the cluster store (docs/STORE.md), test certs
+  qemu-system-x86 linux-image-amd64 busybox-static                 # the VM lab: qemu, Debian 12's kernel, virtme-ng's init
 )
 missing=()
 for p in "${packages[@]}"; do

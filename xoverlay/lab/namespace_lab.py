@@ -49,6 +49,8 @@ ETCD_PORT = 2379
 HOST_LINK_NET = ipaddress.IPv4Network("198.18.0.0/15")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # python -m from here
+BR_NETFILTER_SYSCTL = "/proc/sys/net/bridge/bridge-nf-call-iptables"
 SWITCH_NO_NETFILTER = ("net.bridge.bridge-nf-call-iptables=0", "net.bridge.bridge-nf-call-ip6tables=0",
                        "net.bridge.bridge-nf-call-arptables=0")
 
@@ -60,6 +62,8 @@ def _run(*cmd: str) -> None:
 
 
 class Lab:
+    ready_seconds = READY_SECONDS       # for every endpoint to be plumbed, from `lab up`
+
     def __init__(self, store, state_path: str | None):
         self.store = store
         spec = state_path or default_path()
@@ -140,6 +144,26 @@ class Lab:
             return netns.resolve(self.client_netns)
         raise XoError(f"{name} is neither a lab node nor an endpoint")
 
+    def command_in(self, name: str) -> list[str]:
+        """The prefix that runs a command in a lab node, an endpoint, the client or the
+        underlay. An endpoint with a named netns is entered with `ip netns exec`, which
+        also gives it its /etc/netns/NAME/resolv.conf (the node's DNS responder)."""
+        path = self.netns_of(name)
+        if name not in self.nodes() and name not in ("client", "underlay") and \
+                os.path.dirname(path) == netns.NETNS_RUN_DIR:
+            return ["ip", "netns", "exec", os.path.basename(path)]
+        return ["nsenter", f"--net={path}", "--"]
+
+    def run(self, name: str, argv: list[str], *, check: bool = True, timeout: float | None = 120,
+            capture: bool = True, tty: bool = False) -> tuple[int, bytes, bytes]:
+        """Run argv in a lab node, an endpoint, the client or the underlay: (status,
+        stdout, stderr), or with capture=False the output on ours."""
+        r = subprocess.run([*self.command_in(name), *argv], capture_output=capture, timeout=timeout)
+        if check and r.returncode != 0:
+            raise XoError(f"`{' '.join(argv)}` in {name} failed ({r.returncode}): "
+                          f"{(r.stderr or b'').decode().strip()[-300:]}")
+        return r.returncode, r.stdout or b"", r.stderr or b""
+
     # --- up -----------------------------------------------------------------------------
 
     def up(self, count: int, xdp: bool = True, echo=print, store: str | None = None) -> None:
@@ -161,9 +185,7 @@ class Lab:
         data["nodes"] = sorted(set(data["nodes"]) | set(nodes), key=lambda n: int(n.rsplit("node", 1)[1]))
         self._save(data)
         node_store = data["etcd"]["node_url"] if data.get("etcd") else self.state_path
-        for i, node in enumerate(nodes, start=1):
-            self._node(i, node, xdp)
-            self._agent(node, xdp, echo, node_store)
+        self._nodes(nodes, xdp, echo, node_store)
         state = self.store.read()
         if DEMO_NETWORK not in state.networks:
             self.store.update(lambda s: model.create_network(s, DEMO_NETWORK, DEMO_SUBNET))
@@ -176,7 +198,7 @@ class Lab:
                     self.store.update(lambda s, ep=ep, node=node:
                                       model.add_endpoint(s, ep, DEMO_NETWORK, node, path, True))
         wanted = [ep for node in nodes for ep in self.endpoint_names(node) + [self.web_endpoint(node)]]
-        deadline = time.monotonic() + READY_SECONDS
+        deadline = time.monotonic() + self.ready_seconds
         while time.monotonic() < deadline:
             eps = self.store.read().endpoints
             if all(eps[e].ready for e in wanted):
@@ -324,7 +346,7 @@ class Lab:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "xoverlay.lab.demo_server", "--supervise", f"--ready-fd={write_fd}",
                  f"--tag={self.demo_tag}", "--http=80", "--udp=80", "--echo=9000", *specs],
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdin=subprocess.DEVNULL,
+                cwd=REPO, stdin=subprocess.DEVNULL,
                 stdout=logf, stderr=logf, pass_fds=(write_fd,), start_new_session=True)
         os.close(write_fd)
         with os.fdopen(read_fd) as r:
@@ -380,9 +402,11 @@ class Lab:
             return
         _run("ip", "netns", "add", ns)
         self._quiet(ns)
-        # A physical switch runs no firewall: bridged frames skip iptables here. (This
-        # kernel has br_netfilter built in and on in every new netns.)
-        _run("ip", "netns", "exec", ns, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
+        # A physical switch runs no firewall: bridged frames skip iptables here. Only
+        # br_netfilter sends them there, and only where it is built in or loaded (a
+        # module on Debian's kernel, which we do not load: it would reach every bridge).
+        if os.path.exists(BR_NETFILTER_SYSCTL):
+            _run("ip", "netns", "exec", ns, "sysctl", "-qw", *SWITCH_NO_NETFILTER)
         _run("ip", "-n", ns, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", ns, "link", "set", "br0", "address", SWITCH_MAC, "up")
 
@@ -390,6 +414,12 @@ class Lab:
         """No IPv6 noise in the lab: the drop counters should count only what we send."""
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
              "net.ipv6.conf.default.disable_ipv6=1")
+
+    def _nodes(self, nodes: list[str], xdp: bool, echo, store: str) -> None:
+        """Each node made (kept if it is there) and its agent running."""
+        for i, node in enumerate(nodes, start=1):
+            self._node(i, node, xdp)
+            self._agent(node, xdp, echo, store)
 
     def _node(self, i: int, node: str, xdp: bool) -> None:
         ns = self.node_netns(node)

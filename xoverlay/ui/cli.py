@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -17,7 +16,7 @@ from xoverlay.agent.loop import LEASE_TTL
 from xoverlay.core import model
 from xoverlay.errors import XoError
 from xoverlay.kernel import netns
-from xoverlay.lab import namespace_lab as lab_mod
+from xoverlay.lab.vm_lab import VmLab, open_lab
 from xoverlay.store import open_store
 from xoverlay.store.base import Tls
 
@@ -45,6 +44,20 @@ def _print_table(title: str, columns: list[str], rows: list[list], as_json: bool
 def _require_root():
     if os.geteuid() != 0:
         raise XoError("xoverlay must run as root (it loads BPF programs and changes network namespaces)")
+
+
+def _in_vm(ctx, node: str, args: list[str]) -> bool:
+    """A VM lab's node keeps its pins in its guest: commands that read them run there.
+    True if `node` is such a node and the command ran (a failure exits with its status)."""
+    lab = open_lab(_store(ctx), ctx.obj["state"])
+    if not isinstance(lab, VmLab) or node not in lab.nodes():
+        return False
+    argv = [sys.executable, "-m", "xoverlay", "--store", lab.node_store, *args]
+    rc = lab.run(node, argv, check=False, capture=False, timeout=None,
+                 tty=sys.stdin.isatty() and sys.stdout.isatty())[0]
+    if rc:
+        sys.exit(rc)
+    return True
 
 
 def _default_node(state: model.State, node: str | None) -> str:
@@ -125,8 +138,10 @@ def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstr
 def down(ctx, node):
     """Stop the node's agent, remove its programs, pins, veths and its place in the store."""
     from xoverlay.kernel import teardown
+    if _in_vm(ctx, node, ["down", "--node", node]):
+        return
     store = _store(ctx)
-    lab = lab_mod.Lab(store, ctx.obj["state"])
+    lab = open_lab(store, ctx.obj["state"])
     path = netns.resolve(lab.node_netns(node)) if node in lab.nodes() else None
     teardown.node_down(store, node, path)
     click.echo(f"node {node} is down")
@@ -351,6 +366,8 @@ def peer_ls(ctx, node, as_json):
     store = _store(ctx)
     st = store.read()
     node = _default_node(st, node)
+    if _in_vm(ctx, node, ["peer", "ls", "--node", node, *(["--json"] if as_json else [])]):
+        return
     rows = peer_rows(st, node, store.alive())
     _print_table(f"peers of {node}", ["NODE", "STATE", "UNDERLAY IP", "SUBNETS", "TX PKTS", "TX BYTES", "RX PKTS",
                                       "RX BYTES", "LAST RX"],
@@ -376,6 +393,8 @@ def status(ctx, node, once, as_json):
             raise XoError(f"{where['error']}: say which node with --node to see its data path")
     else:
         node = _default_node(state, node)
+    if _in_vm(ctx, node, ["status", "--node", node, *(["--once"] if once else []), *(["--json"] if as_json else [])]):
+        return
 
     def snap():
         return status_mod.snapshot(state or model.State(), node, alive, where)
@@ -410,6 +429,11 @@ def monitor(ctx, node, reasons, endpoint, service, sample, as_json, count):
     from xoverlay.ui import monitor as monitor_mod
     store = _store(ctx)
     node = _default_node(store.read(), node)
+    if _in_vm(ctx, node, ["monitor", "--node", node, *(a for r in reasons for a in ("--reason", r)),
+                          *(["--endpoint", endpoint] if endpoint else []), *(["--service", service] if service else []),
+                          *(["--sample", str(sample)] if sample else []), *(["--json"] if as_json else []),
+                          *(["--count", str(count)] if count else [])]):
+        return
     monitor_mod.run(store.read, node, reasons=reasons, endpoint=endpoint, service=service, sample=sample,
                     as_json=as_json, count=count, echo=click.echo, note=lambda msg: click.echo(f"xoverlay monitor: {msg}", err=True))
 
@@ -474,12 +498,15 @@ def lab():
 @lab.command("up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
 @click.option("--xdp/--no-xdp", default=True, show_default=True)
+@click.option("--vms", is_flag=True, help="each node a qemu VM with its own kernel (docs/VMLAB.md); store: etcd")
+@click.option("--kernel", default="debian12", show_default=True, metavar="debian12|running|PATH",
+              help="the VMs' kernel (with --vms)")
 @click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default=None,
               help="the lab's store: the --state file (SQLite, the default for a new lab) or a real etcd "
                    "started for the lab (Debian's; stopped and removed by `lab down`)")
 @click.pass_context
-def lab_up(ctx, nodes, xdp, store_kind):
-    lab_mod.Lab(_store(ctx), ctx.obj["state"]).up(nodes, xdp=xdp, echo=click.echo, store=store_kind)
+def lab_up(ctx, nodes, xdp, vms, kernel, store_kind):
+    open_lab(_store(ctx), ctx.obj["state"], vms, kernel).up(nodes, xdp=xdp, echo=click.echo, store=store_kind)
 
 
 @lab.command("demo")
@@ -488,16 +515,15 @@ def lab_demo(ctx):
     """Bring the lab up (if it is not) and show it carrying traffic."""
     state = ctx.obj["state"]
     store = _store(ctx)
-    lab = lab_mod.Lab(store, state)
+    lab = open_lab(store, state)
     lab.up(3, echo=click.echo)
     nodes = lab.nodes()
     eps = store.read().endpoints
     src, dst = f"{nodes[0]}-a", f"{nodes[1]}-a"
     console.rule(f"ping {dst} ({eps[dst].ip}, on {nodes[1]}) from {src} (on {nodes[0]})")
-    ping = subprocess.run(["nsenter", f"--net={eps[src].netns}", "--", "ping", "-c", "3", "-i", "0.2",
-                           eps[dst].ip], capture_output=True, text=True)
-    click.echo(ping.stdout.strip())
-    if ping.returncode != 0:
+    rc, out, _ = lab.run(src, ["ping", "-c", "3", "-i", "0.2", eps[dst].ip], check=False)
+    click.echo(out.decode().strip())
+    if rc != 0:
         raise XoError(f"cross-node ping from {src} to {dst} failed")
     src_node = nodes[0]
     url, answers = lab.web_requests(src)
@@ -521,7 +547,7 @@ def lab_demo(ctx):
 @lab.command("down")
 @click.pass_context
 def lab_down(ctx):
-    lab_mod.Lab(_store(ctx), ctx.obj["state"]).down(echo=click.echo)
+    open_lab(_store(ctx), ctx.obj["state"]).down(echo=click.echo)
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})
@@ -529,9 +555,13 @@ def lab_down(ctx):
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
 def lab_exec(ctx, name, command):
-    """Run COMMAND inside a lab node or an endpoint: xoverlay lab exec NAME -- CMD..."""
-    path = lab_mod.Lab(_store(ctx), ctx.obj["state"]).netns_of(name)
-    os.execvp("nsenter", ["nsenter", f"--net={path}", "--", *command])
+    """Run COMMAND inside a lab node, an endpoint, `client` or `underlay`: xoverlay lab exec NAME -- CMD..."""
+    lab = open_lab(_store(ctx), ctx.obj["state"])
+    if isinstance(lab, VmLab):
+        sys.exit(lab.run(name, list(command), check=False, capture=False, timeout=None,
+                         tty=sys.stdin.isatty() and sys.stdout.isatty())[0])
+    prefix = lab.command_in(name)
+    os.execvp(prefix[0], [*prefix, *command])
 
 
 def main():
