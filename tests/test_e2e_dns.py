@@ -197,7 +197,7 @@ def _restart_agent(lab, node: str, *flags: str) -> None:
     from xoverlay.kernel.teardown import stop_agent
     stop_agent(node)
     cmd = ["nsenter", f"--net=/run/netns/xo-{node}", "--", sys.executable, "-m", "xoverlay", "--state",
-           lab.state, "up", "--node", node, "--underlay", "eth1", "--detach", *flags]
+           lab.state, "up", "--node", node, "--underlay", "eth1", "--detach", "--xdp", *flags]   # --xdp: as the lab
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr + r.stdout
 

@@ -140,7 +140,7 @@ def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
         _stop_etcd(lab)
         stop_agent(n1)
         r = in_netns(f"/run/netns/xo-{n1}", PY, "-m", "xoverlay", "--store", node_url, "up", "--node", n1,
-                     "--underlay", "eth1", "--detach", "--metrics", f"127.0.0.1:{port}", timeout=60)
+                     "--underlay", "eth1", "--detach", "--xdp", "--metrics", f"127.0.0.1:{port}", timeout=60)
         assert running_pid(n1), r.stderr
         status = json.loads(lab.xo("status", "--node", n1, "--json").out)
         assert status["store"]["reachable"] is False and "unreachable" in status["store"]["error"]

@@ -40,3 +40,23 @@ def test_the_message_names_every_missing_feature_and_the_newest_floor():
     assert datapath.kernel_error("5.4.0-100", [peer, ring]) == (
         "this kernel (5.4.0-100) lacks bpf_redirect_peer (delivery into a container), from Linux 5.10; "
         "the BPF ring buffer (monitor events), from Linux 5.8: xoverlay needs Linux 5.10 or newer")
+
+
+@pytest.mark.parametrize("request_, driver, attach, why", [
+    ("auto", "veth", False, "off (auto: a veth's peer turns GSO off while XDP is attached; the tc program filters the same)"),
+    ("auto", "virtio_net", False, "off (auto: virtio-net turns its receive offloads (LRO, GRO_HW) off while XDP is "
+                                  "attached; the tc program filters the same)"),
+    ("auto", "ixgbe", False, "off (auto: XDP not measured on ixgbe; the tc program filters the same)"),
+    ("auto", None, False, "off (auto: XDP not measured on this driver; the tc program filters the same)"),
+    ("on", "ixgbe", True, "on (--xdp)"),
+    (True, "veth", True, "on (--xdp); it costs: a veth's peer turns GSO off while XDP is attached"),
+    ("off", "veth", False, "off (--no-xdp)"),
+    (False, None, False, "off (--no-xdp)"),
+])
+def test_xdp_is_attached_by_default_only_where_it_costs_no_offloads(request_, driver, attach, why):
+    assert datapath.choose_xdp(request_, driver) == (attach, why)
+
+
+def test_a_driver_measured_to_keep_its_offloads_gets_xdp_by_default(monkeypatch):
+    monkeypatch.setattr(datapath, "XDP_KEEPS_OFFLOADS", frozenset({"mlx5_core"}))
+    assert datapath.choose_xdp("auto", "mlx5_core") == (True, "on (auto: mlx5_core keeps its offloads with XDP)")

@@ -166,7 +166,7 @@ def scrape_in(netns: str, addr: str) -> dict[str, float]:
 def start_agent(lab, node: str, *extra: str, where: str | None = None) -> subprocess.CompletedProcess:
     """`up --node NODE` in the netns of lab node `where` (default: NODE's own)."""
     return subprocess.run(["nsenter", f"--net=/run/netns/xo-{where or node}", "--", PY, "-m", "xoverlay", "--state", lab.state,
-                           "up", "--node", node, "--underlay", "eth1", *extra], capture_output=True, text=True,
+                           "up", "--node", node, "--underlay", "eth1", "--xdp", *extra], capture_output=True, text=True,
                           timeout=120)
 
 

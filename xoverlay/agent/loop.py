@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from xoverlay.agent import dns_responder, repair
 from xoverlay.core import desired, model
 from xoverlay.errors import NodeRemoved, StoreError, XoError
-from xoverlay.kernel import datapath, monitor_flag, veth
+from xoverlay.kernel import datapath, ethtool, monitor_flag, veth
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.store.base import Store, StoreUnavailable
 
@@ -70,7 +70,8 @@ class Agent:
     node: str
     underlay_name: str
     store: Store
-    xdp: bool = True
+    xdp: bool | str = "auto"           # True/"on", False/"off", or "auto" (datapath.choose_xdp)
+    xdp_reason: str = ""               # why XDP is on or off here, for status
     vxlan_port: int = model.DEFAULT_VXLAN_PORT
     ipr: IPRoute = field(default_factory=IPRoute)
     stopping: bool = False
@@ -102,6 +103,7 @@ class Agent:
         during a store outage): it adopts the pins, touches no map and joins later."""
         # Every check first, so that a refusal leaves the kernel and the store as they were.
         self.underlay = find_underlay(self.ipr, self.underlay_name)
+        self.xdp, self.xdp_reason = datapath.choose_xdp(self.xdp, ethtool.driver(self.underlay.name))
         datapath.check_bpffs()
         try:
             self._join(self.store.read())
@@ -130,8 +132,8 @@ class Agent:
                 self.dns_server.close()
             raise
         verb = "loaded" if self.progs.replaced else "adopted"
-        log.info("node %s: %s programs (build %x) on %s (%s), XDP %s", self.node, verb,
-                 self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode)
+        log.info("node %s: %s programs (build %x) on %s (%s), XDP %s %s", self.node, verb,
+                 self.progs.build, self.underlay.name, self.underlay.ip, self.xdp_mode, self.xdp_reason.split(" ", 1)[1])
         if self.progs.recreated:
             log.warning("maps of an older layout made anew (their entries come back on the first pass, "
                         "their counters start at zero): %s", ", ".join(self.progs.recreated))
@@ -143,7 +145,8 @@ class Agent:
     def _join_and_register(self) -> None:
         self.store.update(self._join)
         self.store.register(self.node, self.lease_ttl, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                        "underlay_ip": self.underlay.ip, "since": time.time()})
+                                                        "underlay_ip": self.underlay.ip, "since": time.time(),
+                                                        "xdp": self.xdp_reason})
         self.alive_nodes = self.store.alive()
         self.joined, self.renewed = True, time.monotonic()
 

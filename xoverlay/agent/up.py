@@ -26,7 +26,7 @@ READY_FD_ENV = "XOVERLAY_READY_FD"     # a detached agent says "ok" or its error
 class Options:
     node: str
     underlay: str
-    xdp: bool = True
+    xdp: bool | str = "auto"             # "auto", "on" or "off" (datapath.choose_xdp)
     vxlan_port: int = model.DEFAULT_VXLAN_PORT
     dns: bool = True
     dns_forward: bool = True
@@ -108,7 +108,8 @@ def run(options: Options, open_store: Callable[[], Store], say: Callable[[str], 
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
     else:
-        say(f"node {node} is up on {options.underlay} ({agent.underlay.ip}), XDP {agent.xdp_mode}"
+        say(f"node {node} is up on {options.underlay} ({agent.underlay.ip}), XDP {agent.xdp_mode} "
+            f"{agent.xdp_reason.split(' ', 1)[1]}"
             + (f", metrics on http://{metrics}/metrics" if metrics else "")
             + "; Ctrl-C stops the agent, the data path keeps forwarding")
     if agent.store_error:

@@ -105,8 +105,10 @@ def cli(ctx, state, store_ca, store_cert, store_key):
 @cli.command()
 @click.option("--node", required=True, help="this node's name in the cluster")
 @click.option("--underlay", required=True, help="the device that carries VXLAN between nodes")
-@click.option("--xdp/--no-xdp", default=True, show_default=True,
-              help="drop bad tunnel traffic in XDP before the stack sees it")
+@click.option("--xdp", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True, is_flag=False,
+              flag_value="on", help="drop bad tunnel traffic in XDP before the stack sees it: auto attaches it only "
+                                    "where the driver keeps its offloads (the tc program filters the same); --xdp: on")
+@click.option("--no-xdp", is_flag=True, help="= --xdp off")
 @click.option("--vxlan-port", default=model.DEFAULT_VXLAN_PORT, show_default=True, type=int)
 @click.option("--detach", is_flag=True, help="run the agent in the background (pid file and log in /run/xoverlay)")
 @click.option("--dns/--no-dns", default=True, show_default=True,
@@ -120,8 +122,12 @@ def cli(ctx, state, store_ca, store_cert, store_key):
 @click.option("--lease-ttl", default=LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
               help="seconds without the agent before the node is shown down (its registration's lease)")
 @click.pass_context
-def up(ctx, node, underlay, xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
+def up(ctx, node, underlay, xdp, no_xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
+    if no_xdp:
+        if ctx.get_parameter_source("xdp") != click.core.ParameterSource.DEFAULT:
+            raise XoError("--xdp and --no-xdp: say one")
+        xdp = "off"
     from xoverlay.agent import up as node_up
     options = node_up.Options(node, underlay, xdp=xdp, vxlan_port=vxlan_port, dns=dns, dns_forward=dns_forward,
                               dns_upstreams=dns_upstreams, metrics=metrics, lease_ttl=lease_ttl)

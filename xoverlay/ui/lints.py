@@ -16,6 +16,7 @@ from typing import Callable
 from xoverlay.core.model import State
 from xoverlay.errors import XoError
 from xoverlay.kernel import monitor_flag
+from xoverlay.kernel.datapath import XDP_COSTS
 from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.maps.layout import MAPS, U32, ip_str, pin_dir
 
@@ -41,16 +42,21 @@ def lint_bpffs(mounted: bool) -> list[dict]:
                  "mount -t bpf bpf /sys/fs/bpf")]
 
 
-def lint_xdp(device: str, mode: str, attached_id: int, ours_id: int | None) -> list[dict]:
+def lint_xdp(device: str, mode: str, attached_id: int, ours_id: int | None, driver: str | None = None) -> list[dict]:
     """mode: 'native', 'generic', 'offload', 'multi' or 'off' (bpf_xdp_query on the
     underlay); attached_id: the program there (0: none); ours_id: our pinned XDP
-    program's id (None: not pinned)."""
+    program's id (None: not pinned); driver: the underlay's (ethtool -i)."""
     if mode == "off":
         return [lint("xdp-off", "info", device,
-                     "no XDP program on the underlay (up --no-xdp): bad tunnel traffic is dropped by the tc "
-                     "program, after the kernel has allocated an skb for it",
-                     "xoverlay up without --no-xdp (the drop-early filter)")]
+                     "no XDP program on the underlay: bad tunnel traffic is dropped by the tc program, after "
+                     "the kernel has allocated an skb for it",
+                     "where the driver keeps its offloads with XDP, up --xdp (the drop-early filter)")]
     out = []
+    if driver in XDP_COSTS:
+        out.append(lint("xdp-costs-offloads", "warning", device,
+                        f"XDP is attached to a {driver} device: {XDP_COSTS[driver]}, which costs TCP far more "
+                        "than the filter saves (the tc program filters the same)",
+                        "xoverlay up --xdp auto (the default) or --no-xdp"))
     if ours_id is not None and attached_id and attached_id != ours_id:
         out.append(lint("xdp-foreign", "warning", device,
                         f"the XDP program on the underlay (id {attached_id}) is not this node's "
@@ -162,7 +168,7 @@ def evaluate(facts: dict) -> list[dict]:
         out += lint_unknown_netns(facts["node"])
     if u is not None:
         if u.get("xdp_mode") is not None:
-            out += lint_xdp(u["name"], u["xdp_mode"], u["xdp_id"], facts.get("our_xdp_id"))
+            out += lint_xdp(u["name"], u["xdp_mode"], u["xdp_id"], facts.get("our_xdp_id"), u.get("driver"))
         out += lint_offloads(u["name"], u.get("driver"), u.get("features", {}))
         out += lint_mtu(u["name"], u["mtu"], facts.get("smallest_peer_mtu"), facts.get("endpoint_mtus", {}))
         out += lint_forwarding(u["name"], u.get("forwarding"))

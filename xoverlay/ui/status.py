@@ -134,7 +134,8 @@ def snapshot(state: State, node: str, alive: dict | None = None, store: dict | N
                  "vxlan_port": me.vxlan_port if me else None, "agent_pid": pid, "agent_alive": pid is not None,
                  "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
                  "build_current": bool(cfg) and cfg.build_id == build_id(),
-                 "programs": program_rows(facts), "liveness": liveness(alive, node)},
+                 "programs": program_rows(facts), "liveness": liveness(alive, node),
+                 "xdp": ((alive or {}).get(node) or {}).get("xdp")},     # why XDP is on or off, as up chose
         "store": store,
         "peers": peer_rows(state, node, alive),
         "endpoints": endpoint_rows(state, node),
@@ -210,6 +211,8 @@ def render(snap: dict):
                 f"{agent}  {build}", style="bold")
     if n["pinned"]:
         head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
+        if n.get("xdp"):
+            head.append(f"\nXDP {n['xdp']}", style="")
     store = snap.get("store")
     if store:
         head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
