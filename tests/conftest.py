@@ -93,6 +93,21 @@ class LabHandle:
     def node_netns(self, node: str) -> str:
         return f"/run/netns/xo-{node}"
 
+    def stop_as_another_build(self, node: str) -> None:
+        """The node's agent stopped and its pins marked as another build's (build id 1):
+        the next agent loads its own programs and swaps them in."""
+        from xoverlay.kernel.datapath import open_maps
+        from xoverlay.kernel.processes import running_pid
+        from xoverlay.maps.layout import U32
+        os.kill(running_pid(node), signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while running_pid(node) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cfg_map = open_maps(node)["xo_config"]
+        cfg = cfg_map.get(U32(0))
+        cfg.build_id = 1
+        cfg_map.set(U32(0), cfg)
+
     def ep(self, name: str) -> dict:
         return self.endpoints()[name]
 

@@ -141,8 +141,8 @@ class Net:
             s.connect((GATEWAY_IP, port))
             s.sendall(b"".join(struct.pack("!H", len(q.pack())) + q.pack() for q in qs))
             for q in qs:
-                n = struct.unpack("!H", dns_responder._recv_exact(s, 2))[0]
-                r = DNSRecord.parse(dns_responder._recv_exact(s, n))
+                n = struct.unpack("!H", dns_responder.recv_exact(s, 2))[0]
+                r = DNSRecord.parse(dns_responder.recv_exact(s, n))
                 assert r.header.id == q.header.id
                 out.append(r)
         return out

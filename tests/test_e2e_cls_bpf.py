@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import time
 
@@ -68,19 +67,9 @@ def test_the_programs_are_cls_bpf_filters_and_status_says_so(lab):
 
 
 def test_a_new_build_replaces_the_filters_in_place_without_loss(lab):
-    from xoverlay.kernel.datapath import open_maps
-    from xoverlay.kernel.processes import running_pid
-    from xoverlay.maps.layout import U32
     n1, n2 = lab.nodes()
     before = tc_filters(lab, n1, "eth1")
-    os.kill(running_pid(n1), signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while running_pid(n1) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    cfg_map = open_maps(n1)["xo_config"]
-    cfg = cfg_map.get(U32(0))
-    cfg.build_id = 1                  # another build: the next agent loads and swaps in its own
-    cfg_map.set(U32(0), cfg)
+    lab.stop_as_another_build(n1)
     ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"])
     time.sleep(0.5)
     run_xo(lab.state, "lab", "up", "--nodes", "2", timeout=120)

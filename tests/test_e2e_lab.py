@@ -179,18 +179,8 @@ def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path, store):
 def test_new_build_replaces_programs_in_place_without_loss(lab):
     """An agent of another build (faked: the pinned build id changed) loads its programs
     and swaps them in with tc/XDP replace while traffic runs: nothing lost."""
-    from xoverlay.kernel.datapath import open_maps
-    from xoverlay.kernel.processes import running_pid
-    from xoverlay.maps.layout import U32
     n1, n2, _ = names(lab)
-    os.kill(running_pid(n1), signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while running_pid(n1) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    cfg_map = open_maps(n1)["xo_config"]
-    cfg = cfg_map.get(U32(0))
-    cfg.build_id = 1
-    cfg_map.set(U32(0), cfg)
+    lab.stop_as_another_build(n1)
     old = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
     ping = lab.ping_stream(f"{n1}-a", lab.ep(f"{n2}-a")["ip"])    # until stopped: covers the swap
     time.sleep(0.5)
@@ -202,7 +192,9 @@ def test_new_build_replaces_programs_in_place_without_loss(lab):
     old_id = old.split("prog/xdp id ")[1].split()[0]
     new_id = new.split("prog/xdp id ")[1].split()[0]
     assert old_id != new_id
-    assert cfg_map.get(U32(0)).build_id != 1
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.maps.layout import U32
+    assert open_maps(n1)["xo_config"].get(U32(0)).build_id != 1
     last_start = [l for l in open(f"/run/xoverlay/{n1}.log") if "programs (build" in l][-1]
     assert "loaded programs" in last_start
 

@@ -102,7 +102,7 @@ class Upstreams:
 
 # --- forwarding -----------------------------------------------------------------------
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -132,10 +132,10 @@ def forward_udp(data: bytes, upstream: tuple[str, int], timeout: float) -> bytes
 def forward_tcp(data: bytes, upstream: tuple[str, int], timeout: float) -> bytes | None:
     with socket.create_connection(upstream, timeout=timeout) as s:
         s.sendall(struct.pack("!H", len(data)) + data)
-        head = _recv_exact(s, 2)
+        head = recv_exact(s, 2)
         if head is None:
             return None
-        reply = _recv_exact(s, struct.unpack("!H", head)[0])
+        reply = recv_exact(s, struct.unpack("!H", head)[0])
         return reply if reply and reply[:2] == data[:2] else None
 
 
@@ -310,10 +310,10 @@ class DnsServer:
             with conn:
                 conn.settimeout(TCP_IDLE)
                 while not self._stopping.is_set():
-                    head = _recv_exact(conn, 2)
+                    head = recv_exact(conn, 2)
                     if head is None:
                         return
-                    data = _recv_exact(conn, struct.unpack("!H", head)[0])
+                    data = recv_exact(conn, struct.unpack("!H", head)[0])
                     if data is None:
                         return
                     d = dns.answer(self._view, addr[0], data, self.forward, tcp=True)

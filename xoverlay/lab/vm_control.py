@@ -28,6 +28,7 @@ import threading
 import time
 import tty as ttymod
 
+from xoverlay.agent.dns_responder import recv_exact
 from xoverlay.errors import XoError
 
 CONTROL_PORT = 7000        # in the guest, on its control NIC
@@ -38,22 +39,12 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
 
 
 def recv(sock: socket.socket) -> tuple[bytes, bytes] | None:
-    head = _exactly(sock, 5)
+    head = recv_exact(sock, 5)
     if head is None:
         return None
     kind, n = head[:1], struct.unpack("!I", head[1:])[0]
-    body = _exactly(sock, n) if n else b""
+    body = recv_exact(sock, n) if n else b""
     return None if body is None else (kind, body)
-
-
-def _exactly(sock: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
 
 
 # --- the guest's side ---------------------------------------------------------------------
