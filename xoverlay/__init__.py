@@ -9,6 +9,6 @@ this list (tests/test_package_layout.py checks it):
            veths, netns, processes, teardown
   store/   where the cluster state lives: the interface, SQLite, etcd, and running an etcd server
   agent/   the per-node agent: the reconcile loop, repair, the DNS responder, metrics
-  lab/     the namespace lab and its demo server
+  lab/     the namespace lab, the VM lab, and the demo server
   ui/      what a person sees: the CLI, status and its TUI, monitor, lints, service views
 """

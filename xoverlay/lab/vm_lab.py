@@ -227,7 +227,7 @@ class VmLab(Lab):
             raise XoError(f"{name} is neither a lab node nor an endpoint")
         return ep.node, ["ip", "netns", "exec", os.path.basename(ep.netns)]
 
-    def run(self, name: str, argv: list[str], *, check: bool = True, timeout: float | None = 120,
+    def run(self, name: str, argv: list[str], *, check: bool = True, timeout: float | None = 600,
             capture: bool = True, tty: bool = False, detach: bool = False) -> tuple[int, bytes, bytes]:
         """As Lab.run; in a node's guest (through its control channel) for the nodes and
         their endpoints. detach: start it there in a session of its own and return."""
@@ -247,8 +247,7 @@ class VmLab(Lab):
 
     def web_requests(self, endpoint: str, count: int = 6) -> tuple[str, list[str]]:
         url = f"http://{WEB_SERVICE}/"
-        rc, out, err = self.run(endpoint, [sys.executable, "-c", self._GET, url, str(count)], check=False,
-                                timeout=120)
+        rc, out, err = self.run(endpoint, [sys.executable, "-c", self._GET, url, str(count)], check=False)
         if rc != 0:
             raise XoError(f"requests from {endpoint} to {url} failed: {err.decode().strip().splitlines()[-1:]}")
         return url, out.decode().split("\n")[:-1]
