@@ -11,6 +11,7 @@
  */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"

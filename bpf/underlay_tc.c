@@ -8,6 +8,7 @@
  * request, an address outside every overlay network). */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"

@@ -8,6 +8,7 @@
  * headers, which are in the first buffer. */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/vxlan.h"
 #include "lib/mesh.h"

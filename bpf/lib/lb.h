@@ -18,6 +18,7 @@
 #include "common.h"
 #include "csum.h"
 #include "maps.h"
+#include "counters.h"
 #include "parsing.h"
 #include "vxlan.h"
 #include "monitor.h"
@@ -155,15 +156,6 @@ static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_
         *port = new_port;
     }
     return 0;
-}
-
-static __always_inline void xo_lb_count(struct xo_lb_stats *s, __u32 bytes, int fresh)
-{
-    if (s) {
-        s->packets++;
-        s->bytes += bytes;
-        s->connections += fresh;
-    }
 }
 
 /* The backend a connection goes to. */

@@ -20,6 +20,7 @@
 #include "common.h"
 #include "csum.h"
 #include "maps.h"
+#include "counters.h"
 #include "monitor.h"
 #include "parsing.h"
 #include "vxlan.h"

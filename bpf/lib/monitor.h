@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "maps.h"
+#include "counters.h"
 #include "parsing.h"
 #include "vxlan.h"
 
@@ -127,16 +128,6 @@ static __always_inline void xo_tell(struct xo_monitor *mon, struct xo_event *ev,
     xo_event_parse(ev, data, data_end, tunnel, port, node_ip);
     if (xo_events.ringbuf_output(ev, sizeof(*ev), 0))
         __sync_fetch_and_add(&mon->lost, 1);
-}
-
-static __always_inline void xo_count_drop(int reason, __u32 bytes)
-{
-    __u32 key = reason;
-    struct xo_drop_count *count = xo_drops.lookup(&key);
-    if (count) {
-        count->packets++;
-        count->bytes += bytes;
-    }
 }
 
 static __always_inline int xo_drop_skb(struct __sk_buff *skb, int hook, int reason, __u32 bytes,

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "maps.h"
+#include "counters.h"
 #include "monitor.h"
 
 /* Kernel 6.3+; BCC 0.26's headers predate it. */
