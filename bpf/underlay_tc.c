@@ -117,8 +117,7 @@ int xo_underlay_ingress(struct __sk_buff *skb)
          * then out of the underlay to it. */
         if (!has_flow)
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
-        struct xo_ct_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport,
-                                .proto = f.proto, .dir = XO_CT_REPLY };
+        struct xo_ct_key rk = xo_ct_key_make(f.saddr, f.daddr, f.sport, f.dport, f.proto, XO_CT_REPLY);
         struct xo_ct *ct = xo_lb_ct.lookup(&rk);
         if (!ct)
             return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);

@@ -53,6 +53,15 @@ struct xo_flow {
     __u32 seg_len;            /* TCP payload length */
 };
 
+/* A connection table key (dir: XO_CT_*), its padding zero: keys compare as bytes. */
+static __always_inline struct xo_ct_key xo_ct_key_make(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
+                                                       __u8 proto, __u8 dir)
+{
+    struct xo_ct_key k = { .saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport, .proto = proto,
+                           .dir = dir };
+    return k;
+}
+
 /* Fills *f for an unfragmented TCP or UDP packet whose ports are in the frame. */
 static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphdr *ip, void *l4,
                                          struct xo_flow *f)
@@ -86,6 +95,12 @@ static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphd
         return 1;
     }
     return 0;
+}
+
+/* A TCP SYN without ACK: the client opens a new connection. */
+static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
+{
+    return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
 }
 
 /* The flow's hash for Maglev: the 5-tuple, or the client address alone with affinity.
@@ -176,9 +191,8 @@ struct xo_lb_choice {
 static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_flow *f, __be16 default_port,
                                         struct xo_lb_choice *c)
 {
-    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
-    struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                            .proto = f->proto, .dir = XO_CT_SERVICE };
+    int syn = xo_lb_is_syn(f);
+    struct xo_ct_key ck = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_SERVICE);
     struct xo_lb_backend *be;
     c->bk.service = sid;
     c->fresh = 0;
@@ -226,23 +240,16 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
 {
     __u32 sid = c->bk.service;
     if (c->fresh) {
-        struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                                .proto = f->proto, .dir = XO_CT_SERVICE };
+        struct xo_ct_key ck = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_SERVICE);
         struct xo_ct fwd = { .service = sid, .backend = c->bk.index };
         xo_lb_ct.update(&ck, &fwd);
-        struct xo_ct_key rk = { .saddr = c->ip, .daddr = f->saddr, .sport = c->port, .dport = f->sport,
-                                .proto = f->proto, .dir = XO_CT_REPLY };
+        struct xo_ct_key rk = xo_ct_key_make(c->ip, f->saddr, c->port, f->sport, f->proto, XO_CT_REPLY);
         struct xo_ct rev = { .service = sid, .backend = c->bk.index, .vip = f->daddr, .vport = f->dport };
         xo_lb_ct.update(&rk, &rev);
     }
     __u32 slot = c->slot;
     xo_lb_count(xo_lb_service_stats.lookup(&sid), len, c->fresh);
     xo_lb_count(xo_lb_backend_stats.lookup(&slot), len, c->fresh);
-}
-
-static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
-{
-    return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
 }
 
 /* A packet of a network with services that is for no service. A new direct connection:
@@ -252,8 +259,7 @@ static __always_inline void xo_lb_direct(const struct xo_flow *f)
 {
     if (!xo_lb_is_syn(f))
         return;
-    struct xo_ct_key stale = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
-                               .dport = f->sport, .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct_key stale = xo_ct_key_make(f->daddr, f->saddr, f->dport, f->sport, f->proto, XO_CT_REPLY);
     xo_lb_ct.delete(&stale);
 }
 
@@ -265,7 +271,6 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
 {
     struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
     struct xo_lb_service *svc = xo_lb_services.lookup(&sk);
-    int syn = xo_lb_is_syn(f);
     if (!svc) {
         xo_lb_direct(f);
         return XO_LB_NOT_SERVICE;
@@ -290,8 +295,7 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
  * give it the VIP:port the client talked to. Returns 0 or a drop reason. */
 static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_flow *f)
 {
-    struct xo_ct_key rk = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                            .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct_key rk = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
     struct xo_ct *ct = xo_lb_ct.lookup(&rk);
     if (!ct)
         return 0;

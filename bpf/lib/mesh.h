@@ -233,8 +233,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
 static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_config *cfg, __u32 vni,
                                          const struct xo_flow *f, const __u8 *src_mac)
 {
-    struct xo_ct_key k = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                           .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct_key k = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
     __u32 len = skb->len;
     struct xo_ct *ct = xo_lb_ct.lookup(&k);
     if (ct) {
@@ -272,9 +271,8 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
  * node), goes: it would send the replies from this node's address. */
 static __always_inline void xo_mesh_remember(const struct xo_flow *f, __be32 peer)
 {
-    struct xo_ct_key k = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport, .dport = f->sport,
-                           .proto = f->proto, .dir = XO_CT_MESH };
-    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
+    struct xo_ct_key k = xo_ct_key_make(f->daddr, f->saddr, f->dport, f->sport, f->proto, XO_CT_MESH);
+    int syn = xo_lb_is_syn(f);
     struct xo_ct *ct = xo_lb_ct.lookup(&k);
     if (ct && ct->vip == peer && !syn)
         return;
