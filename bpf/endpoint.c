@@ -42,8 +42,8 @@ static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct i
         return 0;
     if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
         return 0;
-    struct xo_ports *ports = xo_parse_ports(c);
-    return ports && ports->dest == bpf_htons(XO_DNS_PORT);
+    struct xo_ports *ports;
+    return xo_peek_ports(c, &ports) == bpf_htons(XO_DNS_PORT);
 }
 
 int xo_endpoint_ingress(struct __sk_buff *skb)
@@ -58,11 +58,11 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
         return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_UNKNOWN_INTERFACE, len, TC_ACT_SHOT);
 
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
         return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_NOT_IPV4, len, TC_ACT_SHOT);
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(&c, &ip) < 0)
         return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     if (ip->saddr != self->ip || !xo_mac_equal(eth->h_source, self->mac))
         return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
@@ -85,7 +85,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     __u16 self_flags = self->flags;
     __u32 self_slot = self->slot;
     struct xo_flow f = {};
-    int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
+    int has_flow = xo_flow_parse(data, ip, c, &f);
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     const struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
@@ -157,9 +157,7 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
     struct xo_cursor sent = { .pos = data, .end = data_end };
-    xo_parse_eth(&sent);
-    ip = xo_parse_ipv4(&sent);
-    if (!ip)
+    if (xo_parse_eth(&sent, &eth) < 0 || xo_parse_ipv4(&sent, &ip) < 0)
         return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
     __u32 hash = xo_flow_hash(ip, data_end);
     __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];

@@ -45,11 +45,11 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         return xo_drop_unproven(skb, data, data_end, len, cfg, &t, verdict);
 
     struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
-    struct ethhdr *inner_eth = xo_parse_eth(&c);
-    if (!inner_eth || inner_eth->h_proto != bpf_htons(ETH_P_IP))
+    struct ethhdr *inner_eth;
+    if (xo_parse_eth(&c, &inner_eth) != bpf_htons(ETH_P_IP))
         return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_INNER_NOT_IPV4);
-    struct iphdr *inner_ip = xo_parse_ipv4(&c);
-    if (!inner_ip)
+    struct iphdr *inner_ip;
+    if (xo_parse_ipv4(&c, &inner_ip) < 0)
         return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_MALFORMED_IP);
 
     struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
@@ -106,11 +106,10 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     xo_mac_copy(eth->h_source, gw);
     eth->h_proto = bpf_htons(ETH_P_IP);
 
-    struct xo_cursor ic = { .pos = eth, .end = data_end };
-    xo_parse_eth(&ic);
-    struct iphdr *ip = xo_parse_ipv4(&ic);
+    struct xo_cursor ic = { .pos = data, .end = data_end };
+    struct iphdr *ip;
     struct xo_flow f = {};
-    int has_flow = ip && xo_flow_parse(data, data_end, ip, ic.pos, &f);
+    int has_flow = xo_parse_eth(&ic, &eth) >= 0 && xo_parse_ipv4(&ic, &ip) >= 0 && xo_flow_parse(data, ip, ic, &f);
 
     if (mesh_reply) {
         /* Source := this node's IP:published port, the address the client talked to;

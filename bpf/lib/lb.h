@@ -13,8 +13,6 @@
 #ifndef XO_LB_H
 #define XO_LB_H
 
-#include <uapi/linux/tcp.h>
-
 #include "common.h"
 #include "csum.h"
 #include "maps.h"
@@ -22,11 +20,6 @@
 #include "parsing.h"
 #include "vxlan.h"
 #include "monitor.h"
-
-#define XO_TCP_FIN 0x01
-#define XO_TCP_SYN 0x02
-#define XO_TCP_RST 0x04
-#define XO_TCP_ACK 0x10
 
 /* Offsets in the frame (Ethernet, then IPv4, in both places we rewrite). */
 #define XO_IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
@@ -39,20 +32,6 @@
 #define XO_LB_NOT_SERVICE 0
 #define XO_LB_DNAT (-1)
 
-/* A TCP or UDP packet's flow, and what a reset needs. */
-struct xo_flow {
-    __be32 saddr;
-    __be32 daddr;
-    __be16 sport;
-    __be16 dport;
-    __u8 proto;
-    __u8 tcp_flags;
-    __u16 l4_off;             /* from the start of the frame */
-    __be32 seq;               /* TCP */
-    __be32 ack_seq;
-    __u32 seg_len;            /* TCP payload length */
-};
-
 /* A connection table key (dir: XO_CT_*), its padding zero: keys compare as bytes. */
 static __always_inline struct xo_ct_key xo_ct_key_make(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
                                                        __u8 proto, __u8 dir)
@@ -60,41 +39,6 @@ static __always_inline struct xo_ct_key xo_ct_key_make(__be32 saddr, __be32 dadd
     struct xo_ct_key k = { .saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport, .proto = proto,
                            .dir = dir };
     return k;
-}
-
-/* Fills *f for an unfragmented TCP or UDP packet whose ports are in the frame. */
-static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphdr *ip, void *l4,
-                                         struct xo_flow *f)
-{
-    if (xo_ipv4_is_fragment(ip))
-        return 0;
-    f->saddr = ip->saddr;
-    f->daddr = ip->daddr;
-    f->proto = ip->protocol;
-    f->l4_off = l4 - data;
-    if (ip->protocol == IPPROTO_TCP) {
-        struct tcphdr *th = l4;
-        if ((void *)(th + 1) > data_end)
-            return 0;
-        f->sport = th->source;
-        f->dport = th->dest;
-        f->tcp_flags = ((__u8 *)th)[13];
-        f->seq = th->seq;
-        f->ack_seq = th->ack_seq;
-        __u32 headers = ip->ihl * 4 + th->doff * 4;
-        __u32 total = bpf_ntohs(ip->tot_len);
-        f->seg_len = total > headers ? total - headers : 0;
-        return 1;
-    }
-    if (ip->protocol == IPPROTO_UDP) {
-        struct udphdr *uh = l4;
-        if ((void *)(uh + 1) > data_end)
-            return 0;
-        f->sport = uh->source;
-        f->dport = uh->dest;
-        return 1;
-    }
-    return 0;
 }
 
 /* A TCP SYN without ACK: the client opens a new connection. */

@@ -35,13 +35,13 @@ static __always_inline struct xo_mesh *xo_mesh_match(void *data, void *data_end,
                                                      struct xo_flow *f)
 {
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
         return NULL;
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip || ip->daddr != cfg->node_ip || ip->ihl != 5)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(&c, &ip) < 0 || ip->daddr != cfg->node_ip || ip->ihl != 5)
         return NULL;
-    if (!xo_flow_parse(data, data_end, ip, c.pos, f))
+    if (!xo_flow_parse(data, ip, c, f))
         return NULL;
     struct xo_mesh_key mk = { .port = f->dport, .proto = f->proto };
     return xo_lb_mesh.lookup(&mk);

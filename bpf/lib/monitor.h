@@ -25,8 +25,8 @@ static __always_inline struct xo_monitor *xo_monitor_get(void)
 /* The (inner) IPv4 packet at c: addresses, protocol, ports. */
 static __always_inline void xo_event_ip(struct xo_event *ev, struct xo_cursor *c)
 {
-    struct iphdr *ip = xo_parse_ipv4(c);
-    if (!ip)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(c, &ip) < 0)
         return;
     ev->flags |= XO_EVF_IP;
     ev->saddr = ip->saddr;
@@ -34,16 +34,17 @@ static __always_inline void xo_event_ip(struct xo_event *ev, struct xo_cursor *c
     ev->protocol = ip->protocol;
     if (ip->frag_off & bpf_htons(XO_IP_OFFSET))
         return;                              /* a later fragment: no L4 header */
-    __u8 *l4 = c->pos;
-    if ((void *)(l4 + 4) > c->end)
+    struct xo_ports *ports;                  /* TCP, UDP: the ports; ICMP: type and code */
+    if (xo_peek_ports(c, &ports) < 0)
         return;
     if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) {
-        ev->sport = ((__be16 *)l4)[0];
-        ev->dport = ((__be16 *)l4)[1];
+        ev->sport = ports->source;
+        ev->dport = ports->dest;
         ev->flags |= XO_EVF_PORTS;
     } else if (ip->protocol == IPPROTO_ICMP) {
-        ev->sport = bpf_htons(l4[0]);        /* type */
-        ev->dport = bpf_htons(l4[1]);        /* code */
+        __u8 *icmp = (__u8 *)ports;
+        ev->sport = bpf_htons(icmp[0]);      /* type */
+        ev->dport = bpf_htons(icmp[1]);      /* code */
         ev->flags |= XO_EVF_PORTS;
     }
 }
@@ -56,8 +57,8 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
                                            int tunnel, __be16 vxlan_port, __be32 node_ip)
 {
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth)
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) < 0)
         return;
     ev->ethertype = eth->h_proto;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -73,8 +74,8 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
         xo_event_ip(ev, &c);
         return;
     }
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(&c, &ip) < 0)
         return;
     ev->flags |= XO_EVF_OUTER;
     ev->outer_saddr = ip->saddr;
@@ -82,17 +83,17 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
     ev->protocol = ip->protocol;
     if (ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(XO_IP_OFFSET)))
         return;
-    struct udphdr *udp = xo_parse_udp(&c);
-    if (!udp || udp->dest != vxlan_port)
+    struct udphdr *udp;
+    if (xo_parse_udp(&c, &udp) != vxlan_port)
         return;
-    struct xo_vxlanhdr *vx = c.pos;
-    if ((void *)(vx + 1) > data_end)
+    struct xo_vxlanhdr *vx;
+    int vni = xo_parse_vxlan(&c, &vx);
+    if (vni < 0)
         return;
-    c.pos = vx + 1;
-    ev->vni = bpf_ntohl(vx->vni_reserved2) >> 8;
+    ev->vni = vni;
     ev->flags |= XO_EVF_VNI;
-    struct ethhdr *inner = xo_parse_eth(&c);
-    if (!inner)
+    struct ethhdr *inner;
+    if (xo_parse_eth(&c, &inner) < 0)
         return;
     ev->ethertype = inner->h_proto;
     ev->protocol = 0;

@@ -7,11 +7,7 @@
 #include "parsing.h"
 #include "maps.h"
 
-struct xo_vxlanhdr {
-    __u8 flags;               /* 0x08: the VNI is valid (RFC 7348) */
-    __u8 reserved1[3];
-    __be32 vni_reserved2;     /* VNI in the top 24 bits */
-};
+/* struct xo_vxlanhdr's flags (lib/parsing.h). */
 #define XO_VXLAN_FLAG_VNI 0x08
 /* A bit RFC 7348 reserves (send 0, ignore on receipt), meaningful only between xoverlay
  * nodes: the frame belongs to a routing-mesh connection, whose client is outside every
@@ -69,23 +65,25 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
                                                 struct xo_tunnel *t, const int membership)
 {
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
         return XO_NOT_VXLAN;
 
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
+    struct iphdr *ip;
+    int proto = xo_parse_ipv4(&c, &ip);
+    if (proto < 0)
         return XO_DROP_MALFORMED_IP;
-    if (ip->protocol != IPPROTO_UDP)
+    if (proto != IPPROTO_UDP)
         return XO_NOT_VXLAN;
     /* A later fragment has no UDP header: nothing to judge, the stack reassembles. */
     if (ip->frag_off & bpf_htons(XO_IP_OFFSET))
         return XO_NOT_VXLAN;
 
-    struct udphdr *udp = xo_parse_udp(&c);
-    if (!udp)
+    struct udphdr *udp;
+    int dport = xo_parse_udp(&c, &udp);
+    if (dport < 0)
         return XO_DROP_TRUNCATED_UDP;
-    if (udp->dest != cfg->vxlan_port || ip->daddr != cfg->node_ip)
+    if (dport != cfg->vxlan_port || ip->daddr != cfg->node_ip)
         return XO_NOT_VXLAN;
 
     /* From here on it is addressed to our tunnel endpoint. */
@@ -101,14 +99,15 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
         bpf_ntohs(ip->tot_len) < sizeof(*ip) + bpf_ntohs(udp->len))
         return XO_DROP_TRUNCATED_UDP;
 
-    struct xo_vxlanhdr *vx = c.pos;
-    if ((void *)(vx + 1) > data_end)
+    struct xo_vxlanhdr *vx;
+    int vnid = xo_parse_vxlan(&c, &vx);
+    if (vnid < 0)
         return XO_DROP_TRUNCATED_VXLAN;
     if (!(vx->flags & XO_VXLAN_FLAG_VNI))
         return XO_DROP_BAD_VXLAN_FLAGS;
 
     __be32 peer_ip = ip->saddr;
-    __u32 vni = bpf_ntohl(vx->vni_reserved2) >> 8;
+    __u32 vni = vnid;
     __u32 peer_slot = XO_NO_SLOT;
     if (membership) {
         struct xo_peer *peer = xo_peers.lookup(&peer_ip);
@@ -119,8 +118,8 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
             return XO_DROP_UNKNOWN_VNI;
     }
 
-    struct ethhdr *inner = (void *)(vx + 1);
-    if ((void *)(inner + 1) > data_end)
+    struct ethhdr *inner;
+    if (xo_parse_eth(&c, &inner) < 0)
         return XO_DROP_TRUNCATED_VXLAN;
     /* Headers all there, the rest cut short of the IPv4 total length: ip_rcv() would drop
      * it, and decap skips ip_rcv(); it would vanish, uncounted, in the container's stack. */
