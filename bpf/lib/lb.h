@@ -28,9 +28,9 @@
 /* Another pick when Maglev hands a client itself: 4 tries miss with 1/N^4. */
 #define XO_LB_SELF_RETRIES 3
 
-/* What xo_lb_client did with a packet; positive values are drop reasons. */
+/* What xo_lb_client did with a packet that it did not drop. */
 #define XO_LB_NOT_SERVICE 0
-#define XO_LB_DNAT (-1)
+#define XO_LB_DNAT 1
 
 /* A connection table key (dir: XO_CT_*), its padding zero: keys compare as bytes. */
 static __always_inline struct xo_ct_key xo_ct_key_make(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
@@ -75,7 +75,7 @@ static __always_inline __u32 xo_lb_pick(__u32 service, __u32 hash)
 }
 
 /* Rewrite one address and one port of the packet, checksums included. addr_off is
- * XO_IP_SADDR_OFF or XO_IP_DADDR_OFF. */
+ * XO_IP_SADDR_OFF or XO_IP_DADDR_OFF. Returns 0 or -XO_DROP_LB_NAT_FAILED. */
 static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_flow *f,
                                          __u32 addr_off, __be32 old_addr, __be32 new_addr,
                                          __u32 port_off, __be16 old_port, __be16 new_port)
@@ -86,15 +86,15 @@ static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_
     __u64 udp = f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
     if (old_addr != new_addr &&
         bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | udp | sizeof(new_addr)))
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     if (old_port != new_port && bpf_l4_csum_replace(skb, csum_off, old_port, new_port, udp | sizeof(new_port)))
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     /* The helpers moved the packet's pointers: the headers again. */
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + ETH_HLEN;
     if ((void *)(ip + 1) > data_end)
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     if (old_addr != new_addr) {
         xo_csum_replace4((__u16 *)&ip->check, old_addr, new_addr);
         if (addr_off == XO_IP_SADDR_OFF)
@@ -104,14 +104,14 @@ static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_
     }
     if (old_port != new_port) {
         if (port_off > ETH_HLEN + XO_IPV4_MAX_HLEN + offsetof(struct tcphdr, dest))
-            return -1;
+            return -XO_DROP_LB_NAT_FAILED;
         /* The mask is a no-op after the check, but one the verifier sees on the
          * register that is used (clang tests a copy, from the stack, whose bound the
          * verifier does not know); the empty asm keeps clang from dropping it. */
         asm volatile("" : "+r"(port_off));
         __be16 *port = data + (port_off & 0x7f);
         if ((void *)(port + 1) > data_end)
-            return -1;
+            return -XO_DROP_LB_NAT_FAILED;
         *port = new_port;
     }
     return 0;
@@ -130,7 +130,7 @@ struct xo_lb_choice {
 /* Which backend of service `sid` the flow goes to: the one the connection table
  * remembers, or Maglev's choice for a new connection. Writes nothing (but forgets a
  * connection whose backend is gone), so a caller may still decide not to handle the
- * packet. Returns 0 or a drop reason. Shared by the client's tc program (east-west) and
+ * packet. Returns 0 or -reason. Shared by the client's tc program (east-west) and
  * the routing mesh (XDP and tc on the underlay). */
 static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_flow *f, __be16 default_port,
                                         struct xo_lb_choice *c)
@@ -150,7 +150,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
             /* Its backend was removed: this connection is over. Forget it, so the next
              * packet of the 5-tuple (UDP) starts a new one. */
             xo_lb_ct.delete(&ck);
-            return XO_DROP_LB_BACKEND_GONE;
+            return -XO_DROP_LB_BACKEND_GONE;
         }
     } else {
         __u32 hash = xo_lb_hash(f, flags);
@@ -167,7 +167,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
             be = c->bk.index ? xo_lb_backends.lookup(&c->bk) : NULL;
         }
         if (!be || be->ip == f->saddr)
-            return XO_DROP_LB_NO_BACKEND;
+            return -XO_DROP_LB_NO_BACKEND;
         c->fresh = 1;
     }
     c->ip = be->ip;
@@ -209,7 +209,7 @@ static __always_inline void xo_lb_direct(const struct xo_flow *f)
 
 /* A packet from a container (vni): if it is for a service, DNAT it to a backend, update
  * *f and set *where to where the backend is (NULL: nowhere yet). Returns
- * XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
+ * XO_LB_NOT_SERVICE, XO_LB_DNAT or -reason. */
 static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f,
                                         const struct xo_endpoint **where)
 {
@@ -220,15 +220,16 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
         return XO_LB_NOT_SERVICE;
     }
     struct xo_lb_choice c = {};
-    int reason = xo_lb_choose(svc->id, svc->flags, f, f->dport, &c);
-    if (reason)
-        return reason;
+    int ret = xo_lb_choose(svc->id, svc->flags, f, f->dport, &c);
+    if (ret < 0)
+        return ret;
     if (c.fresh)
         xo_tell_service_conn(skb, c.bk.service, c.ip, c.port);
     xo_lb_commit(f, &c, skb->len);
-    if (xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, c.ip, f->l4_off + offsetof(struct tcphdr, dest),
-                      f->dport, c.port))
-        return XO_DROP_LB_NAT_FAILED;
+    ret = xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, c.ip, f->l4_off + offsetof(struct tcphdr, dest),
+                        f->dport, c.port);
+    if (ret < 0)
+        return ret;
     f->daddr = c.ip;
     f->dport = c.port;
     *where = c.where;
@@ -236,7 +237,7 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
 }
 
 /* A packet about to be handed to a container: if it is a reply from a service backend,
- * give it the VIP:port the client talked to. Returns 0 or a drop reason. */
+ * give it the VIP:port the client talked to. Returns 0 or -reason. */
 static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_flow *f)
 {
     struct xo_ct_key rk = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
@@ -245,10 +246,8 @@ static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_fl
         return 0;
     __be32 vip = ct->vip;
     __be16 vport = ct->vport;
-    if (xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
-                      f->sport, vport))
-        return XO_DROP_LB_NAT_FAILED;
-    return 0;
+    return xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
+                         f->sport, vport);
 }
 
 /* --- telling a client its connection is gone ------------------------------------------- */
@@ -276,7 +275,8 @@ static __always_inline __u16 xo_tcp_csum(const struct iphdr *ip, const struct tc
 
 /* Turn the client's TCP packet into a reset from the VIP (RFC 793's reply to a segment
  * for no connection) and send it back into the client, so that a connection whose
- * backend was removed ends at once instead of retransmitting into a black hole. */
+ * backend was removed ends at once instead of retransmitting into a black hole.
+ * Returns the verdict. */
 static __always_inline int xo_lb_reset(struct __sk_buff *skb, const struct xo_flow *f,
                                        const __u8 *client_mac, __u32 client_ifindex)
 {
