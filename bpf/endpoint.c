@@ -18,6 +18,7 @@
 #include "lib/lb.h"
 #include "lib/mesh.h"
 #include "lib/route.h"
+#include "lib/deliver.h"
 
 /* Why a packet to no endpoint of its network is dropped. Returns -reason. */
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
@@ -141,21 +142,13 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
         __u8 dst_mac[ETH_ALEN];
         xo_mac_copy(dst_mac, dst->mac);
         if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
-            ret = xo_lb_reply(skb, f);
+            ret = xo_lb_reverse_nat(skb, f);
             if (ret < 0)
                 return ret;
         }
-        data = (void *)(long)skb->data;
-        data_end = (void *)(long)skb->data_end;
-        eth = data;
-        if ((void *)(eth + 1) > data_end)
-            return -XO_DROP_MALFORMED_IP;
-        __u8 gw[ETH_ALEN] = XO_GW_MAC;
-        xo_mac_copy(eth->h_dest, dst_mac);
-        xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_traffic(dst_slot), len);
         xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
-        return bpf_redirect_peer(dst_ifindex, 0);
+        return xo_deliver_local(skb, dst_ifindex, dst_mac, xo_endpoint_traffic(dst_slot), len,
+                                XO_DROP_MALFORMED_IP);
     }
 
     struct xo_config *cfg = xo_get_config();

@@ -14,6 +14,7 @@
 #include "lib/vxlan.h"
 #include "lib/lb.h"
 #include "lib/mesh.h"
+#include "lib/deliver.h"
 
 /* A tunnel packet given up before its sender and VNI were looked up: those checks come
  * first in the reasons' order (lib/vxlan.h), so they name the drop if they fail.
@@ -91,18 +92,15 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
         return -XO_DROP_DECAP_FAILED;
 
     /* The outer Ethernet header is now in front of the inner IP packet: make it the
-     * one the container expects, from its gateway. */
+     * one the container expects, from its gateway (its EtherType, IPv4, was checked). */
+    ret = xo_eth_from_gateway(skb, dst_mac, XO_DROP_DECAP_FAILED);
+    if (ret < 0)
+        return ret;
+
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return -XO_DROP_DECAP_FAILED;
-    __u8 gw[ETH_ALEN] = XO_GW_MAC;
-    xo_mac_copy(eth->h_dest, dst_mac);
-    xo_mac_copy(eth->h_source, gw);
-    eth->h_proto = bpf_htons(ETH_P_IP);
-
     struct xo_cursor ic = { .pos = data, .end = data_end };
+    struct ethhdr *eth;
     struct iphdr *ip;
     struct xo_flow f = {};
     int has_flow = xo_parse_eth(&ic, &eth) >= 0 && xo_parse_ipv4(&ic, &ip) >= 0 && xo_flow_parse(data, ip, ic, &f);
@@ -112,16 +110,11 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
          * then out of the underlay to it. */
         if (!has_flow)
             return -XO_DROP_MESH_NO_CONNECTION;
-        struct xo_ct_key rk = xo_ct_key_make(f.saddr, f.daddr, f.sport, f.dport, f.proto, XO_CT_REPLY);
-        struct xo_ct *ct = xo_lb_ct.lookup(&rk);
-        if (!ct)
-            return -XO_DROP_MESH_NO_CONNECTION;
-        __be32 vip = ct->vip;
-        __be16 vport = ct->vport;
-        ret = xo_lb_rewrite(skb, &f, XO_IP_SADDR_OFF, f.saddr, vip, f.l4_off + offsetof(struct tcphdr, source),
-                            f.sport, vport);
+        ret = xo_lb_reverse_nat(skb, &f);
         if (ret < 0)
             return ret;
+        if (!ret)
+            return -XO_DROP_MESH_NO_CONNECTION;
         return xo_redirect_underlay(skb, cfg, f.daddr);
     }
     if (mesh_request) {
@@ -131,13 +124,11 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
         /* A reply from a service backend on another node, for a client here: the
          * client must see the VIP it talked to. Only a backend's packets can be such
          * replies. */
-        ret = xo_lb_reply(skb, &f);
+        ret = xo_lb_reverse_nat(skb, &f);
         if (ret < 0)
             return ret;
     }
-
-    xo_count_rx(xo_endpoint_traffic(dst_slot), skb->len);
-    return bpf_redirect_peer(ifindex, 0);
+    return xo_redirect_local(skb, ifindex, xo_endpoint_traffic(dst_slot), skb->len);
 }
 
 int xo_underlay_ingress(struct __sk_buff *skb)

@@ -236,9 +236,11 @@ static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct
     return XO_LB_DNAT;
 }
 
-/* A packet about to be handed to a container: if it is a reply from a service backend,
- * give it the VIP:port the client talked to. Returns 0 or -reason. */
-static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_flow *f)
+/* Reverse NAT: a reply of a connection the table has an XO_CT_REPLY entry for (to a
+ * service, or through the routing mesh) gets the source the client talked to, VIP:port
+ * or node IP:published port. Returns 1 if it was rewritten, 0 if the table has no such
+ * entry (not a reply it knows of), or -reason. */
+static __always_inline int xo_lb_reverse_nat(struct __sk_buff *skb, const struct xo_flow *f)
 {
     struct xo_ct_key rk = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
     struct xo_ct *ct = xo_lb_ct.lookup(&rk);
@@ -246,8 +248,9 @@ static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_fl
         return 0;
     __be32 vip = ct->vip;
     __be16 vport = ct->vport;
-    return xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
-                         f->sport, vport);
+    int ret = xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
+                            f->sport, vport);
+    return ret < 0 ? ret : 1;
 }
 
 /* --- telling a client its connection is gone ------------------------------------------- */

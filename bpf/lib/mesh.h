@@ -26,6 +26,7 @@
 #include "vxlan.h"
 #include "lb.h"
 #include "route.h"
+#include "deliver.h"
 
 /* From xo_mesh_tc and xo_mesh_reply: not a routing-mesh packet, carry on. A verdict that
  * neither gives a mesh packet (it is redirected or dropped), and on the underlay what
@@ -211,18 +212,9 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
     if (ret < 0)
         return ret;
 
+    if (ifindex)
+        return xo_deliver_local(skb, ifindex, be_mac, xo_endpoint_traffic(slot), len, XO_DROP_MALFORMED_IP);
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
-    if (ifindex) {
-        data = (void *)(long)skb->data;
-        data_end = (void *)(long)skb->data_end;
-        struct ethhdr *eth = data;
-        if ((void *)(eth + 1) > data_end)
-            return -XO_DROP_MALFORMED_IP;
-        xo_mac_copy(eth->h_dest, be_mac);
-        xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_traffic(slot), len);
-        return bpf_redirect_peer(ifindex, 0);
-    }
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + ETH_HLEN;
@@ -244,19 +236,13 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
 static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_config *cfg, __u32 vni,
                                          const struct xo_flow *f, const __u8 *src_mac)
 {
-    struct xo_ct_key k = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
-    struct xo_ct *ct = xo_lb_ct.lookup(&k);
-    if (ct) {
-        __be32 vip = ct->vip;
-        __be16 vport = ct->vport;
-        int ret = xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
-                                f->sport, vport);
-        if (ret < 0)
-            return ret;
+    int ret = xo_lb_reverse_nat(skb, f);
+    if (ret < 0)
+        return ret;
+    if (ret)
         return xo_redirect_underlay(skb, cfg, f->daddr);
-    }
-    k.dir = XO_CT_MESH;
-    ct = xo_lb_ct.lookup(&k);
+    struct xo_ct_key k = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_MESH);
+    struct xo_ct *ct = xo_lb_ct.lookup(&k);
     if (!ct)
         return XO_MESH_NOT_MESH;
     __be32 ingress = ct->vip;
@@ -268,7 +254,7 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     __u32 hash = xo_flow_hash(ip, data_end);
     __u8 mac[ETH_ALEN], gw[ETH_ALEN] = XO_GW_MAC;
     xo_mac_copy(mac, src_mac);
-    int ret = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
+    ret = xo_vxlan_encap(skb, cfg, ingress, vni, hash, XO_VXLAN_FLAG_MESH, mac, gw);
     if (ret < 0)
         return ret;
     struct xo_peer *peer = xo_peers.lookup(&ingress);
