@@ -56,6 +56,54 @@ struct xo_reset_to {
     __u8 send;
 };
 
+/* Same network, this node: into the other container. `reverse_nat`: the sender backs a
+ * service, so this may be a reply to a client here, which must see the VIP it talked to. */
+static __always_inline int xo_to_local_endpoint(struct __sk_buff *skb, const struct xo_endpoint *dst,
+                                                const struct xo_flow *f, int reverse_nat, __u32 len)
+{
+    __u32 slot = dst->slot;
+    __u32 ifindex = dst->ifindex;
+    __u8 mac[ETH_ALEN];
+    xo_mac_copy(mac, dst->mac);
+    if (reverse_nat) {
+        int ret = xo_lb_reverse_nat(skb, f);
+        if (ret < 0)
+            return ret;
+    }
+    xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
+    return xo_deliver_local(skb, ifindex, mac, xo_endpoint_traffic(slot), len, XO_DROP_MALFORMED_IP);
+}
+
+/* Same network, another node: VXLAN to that node, counted as sent to it. */
+static __always_inline int xo_to_remote_endpoint(struct __sk_buff *skb, const struct xo_endpoint *dst, __u32 vni,
+                                                 const __u8 *src_mac)
+{
+    __u32 slot = dst->slot;   /* its node's counters */
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return -XO_DROP_ENCAP_FAILED;
+    __be32 node_ip = dst->node_ip;
+    /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct xo_cursor c = { .pos = data, .end = data_end };
+    struct ethhdr *eth;
+    struct iphdr *ip;
+    if (xo_parse_eth(&c, &eth) < 0 || xo_parse_ipv4(&c, &ip) < 0)
+        return -XO_DROP_MALFORMED_IP;
+    __u32 hash = xo_flow_hash(ip, data_end);
+    __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
+    xo_mac_copy(inner_src, src_mac);
+    xo_mac_copy(inner_dst, dst->mac);
+    int ret = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
+    if (ret < 0)
+        return ret;
+    ret = xo_send_underlay(skb, cfg, node_ip, xo_peer_traffic(slot));
+    if (ret == TC_ACT_REDIRECT)
+        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
+    return ret;
+}
+
 /* The container's packet (`len` bytes), its flow in *f. Returns the tc verdict or
  * -reason; *reset says whether a drop is answered. */
 static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, struct xo_flow *f,
@@ -64,11 +112,11 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
 
+    /* Who sent it: the endpoint behind this veth, with its own addresses only. */
     __u32 ifindex = skb->ingress_ifindex;
     struct xo_local_endpoint *self = xo_local_endpoints.lookup(&ifindex);
     if (!self)
         return -XO_DROP_UNKNOWN_INTERFACE;
-
     struct xo_cursor c = { .pos = data, .end = data_end };
     struct ethhdr *eth;
     if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
@@ -115,10 +163,12 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
         if (lb == XO_LB_DNAT)
             daddr = f->daddr;
     }
+    /* Only a backend's packets can be replies: of a service's connections, or of the
+     * routing mesh's. */
+    int reply = has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND);
 
     if (!dst) {
-        /* Only a backend's packets can be replies of routing-mesh connections. */
-        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
+        if (reply) {
             struct xo_config *cfg = xo_get_config();
             __u8 mac[ETH_ALEN];
             xo_mac_copy(mac, self->mac);
@@ -133,45 +183,9 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
     }
 
     xo_count_tx(xo_endpoint_traffic(self_slot), len);
-
-    /* Local: the destination's counters; remote: its node's. */
-    __u32 dst_slot = dst->slot;
-    if (dst->ifindex) {
-        /* Local: hand it to the other container as if it came from its gateway. */
-        __u32 dst_ifindex = dst->ifindex;
-        __u8 dst_mac[ETH_ALEN];
-        xo_mac_copy(dst_mac, dst->mac);
-        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
-            ret = xo_lb_reverse_nat(skb, f);
-            if (ret < 0)
-                return ret;
-        }
-        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
-        return xo_deliver_local(skb, dst_ifindex, dst_mac, xo_endpoint_traffic(dst_slot), len,
-                                XO_DROP_MALFORMED_IP);
-    }
-
-    struct xo_config *cfg = xo_get_config();
-    if (!cfg)
-        return -XO_DROP_ENCAP_FAILED;
-    __be32 node_ip = dst->node_ip;
-    /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
-    data = (void *)(long)skb->data;
-    data_end = (void *)(long)skb->data_end;
-    struct xo_cursor sent = { .pos = data, .end = data_end };
-    if (xo_parse_eth(&sent, &eth) < 0 || xo_parse_ipv4(&sent, &ip) < 0)
-        return -XO_DROP_MALFORMED_IP;
-    __u32 hash = xo_flow_hash(ip, data_end);
-    __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
-    xo_mac_copy(inner_src, self->mac);
-    xo_mac_copy(inner_dst, dst->mac);
-    ret = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
-    if (ret < 0)
-        return ret;
-    ret = xo_send_underlay(skb, cfg, node_ip, xo_peer_traffic(dst_slot));
-    if (ret == TC_ACT_REDIRECT)
-        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
-    return ret;
+    if (dst->ifindex)
+        return xo_to_local_endpoint(skb, dst, f, reply, len);
+    return xo_to_remote_endpoint(skb, dst, vni, self->mac);
 }
 
 int xo_endpoint_ingress(struct __sk_buff *skb)

@@ -40,6 +40,7 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
     if (ret < 0)
         return xo_unproven(data, data_end, len, cfg, &t, ret);
 
+    /* The inner packet: IPv4, from and to endpoints of its VNI. */
     struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
     struct ethhdr *inner_eth;
     if (xo_parse_eth(&c, &inner_eth) != bpf_htons(ETH_P_IP))
@@ -88,9 +89,9 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
     xo_count_peer_rx(xo_peer_traffic(proven ? src->slot : t.peer_slot), len);
 
     xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
-    if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
-        return -XO_DROP_DECAP_FAILED;
-
+    ret = xo_vxlan_decap(skb);
+    if (ret < 0)
+        return ret;
     /* The outer Ethernet header is now in front of the inner IP packet: make it the
      * one the container expects, from its gateway (its EtherType, IPv4, was checked). */
     ret = xo_eth_from_gateway(skb, dst_mac, XO_DROP_DECAP_FAILED);

@@ -119,17 +119,18 @@ static __always_inline int xo_mesh_xdp(struct xdp_md *ctx, const struct xo_confi
     struct iphdr *ip = data + ETH_HLEN;
     if ((void *)(ip + 1) > data_end)
         return -XO_DROP_MALFORMED_IP;
+    struct xo_cursor l4 = { .pos = ip + 1, .end = data_end };    /* no options: xo_mesh_match */
     __u16 *l4_check;
     __be16 *dport;
     if (f.proto == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)(ip + 1);
-        if ((void *)(th + 1) > data_end)
+        struct tcphdr *th;
+        if (xo_parse_tcp(&l4, &th) < 0)
             return -XO_DROP_MALFORMED_IP;
         l4_check = &th->check;
         dport = &th->dest;
     } else {
-        struct udphdr *uh = (void *)(ip + 1);
-        if ((void *)(uh + 1) > data_end)
+        struct udphdr *uh;
+        if (xo_parse_udp(&l4, &uh) < 0)
             return -XO_DROP_MALFORMED_IP;
         l4_check = &uh->check;
         dport = &uh->dest;

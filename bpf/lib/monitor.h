@@ -3,11 +3,11 @@
  * Every drop goes through xo_drop(ctx, hook, reason, bytes), called once per program, at
  * the end of its entry function (the return convention is in lib/drop.h): it counts the
  * drop in xo_drops and, only while a monitor listens, writes an event with the packet's
- * addresses, as the packet was when it was given up, to the xo_events ring buffer. Forwarded packets call xo_tell_forward(), which
- * writes one event in `sample` only when the monitor asked for them. With no monitor
- * running, the whole cost is one lookup in a one-entry array (inlined by the verifier)
- * and one test of xo_monitor.events: the parsing below runs only for packets that are
- * told. */
+ * addresses, as the packet was when it was given up, to the xo_events ring buffer.
+ * Forwarded packets call xo_tell_forward(), which writes one event in `sample` only when
+ * the monitor asked for them. With no monitor running, the whole cost is one lookup in a
+ * one-entry array (inlined by the verifier) and one test of xo_monitor.events: the
+ * parsing below runs only for packets that are told. */
 #ifndef XO_MONITOR_H
 #define XO_MONITOR_H
 

@@ -1,5 +1,5 @@
 /* VXLAN: the checks every received tunnel packet must pass (shared by the XDP filter and
- * the tc decap, so that both agree on what is valid) and the encapsulation. */
+ * the tc decap, so that both agree on what is valid), encapsulation and decapsulation. */
 #ifndef XO_VXLAN_H
 #define XO_VXLAN_H
 
@@ -53,8 +53,9 @@ static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
 }
 
 /* Classify a frame arriving on the underlay (`len`: the whole frame, which may be longer
- * than data_end - data). Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills *t), or -reason. Malformed IPv4 and UDP are dropped whatever the port: the stack would drop
- * them too, and we cannot tell a truncated VXLAN packet apart.
+ * than data_end - data). Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills *t), or -reason.
+ * Malformed IPv4 and UDP are dropped whatever the port: the stack would drop them too,
+ * and we cannot tell a truncated VXLAN packet apart.
  * `membership` (a constant at each call): also look the sender up in xo_peers and the
  * VNI in xo_vnis. Without it only the packet's own shape is judged; a caller that skips
  * them must prove both another way, and classify again with them to name a drop (the
@@ -99,7 +100,7 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
         return -XO_DROP_TRUNCATED_UDP;
 
     struct xo_vxlanhdr *vx;
-    int vnid = xo_parse_vxlan(&c, &vx);
+    int vnid = xo_parse_vxlan(&c, &vx);       /* the VNI, or -reason */
     if (vnid < 0)
         return vnid;
     if (!(vx->flags & XO_VXLAN_FLAG_VNI))
@@ -199,6 +200,17 @@ static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo
     if ((void *)(h + 1) > data_end)
         return -XO_DROP_ENCAP_FAILED;
     xo_encap_fill(h, cfg->node_ip, dst_node, cfg->vxlan_port, vni, hash, inner_len, flags, inner_src, inner_dst);
+    return 0;
+}
+
+/* Take off what encap put on: the outer IPv4, UDP and VXLAN headers and the inner
+ * Ethernet header go; the outer Ethernet header stays, in front of the inner IP packet.
+ * FIXED_GSO: the inner packet's segments stay the size they were sent at. Returns 0 or
+ * -reason. */
+static __always_inline int xo_vxlan_decap(struct __sk_buff *skb)
+{
+    if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+        return -XO_DROP_DECAP_FAILED;
     return 0;
 }
 
