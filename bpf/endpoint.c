@@ -71,7 +71,7 @@ static __always_inline int xo_to_local_endpoint(struct __sk_buff *skb, const str
             return ret;
     }
     xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
-    return xo_deliver_local(skb, ifindex, mac, xo_endpoint_traffic(slot), len, XO_DROP_MALFORMED_IP);
+    return xo_deliver_local(skb, ifindex, mac, xo_endpoint_traffic(slot), len, -XO_DROP_MALFORMED_IP);
 }
 
 /* Same network, another node: VXLAN to that node, counted as sent to it. */

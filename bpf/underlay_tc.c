@@ -16,14 +16,14 @@
 #include "lib/mesh.h"
 #include "lib/deliver.h"
 
-/* A tunnel packet given up before its sender and VNI were looked up: those checks come
- * first in the reasons' order (lib/vxlan.h), so they name the drop if they fail.
- * Returns -reason. */
+/* A tunnel packet given up (`fail`: -reason) before its sender and VNI were looked up:
+ * those checks come first in the reasons' order (lib/vxlan.h), so they name the drop if
+ * they fail. Returns -reason. */
 static __always_inline int xo_unproven(void *data, void *data_end, __u32 len, const struct xo_config *cfg,
-                                       struct xo_tunnel *t, int ret)
+                                       struct xo_tunnel *t, int fail)
 {
     int first = xo_classify_underlay(data, data_end, len, cfg, t, 1);
-    return first < 0 ? first : ret;
+    return first < 0 ? first : fail;
 }
 
 /* A frame of `len` bytes from the underlay. Returns the tc verdict or -reason. */
@@ -94,7 +94,7 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
         return ret;
     /* The outer Ethernet header is now in front of the inner IP packet: make it the
      * one the container expects, from its gateway (its EtherType, IPv4, was checked). */
-    ret = xo_eth_from_gateway(skb, dst_mac, XO_DROP_DECAP_FAILED);
+    ret = xo_eth_from_gateway(skb, dst_mac, -XO_DROP_DECAP_FAILED);
     if (ret < 0)
         return ret;
 

@@ -11,15 +11,15 @@
 #include "counters.h"
 
 /* The frame's Ethernet header becomes the gateway's to the container: to `mac`, from
- * XO_GW_MAC. Returns 0, or -`reason` for a frame without an Ethernet header, which the
- * callers have seen (the reason names the step that would have lost it). */
-static __always_inline int xo_eth_from_gateway(struct __sk_buff *skb, const __u8 *mac, int reason)
+ * XO_GW_MAC. Returns 0, or `fail` (-reason) for a frame without an Ethernet header,
+ * which the callers have seen (the reason names the step that would have lost it). */
+static __always_inline int xo_eth_from_gateway(struct __sk_buff *skb, const __u8 *mac, int fail)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
     if ((void *)(eth + 1) > data_end)
-        return -reason;
+        return fail;
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
     xo_mac_copy(eth->h_dest, mac);
     xo_mac_copy(eth->h_source, gw);
@@ -36,11 +36,11 @@ static __always_inline int xo_redirect_local(struct __sk_buff *skb, __u32 ifinde
 }
 
 /* Both: local delivery of the frame at skb to the container behind `ifindex`, whose MAC
- * is `mac`. Returns the verdict or -reason (see xo_eth_from_gateway). */
+ * is `mac`. Returns the verdict or `fail` (see xo_eth_from_gateway). */
 static __always_inline int xo_deliver_local(struct __sk_buff *skb, __u32 ifindex, const __u8 *mac,
-                                            struct xo_traffic *rx, __u32 bytes, int reason)
+                                            struct xo_traffic *rx, __u32 bytes, int fail)
 {
-    int ret = xo_eth_from_gateway(skb, mac, reason);
+    int ret = xo_eth_from_gateway(skb, mac, fail);
     if (ret < 0)
         return ret;
     return xo_redirect_local(skb, ifindex, rx, bytes);

@@ -214,7 +214,7 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
         return ret;
 
     if (ifindex)
-        return xo_deliver_local(skb, ifindex, be_mac, xo_endpoint_traffic(slot), len, XO_DROP_MALFORMED_IP);
+        return xo_deliver_local(skb, ifindex, be_mac, xo_endpoint_traffic(slot), len, -XO_DROP_MALFORMED_IP);
     __u8 gw[ETH_ALEN] = XO_GW_MAC;
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
