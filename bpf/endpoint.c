@@ -11,22 +11,25 @@
  */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
 #include "lib/mesh.h"
 #include "lib/route.h"
+#include "lib/deliver.h"
 
+/* Why a packet to no endpoint of its network is dropped. Returns -reason. */
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
 {
     struct xo_subnet_key key = { .prefixlen = 32, .addr = daddr };
     struct xo_subnet *subnet = xo_subnets.lookup(&key);
     if (!subnet)
-        return XO_DROP_NO_ROUTE;
+        return -XO_DROP_NO_ROUTE;
     if (subnet->vni != vni)
-        return XO_DROP_OTHER_NETWORK;
-    return XO_DROP_UNKNOWN_DESTINATION;
+        return -XO_DROP_OTHER_NETWORK;
+    return -XO_DROP_UNKNOWN_DESTINATION;
 }
 
 /* A DNS query (UDP or TCP port 53, not a fragment) to the gateway address. It cannot
@@ -41,30 +44,89 @@ static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct i
         return 0;
     if (ip->protocol != IPPROTO_UDP && ip->protocol != IPPROTO_TCP)
         return 0;
-    struct xo_ports *ports = xo_parse_ports(c);
-    return ports && ports->dest == bpf_htons(XO_DNS_PORT);
+    struct xo_ports *ports;
+    return xo_peek_ports(c, &ports) == bpf_htons(XO_DNS_PORT);
 }
 
-int xo_endpoint_ingress(struct __sk_buff *skb)
+/* A drop the client is told of: a TCP connection to a service whose backend is gone
+ * ends with a reset (lib/lb.h) instead of retransmitting into a black hole. The handler
+ * decides; the program's exit sends it once the drop is counted. */
+struct xo_reset_to {
+    __u8 mac[ETH_ALEN];       /* the client's */
+    __u8 send;
+};
+
+/* Same network, this node: into the other container. `reverse_nat`: the sender backs a
+ * service, so this may be a reply to a client here, which must see the VIP it talked to. */
+static __always_inline int xo_to_local_endpoint(struct __sk_buff *skb, const struct xo_endpoint *dst,
+                                                const struct xo_flow *f, int reverse_nat, __u32 len)
+{
+    __u32 slot = dst->slot;
+    __u32 ifindex = dst->ifindex;
+    __u8 mac[ETH_ALEN];
+    xo_mac_copy(mac, dst->mac);
+    if (reverse_nat) {
+        int ret = xo_lb_reverse_nat(skb, f);
+        if (ret < 0)
+            return ret;
+    }
+    xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
+    return xo_deliver_local(skb, ifindex, mac, xo_endpoint_traffic(slot), len, -XO_DROP_MALFORMED_IP);
+}
+
+/* Same network, another node: VXLAN to that node, counted as sent to it. */
+static __always_inline int xo_to_remote_endpoint(struct __sk_buff *skb, const struct xo_endpoint *dst, __u32 vni,
+                                                 const __u8 *src_mac)
+{
+    __u32 slot = dst->slot;   /* its node's counters */
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return -XO_DROP_ENCAP_FAILED;
+    __be32 node_ip = dst->node_ip;
+    /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct xo_cursor c = { .pos = data, .end = data_end };
+    struct ethhdr *eth;
+    struct iphdr *ip;
+    if (xo_parse_eth(&c, &eth) < 0 || xo_parse_ipv4(&c, &ip) < 0)
+        return -XO_DROP_MALFORMED_IP;
+    __u32 hash = xo_flow_hash(ip, data_end);
+    __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
+    xo_mac_copy(inner_src, src_mac);
+    xo_mac_copy(inner_dst, dst->mac);
+    int ret = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
+    if (ret < 0)
+        return ret;
+    ret = xo_send_underlay(skb, cfg, node_ip, xo_peer_traffic(slot));
+    if (ret == TC_ACT_REDIRECT)
+        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
+    return ret;
+}
+
+/* The container's packet (`len` bytes), its flow in *f. Returns the tc verdict or
+ * -reason; *reset says whether a drop is answered. */
+static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, struct xo_flow *f,
+                                             struct xo_reset_to *reset)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    __u32 len = skb->len;
 
+    /* Who sent it: the endpoint behind this veth, with its own addresses only. */
     __u32 ifindex = skb->ingress_ifindex;
     struct xo_local_endpoint *self = xo_local_endpoints.lookup(&ifindex);
     if (!self)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_UNKNOWN_INTERFACE, len, TC_ACT_SHOT);
-
+        return -XO_DROP_UNKNOWN_INTERFACE;
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_NOT_IPV4, len, TC_ACT_SHOT);
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
+        return -XO_DROP_NOT_IPV4;
+    struct iphdr *ip;
+    int ret = xo_parse_ipv4(&c, &ip);
+    if (ret < 0)
+        return ret;
     if (ip->saddr != self->ip || !xo_mac_equal(eth->h_source, self->mac))
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_SPOOFED_SOURCE, len, TC_ACT_SHOT);
+        return -XO_DROP_SPOOFED_SOURCE;
     __u32 vni = self->vni;
     __be32 daddr = ip->daddr;
 
@@ -83,92 +145,61 @@ int xo_endpoint_ingress(struct __sk_buff *skb)
      * above and in f. */
     __u16 self_flags = self->flags;
     __u32 self_slot = self->slot;
-    struct xo_flow f = {};
-    int has_flow = xo_flow_parse(data, data_end, ip, c.pos, &f);
+    int has_flow = xo_flow_parse(data, ip, c, f);
     struct xo_endpoint_key dst_key = { .vni = vni, .ip = daddr };
     const struct xo_endpoint *dst = xo_endpoints.lookup(&dst_key);
     int lb = XO_LB_NOT_SERVICE;
     int services = has_flow && (self_flags & XO_EP_NETWORK_HAS_SERVICES);
     if (services && dst) {
-        xo_lb_direct(&f);
+        xo_lb_direct(f);
     } else if (services) {
-        lb = xo_lb_client(skb, vni, &f, &dst);
-        if (lb == XO_DROP_LB_BACKEND_GONE && f.proto == IPPROTO_TCP && !(f.tcp_flags & XO_TCP_RST)) {
-            __u8 mac[ETH_ALEN];
-            xo_mac_copy(mac, self->mac);
-            /* Counted (and told) first, as the client sent it: the reset rewrites it. */
-            xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
-            return xo_lb_reset(skb, &f, mac, ifindex);
+        lb = xo_lb_client(skb, vni, f, &dst);
+        if (lb == -XO_DROP_LB_BACKEND_GONE && f->proto == IPPROTO_TCP && !(f->tcp_flags & XO_TCP_RST)) {
+            xo_mac_copy(reset->mac, self->mac);
+            reset->send = 1;
         }
-        if (lb > 0)
-            return xo_drop(skb, XO_HOOK_ENDPOINT, lb, len, TC_ACT_SHOT);
+        if (lb < 0)
+            return lb;
         if (lb == XO_LB_DNAT)
-            daddr = f.daddr;
+            daddr = f->daddr;
     }
+    /* Only a backend's packets can be replies: of a service's connections, or of the
+     * routing mesh's. */
+    int reply = has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND);
 
     if (!dst) {
-        /* Only a backend's packets can be replies of routing-mesh connections. */
-        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
+        if (reply) {
             struct xo_config *cfg = xo_get_config();
             __u8 mac[ETH_ALEN];
             xo_mac_copy(mac, self->mac);
-            int mesh = cfg ? xo_mesh_reply(skb, cfg, vni, &f, mac) : XO_MESH_NOT_MESH;
-            if (mesh != XO_MESH_NOT_MESH) {
+            ret = cfg ? xo_mesh_reply(skb, cfg, vni, f, mac) : XO_MESH_NOT_MESH;
+            if (ret != XO_MESH_NOT_MESH) {
+                /* Sent, or given up on the way out: either way the container sent it. */
                 xo_count_tx(xo_endpoint_traffic(self_slot), len);
-                return mesh;
+                return ret;
             }
         }
-        return xo_drop(skb, XO_HOOK_ENDPOINT, xo_unroutable(vni, daddr), len, TC_ACT_SHOT);
+        return xo_unroutable(vni, daddr);
     }
 
     xo_count_tx(xo_endpoint_traffic(self_slot), len);
+    if (dst->ifindex)
+        return xo_to_local_endpoint(skb, dst, f, reply, len);
+    return xo_to_remote_endpoint(skb, dst, vni, self->mac);
+}
 
-    /* Local: the destination's counters; remote: its node's. */
-    __u32 dst_slot = dst->slot;
-    if (dst->ifindex) {
-        /* Local: hand it to the other container as if it came from its gateway. */
-        __u32 dst_ifindex = dst->ifindex;
-        __u8 dst_mac[ETH_ALEN];
-        xo_mac_copy(dst_mac, dst->mac);
-        if (has_flow && lb == XO_LB_NOT_SERVICE && (self_flags & XO_EP_SERVICE_BACKEND)) {
-            int reason = xo_lb_reply(skb, &f);
-            if (reason)
-                return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-        }
-        data = (void *)(long)skb->data;
-        data_end = (void *)(long)skb->data_end;
-        eth = data;
-        if ((void *)(eth + 1) > data_end)
-            return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
-        __u8 gw[ETH_ALEN] = XO_GW_MAC;
-        xo_mac_copy(eth->h_dest, dst_mac);
-        xo_mac_copy(eth->h_source, gw);
-        xo_count_rx(xo_endpoint_traffic(dst_slot), len);
-        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_LOCAL, len);
-        return bpf_redirect_peer(dst_ifindex, 0);
-    }
-
-    struct xo_config *cfg = xo_get_config();
-    if (!cfg)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_ENCAP_FAILED, len, TC_ACT_SHOT);
-    __be32 node_ip = dst->node_ip;
-    /* The headers again (a DNAT rewrote the packet): the flow hash is the packet's as sent. */
-    data = (void *)(long)skb->data;
-    data_end = (void *)(long)skb->data_end;
-    struct xo_cursor sent = { .pos = data, .end = data_end };
-    xo_parse_eth(&sent);
-    ip = xo_parse_ipv4(&sent);
-    if (!ip)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, XO_DROP_MALFORMED_IP, len, TC_ACT_SHOT);
-    __u32 hash = xo_flow_hash(ip, data_end);
-    __u8 inner_src[ETH_ALEN], inner_dst[ETH_ALEN];
-    xo_mac_copy(inner_src, self->mac);
-    xo_mac_copy(inner_dst, dst->mac);
-    int reason = xo_vxlan_encap(skb, cfg, node_ip, vni, hash, 0, inner_src, inner_dst);
-    if (reason)
-        return xo_drop(skb, XO_HOOK_ENDPOINT, reason, len, TC_ACT_SHOT);
-    int verdict = xo_send_underlay(skb, cfg, node_ip, XO_HOOK_ENDPOINT, len, xo_peer_traffic(dst_slot));
-    if (verdict != TC_ACT_SHOT)
-        xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_ENCAP, skb->len);
-    return verdict;
+int xo_endpoint_ingress(struct __sk_buff *skb)
+{
+    __u32 len = skb->len;
+    struct xo_flow f = {};
+    struct xo_reset_to reset;
+    reset.send = 0;
+    int ret = xo_from_container(skb, len, &f, &reset);
+    if (ret >= 0)
+        return ret;
+    xo_drop(skb, XO_HOOK_ENDPOINT, -ret, len);
+    /* Counted (and told) first, as the client sent it: the reset rewrites it. */
+    if (reset.send)
+        return xo_lb_reset(skb, &f, reset.mac, skb->ingress_ifindex);
+    return TC_ACT_SHOT;
 }

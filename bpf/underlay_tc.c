@@ -8,48 +8,47 @@
  * request, an address outside every overlay network). */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/parsing.h"
 #include "lib/vxlan.h"
 #include "lib/lb.h"
 #include "lib/mesh.h"
+#include "lib/deliver.h"
 
-/* A tunnel packet dropped before its sender and VNI were looked up: those checks come
- * first in the reasons' order (lib/vxlan.h), so they name the drop if they fail. */
-static __always_inline int xo_drop_unproven(struct __sk_buff *skb, void *data, void *data_end, __u32 len,
-                                            const struct xo_config *cfg, struct xo_tunnel *t, int reason)
+/* A tunnel packet given up (`fail`: -reason) before its sender and VNI were looked up:
+ * those checks come first in the reasons' order (lib/vxlan.h), so they name the drop if
+ * they fail. Returns -reason. */
+static __always_inline int xo_unproven(void *data, void *data_end, __u32 len, const struct xo_config *cfg,
+                                       struct xo_tunnel *t, int fail)
 {
     int first = xo_classify_underlay(data, data_end, len, cfg, t, 1);
-    return xo_drop(skb, XO_HOOK_UNDERLAY_TC, first != XO_VXLAN_OK ? first : reason, len, TC_ACT_SHOT);
+    return first < 0 ? first : fail;
 }
 
-int xo_underlay_ingress(struct __sk_buff *skb)
+/* A frame of `len` bytes from the underlay. Returns the tc verdict or -reason. */
+static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const struct xo_config *cfg, __u32 len)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
-    __u32 len = skb->len;
-
-    struct xo_config *cfg = xo_get_config();
-    if (!cfg)
-        return TC_ACT_OK;
     struct xo_tunnel t = {};
     /* The sender's and the VNI's map lookups wait: the endpoint lookups below prove both
      * for the packets that matter (see `proven`). */
-    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 0);
-    if (verdict == XO_NOT_VXLAN) {
-        int mesh = xo_mesh_tc(skb, cfg);
-        return mesh == XO_MESH_NOT_MESH ? TC_ACT_OK : mesh;
-    }
-    if (verdict != XO_VXLAN_OK)
-        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, verdict);
+    int ret = xo_classify_underlay(data, data_end, len, cfg, &t, 0);
+    if (ret == XO_NOT_VXLAN)
+        return xo_mesh_tc(skb, cfg);
+    if (ret < 0)
+        return xo_unproven(data, data_end, len, cfg, &t, ret);
 
+    /* The inner packet: IPv4, from and to endpoints of its VNI. */
     struct xo_cursor c = { .pos = t.inner_eth, .end = data_end };
-    struct ethhdr *inner_eth = xo_parse_eth(&c);
-    if (!inner_eth || inner_eth->h_proto != bpf_htons(ETH_P_IP))
-        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_INNER_NOT_IPV4);
-    struct iphdr *inner_ip = xo_parse_ipv4(&c);
-    if (!inner_ip)
-        return xo_drop_unproven(skb, data, data_end, len, cfg, &t, XO_DROP_MALFORMED_IP);
+    struct ethhdr *inner_eth;
+    if (xo_parse_eth(&c, &inner_eth) != bpf_htons(ETH_P_IP))
+        return xo_unproven(data, data_end, len, cfg, &t, -XO_DROP_INNER_NOT_IPV4);
+    struct iphdr *inner_ip;
+    ret = xo_parse_ipv4(&c, &inner_ip);
+    if (ret < 0)
+        return xo_unproven(data, data_end, len, cfg, &t, ret);
 
     struct xo_endpoint_key src_key = { .vni = t.vni, .ip = inner_ip->saddr };
     struct xo_endpoint_key dst_key = { .vni = t.vni, .ip = inner_ip->daddr };
@@ -61,9 +60,9 @@ int xo_underlay_ingress(struct __sk_buff *skb)
      * reasons, first. */
     int proven = !t.mesh && src && !src->ifindex && src->node_ip == t.peer_ip && dst && dst->ifindex;
     if (!proven) {
-        verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
-        if (verdict != XO_VXLAN_OK)
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, verdict, len, TC_ACT_SHOT);
+        ret = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
+        if (ret < 0)
+            return ret;
     }
     /* A mesh request: an outside client's packet for a backend here. A mesh reply: a
      * backend's packet for an outside client that talked to this node. */
@@ -71,12 +70,12 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     int mesh_reply = t.mesh && !mesh_request;
     if (mesh_request) {
         if (xo_is_overlay(inner_ip->saddr))
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+            return -XO_DROP_INNER_SPOOFED;
     } else if (!src || src->node_ip != t.peer_ip) {
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_INNER_SPOOFED, len, TC_ACT_SHOT);
+        return -XO_DROP_INNER_SPOOFED;
     }
     if (!mesh_reply && (!dst || !dst->ifindex))
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_UNKNOWN_DESTINATION, len, TC_ACT_SHOT);
+        return -XO_DROP_UNKNOWN_DESTINATION;
     __u16 src_flags = src ? src->flags : 0;
     __u32 ifindex = 0, dst_slot = XO_NO_SLOT;
     __u8 dst_mac[ETH_ALEN] = {};
@@ -90,43 +89,34 @@ int xo_underlay_ingress(struct __sk_buff *skb)
     xo_count_peer_rx(xo_peer_traffic(proven ? src->slot : t.peer_slot), len);
 
     xo_tell_forward(skb, XO_HOOK_UNDERLAY_TC, XO_FWD_DECAP, len);
-    if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
-
+    ret = xo_vxlan_decap(skb);
+    if (ret < 0)
+        return ret;
     /* The outer Ethernet header is now in front of the inner IP packet: make it the
-     * one the container expects, from its gateway. */
+     * one the container expects, from its gateway (its EtherType, IPv4, was checked). */
+    ret = xo_eth_from_gateway(skb, dst_mac, -XO_DROP_DECAP_FAILED);
+    if (ret < 0)
+        return ret;
+
     data = (void *)(long)skb->data;
     data_end = (void *)(long)skb->data_end;
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_DECAP_FAILED, len, TC_ACT_SHOT);
-    __u8 gw[ETH_ALEN] = XO_GW_MAC;
-    xo_mac_copy(eth->h_dest, dst_mac);
-    xo_mac_copy(eth->h_source, gw);
-    eth->h_proto = bpf_htons(ETH_P_IP);
-
-    struct xo_cursor ic = { .pos = eth, .end = data_end };
-    xo_parse_eth(&ic);
-    struct iphdr *ip = xo_parse_ipv4(&ic);
+    struct xo_cursor ic = { .pos = data, .end = data_end };
+    struct ethhdr *eth;
+    struct iphdr *ip;
     struct xo_flow f = {};
-    int has_flow = ip && xo_flow_parse(data, data_end, ip, ic.pos, &f);
+    int has_flow = xo_parse_eth(&ic, &eth) >= 0 && xo_parse_ipv4(&ic, &ip) >= 0 && xo_flow_parse(data, ip, ic, &f);
 
     if (mesh_reply) {
         /* Source := this node's IP:published port, the address the client talked to;
          * then out of the underlay to it. */
         if (!has_flow)
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
-        struct xo_ct_key rk = { .saddr = f.saddr, .daddr = f.daddr, .sport = f.sport, .dport = f.dport,
-                                .proto = f.proto, .dir = XO_CT_REPLY };
-        struct xo_ct *ct = xo_lb_ct.lookup(&rk);
-        if (!ct)
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_MESH_NO_CONNECTION, len, TC_ACT_SHOT);
-        __be32 vip = ct->vip;
-        __be16 vport = ct->vport;
-        if (xo_lb_rewrite(skb, &f, XO_IP_SADDR_OFF, f.saddr, vip, f.l4_off + offsetof(struct tcphdr, source),
-                          f.sport, vport))
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, XO_DROP_LB_NAT_FAILED, len, TC_ACT_SHOT);
-        return xo_redirect_underlay(skb, cfg, f.daddr, XO_HOOK_UNDERLAY_TC, len);
+            return -XO_DROP_MESH_NO_CONNECTION;
+        ret = xo_lb_reverse_nat(skb, &f);
+        if (ret < 0)
+            return ret;
+        if (!ret)
+            return -XO_DROP_MESH_NO_CONNECTION;
+        return xo_redirect_underlay(skb, cfg, f.daddr);
     }
     if (mesh_request) {
         if (has_flow)
@@ -135,11 +125,21 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         /* A reply from a service backend on another node, for a client here: the
          * client must see the VIP it talked to. Only a backend's packets can be such
          * replies. */
-        int reason = xo_lb_reply(skb, &f);
-        if (reason)
-            return xo_drop(skb, XO_HOOK_UNDERLAY_TC, reason, len, TC_ACT_SHOT);
+        ret = xo_lb_reverse_nat(skb, &f);
+        if (ret < 0)
+            return ret;
     }
+    return xo_redirect_local(skb, ifindex, xo_endpoint_traffic(dst_slot), skb->len);
+}
 
-    xo_count_rx(xo_endpoint_traffic(dst_slot), skb->len);
-    return bpf_redirect_peer(ifindex, 0);
+int xo_underlay_ingress(struct __sk_buff *skb)
+{
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg)
+        return TC_ACT_OK;
+    __u32 len = skb->len;
+    int ret = xo_from_underlay_tc(skb, cfg, len);
+    if (ret >= 0)
+        return ret;
+    return xo_drop(skb, XO_HOOK_UNDERLAY_TC, -ret, len);
 }

@@ -8,26 +8,35 @@
  * headers, which are in the first buffer. */
 #include "lib/common.h"
 #include "lib/maps.h"
+#include "lib/counters.h"
 #include "lib/monitor.h"
 #include "lib/vxlan.h"
 #include "lib/mesh.h"
 
-int xo_underlay_xdp(struct xdp_md *ctx)
+/* A frame of `len` bytes from the underlay. Returns the XDP verdict or -reason. */
+static __always_inline int xo_from_underlay_xdp(struct xdp_md *ctx, const struct xo_config *cfg, __u32 len)
 {
     void *data = (void *)(long)ctx->data;
     void *data_end = (void *)(long)ctx->data_end;
+    struct xo_tunnel t = {};
+    int ret = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
+    if (ret == XO_NOT_VXLAN)
+        return xo_mesh_xdp(ctx, cfg, len);
+    if (ret < 0)
+        return ret;
+    return XDP_PASS;
+}
 
+int xo_underlay_xdp(struct xdp_md *ctx)
+{
     struct xo_config *cfg = xo_get_config();
     if (!cfg)
         return XDP_PASS;
     /* The whole frame, as tc counts skb->len: a multi-buffer (jumbo) frame is longer
      * than its first buffer, data_end - data. */
     __u32 len = bpf_xdp_get_buff_len(ctx);
-    struct xo_tunnel t = {};
-    int verdict = xo_classify_underlay(data, data_end, len, cfg, &t, 1);
-    if (verdict > 0)
-        return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, verdict, len, XDP_DROP);
-    if (verdict == XO_NOT_VXLAN)
-        return xo_mesh_xdp(ctx, cfg);
-    return XDP_PASS;
+    int ret = xo_from_underlay_xdp(ctx, cfg, len);
+    if (ret >= 0)
+        return ret;
+    return xo_drop(ctx, XO_HOOK_UNDERLAY_XDP, -ret, len);
 }

@@ -39,6 +39,18 @@
 #error "XO_PIN_DIR must be set by the loader (a per-node directory on bpffs)"
 #endif
 
+static __always_inline int xo_mac_equal(const __u8 *a, const __u8 *b)
+{
+    return ((const __u16 *)a)[0] == ((const __u16 *)b)[0] &&
+           ((const __u16 *)a)[1] == ((const __u16 *)b)[1] &&
+           ((const __u16 *)a)[2] == ((const __u16 *)b)[2];
+}
+
+static __always_inline void xo_mac_copy(__u8 *dst, const __u8 *src)
+{
+    __builtin_memcpy(dst, src, ETH_ALEN);
+}
+
 /* BCC 0.26 declares bpf_redirect_neigh with 3 arguments; the kernel takes 4. */
 #define xo_redirect_neigh(ifindex, params, plen, flags)                                  \
     ((long (*)(__u32, struct bpf_redir_neigh *, int, __u64))BPF_FUNC_redirect_neigh)(    \

@@ -1,6 +1,14 @@
 /* Drop reasons: the one definition. ctl and maps read this list (maps/drops.py parses
  * the XO_DROP lines), so a reason added here is named and explained everywhere.
- * Format, one per line: XO_DROP(NAME, number, "what happened, in plain words") */
+ * Format, one per line: XO_DROP(NAME, number, "what happened, in plain words")
+ *
+ * How every function of the data path answers, as Cilium's do: a negative value is a
+ * drop, minus its reason (-XO_DROP_MALFORMED_IP); zero or more is success, and what it
+ * means is the function's: a verdict (TC_ACT_OK/SHOT/REDIRECT, XDP_*: all >= 0; never
+ * TC_ACT_UNSPEC) from what decides the packet's fate, 0 (or a kind, a flag, a header
+ * field) from a step. A reason never looks like a verdict, a failed step is passed up
+ * with `if (ret < 0) return ret;`, and each program's entry function counts and reports
+ * a drop once, at its one exit (xo_drop, lib/monitor.h), under the reason that came up. */
 #ifndef XO_DROP_H
 #define XO_DROP_H
 

@@ -13,19 +13,13 @@
 #ifndef XO_LB_H
 #define XO_LB_H
 
-#include <uapi/linux/tcp.h>
-
 #include "common.h"
 #include "csum.h"
 #include "maps.h"
+#include "counters.h"
 #include "parsing.h"
 #include "vxlan.h"
 #include "monitor.h"
-
-#define XO_TCP_FIN 0x01
-#define XO_TCP_SYN 0x02
-#define XO_TCP_RST 0x04
-#define XO_TCP_ACK 0x10
 
 /* Offsets in the frame (Ethernet, then IPv4, in both places we rewrite). */
 #define XO_IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
@@ -34,57 +28,23 @@
 /* Another pick when Maglev hands a client itself: 4 tries miss with 1/N^4. */
 #define XO_LB_SELF_RETRIES 3
 
-/* What xo_lb_client did with a packet; positive values are drop reasons. */
+/* What xo_lb_client did with a packet that it did not drop. */
 #define XO_LB_NOT_SERVICE 0
-#define XO_LB_DNAT (-1)
+#define XO_LB_DNAT 1
 
-/* A TCP or UDP packet's flow, and what a reset needs. */
-struct xo_flow {
-    __be32 saddr;
-    __be32 daddr;
-    __be16 sport;
-    __be16 dport;
-    __u8 proto;
-    __u8 tcp_flags;
-    __u16 l4_off;             /* from the start of the frame */
-    __be32 seq;               /* TCP */
-    __be32 ack_seq;
-    __u32 seg_len;            /* TCP payload length */
-};
-
-/* Fills *f for an unfragmented TCP or UDP packet whose ports are in the frame. */
-static __always_inline int xo_flow_parse(void *data, void *data_end, struct iphdr *ip, void *l4,
-                                         struct xo_flow *f)
+/* A connection table key (dir: XO_CT_*), its padding zero: keys compare as bytes. */
+static __always_inline struct xo_ct_key xo_ct_key_make(__be32 saddr, __be32 daddr, __be16 sport, __be16 dport,
+                                                       __u8 proto, __u8 dir)
 {
-    if (xo_ipv4_is_fragment(ip))
-        return 0;
-    f->saddr = ip->saddr;
-    f->daddr = ip->daddr;
-    f->proto = ip->protocol;
-    f->l4_off = l4 - data;
-    if (ip->protocol == IPPROTO_TCP) {
-        struct tcphdr *th = l4;
-        if ((void *)(th + 1) > data_end)
-            return 0;
-        f->sport = th->source;
-        f->dport = th->dest;
-        f->tcp_flags = ((__u8 *)th)[13];
-        f->seq = th->seq;
-        f->ack_seq = th->ack_seq;
-        __u32 headers = ip->ihl * 4 + th->doff * 4;
-        __u32 total = bpf_ntohs(ip->tot_len);
-        f->seg_len = total > headers ? total - headers : 0;
-        return 1;
-    }
-    if (ip->protocol == IPPROTO_UDP) {
-        struct udphdr *uh = l4;
-        if ((void *)(uh + 1) > data_end)
-            return 0;
-        f->sport = uh->source;
-        f->dport = uh->dest;
-        return 1;
-    }
-    return 0;
+    struct xo_ct_key k = { .saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport, .proto = proto,
+                           .dir = dir };
+    return k;
+}
+
+/* A TCP SYN without ACK: the client opens a new connection. */
+static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
+{
+    return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
 }
 
 /* The flow's hash for Maglev: the 5-tuple, or the client address alone with affinity.
@@ -115,7 +75,7 @@ static __always_inline __u32 xo_lb_pick(__u32 service, __u32 hash)
 }
 
 /* Rewrite one address and one port of the packet, checksums included. addr_off is
- * XO_IP_SADDR_OFF or XO_IP_DADDR_OFF. */
+ * XO_IP_SADDR_OFF or XO_IP_DADDR_OFF. Returns 0 or -XO_DROP_LB_NAT_FAILED. */
 static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_flow *f,
                                          __u32 addr_off, __be32 old_addr, __be32 new_addr,
                                          __u32 port_off, __be16 old_port, __be16 new_port)
@@ -126,15 +86,15 @@ static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_
     __u64 udp = f->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
     if (old_addr != new_addr &&
         bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, BPF_F_PSEUDO_HDR | udp | sizeof(new_addr)))
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     if (old_port != new_port && bpf_l4_csum_replace(skb, csum_off, old_port, new_port, udp | sizeof(new_port)))
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     /* The helpers moved the packet's pointers: the headers again. */
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct iphdr *ip = data + ETH_HLEN;
     if ((void *)(ip + 1) > data_end)
-        return -1;
+        return -XO_DROP_LB_NAT_FAILED;
     if (old_addr != new_addr) {
         xo_csum_replace4((__u16 *)&ip->check, old_addr, new_addr);
         if (addr_off == XO_IP_SADDR_OFF)
@@ -144,26 +104,17 @@ static __always_inline int xo_lb_rewrite(struct __sk_buff *skb, const struct xo_
     }
     if (old_port != new_port) {
         if (port_off > ETH_HLEN + XO_IPV4_MAX_HLEN + offsetof(struct tcphdr, dest))
-            return -1;
+            return -XO_DROP_LB_NAT_FAILED;
         /* The mask is a no-op after the check, but one the verifier sees on the
          * register that is used (clang tests a copy, from the stack, whose bound the
          * verifier does not know); the empty asm keeps clang from dropping it. */
         asm volatile("" : "+r"(port_off));
         __be16 *port = data + (port_off & 0x7f);
         if ((void *)(port + 1) > data_end)
-            return -1;
+            return -XO_DROP_LB_NAT_FAILED;
         *port = new_port;
     }
     return 0;
-}
-
-static __always_inline void xo_lb_count(struct xo_lb_stats *s, __u32 bytes, int fresh)
-{
-    if (s) {
-        s->packets++;
-        s->bytes += bytes;
-        s->connections += fresh;
-    }
 }
 
 /* The backend a connection goes to. */
@@ -179,14 +130,13 @@ struct xo_lb_choice {
 /* Which backend of service `sid` the flow goes to: the one the connection table
  * remembers, or Maglev's choice for a new connection. Writes nothing (but forgets a
  * connection whose backend is gone), so a caller may still decide not to handle the
- * packet. Returns 0 or a drop reason. Shared by the client's tc program (east-west) and
+ * packet. Returns 0 or -reason. Shared by the client's tc program (east-west) and
  * the routing mesh (XDP and tc on the underlay). */
 static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_flow *f, __be16 default_port,
                                         struct xo_lb_choice *c)
 {
-    int syn = f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
-    struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                            .proto = f->proto, .dir = XO_CT_SERVICE };
+    int syn = xo_lb_is_syn(f);
+    struct xo_ct_key ck = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_SERVICE);
     struct xo_lb_backend *be;
     c->bk.service = sid;
     c->fresh = 0;
@@ -200,7 +150,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
             /* Its backend was removed: this connection is over. Forget it, so the next
              * packet of the 5-tuple (UDP) starts a new one. */
             xo_lb_ct.delete(&ck);
-            return XO_DROP_LB_BACKEND_GONE;
+            return -XO_DROP_LB_BACKEND_GONE;
         }
     } else {
         __u32 hash = xo_lb_hash(f, flags);
@@ -217,7 +167,7 @@ static __always_inline int xo_lb_choose(__u32 sid, __u32 flags, const struct xo_
             be = c->bk.index ? xo_lb_backends.lookup(&c->bk) : NULL;
         }
         if (!be || be->ip == f->saddr)
-            return XO_DROP_LB_NO_BACKEND;
+            return -XO_DROP_LB_NO_BACKEND;
         c->fresh = 1;
     }
     c->ip = be->ip;
@@ -234,23 +184,16 @@ static __always_inline void xo_lb_commit(const struct xo_flow *f, const struct x
 {
     __u32 sid = c->bk.service;
     if (c->fresh) {
-        struct xo_ct_key ck = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                                .proto = f->proto, .dir = XO_CT_SERVICE };
+        struct xo_ct_key ck = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_SERVICE);
         struct xo_ct fwd = { .service = sid, .backend = c->bk.index };
         xo_lb_ct.update(&ck, &fwd);
-        struct xo_ct_key rk = { .saddr = c->ip, .daddr = f->saddr, .sport = c->port, .dport = f->sport,
-                                .proto = f->proto, .dir = XO_CT_REPLY };
+        struct xo_ct_key rk = xo_ct_key_make(c->ip, f->saddr, c->port, f->sport, f->proto, XO_CT_REPLY);
         struct xo_ct rev = { .service = sid, .backend = c->bk.index, .vip = f->daddr, .vport = f->dport };
         xo_lb_ct.update(&rk, &rev);
     }
     __u32 slot = c->slot;
     xo_lb_count(xo_lb_service_stats.lookup(&sid), len, c->fresh);
     xo_lb_count(xo_lb_backend_stats.lookup(&slot), len, c->fresh);
-}
-
-static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
-{
-    return f->proto == IPPROTO_TCP && (f->tcp_flags & (XO_TCP_SYN | XO_TCP_ACK)) == XO_TCP_SYN;
 }
 
 /* A packet of a network with services that is for no service. A new direct connection:
@@ -260,55 +203,54 @@ static __always_inline void xo_lb_direct(const struct xo_flow *f)
 {
     if (!xo_lb_is_syn(f))
         return;
-    struct xo_ct_key stale = { .saddr = f->daddr, .daddr = f->saddr, .sport = f->dport,
-                               .dport = f->sport, .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct_key stale = xo_ct_key_make(f->daddr, f->saddr, f->dport, f->sport, f->proto, XO_CT_REPLY);
     xo_lb_ct.delete(&stale);
 }
 
 /* A packet from a container (vni): if it is for a service, DNAT it to a backend, update
  * *f and set *where to where the backend is (NULL: nowhere yet). Returns
- * XO_LB_NOT_SERVICE, XO_LB_DNAT or a drop reason. */
+ * XO_LB_NOT_SERVICE, XO_LB_DNAT or -reason. */
 static __always_inline int xo_lb_client(struct __sk_buff *skb, __u32 vni, struct xo_flow *f,
                                         const struct xo_endpoint **where)
 {
     struct xo_lb_service_key sk = { .vni = vni, .vip = f->daddr, .port = f->dport, .proto = f->proto };
     struct xo_lb_service *svc = xo_lb_services.lookup(&sk);
-    int syn = xo_lb_is_syn(f);
     if (!svc) {
         xo_lb_direct(f);
         return XO_LB_NOT_SERVICE;
     }
     struct xo_lb_choice c = {};
-    int reason = xo_lb_choose(svc->id, svc->flags, f, f->dport, &c);
-    if (reason)
-        return reason;
+    int ret = xo_lb_choose(svc->id, svc->flags, f, f->dport, &c);
+    if (ret < 0)
+        return ret;
     if (c.fresh)
         xo_tell_service_conn(skb, c.bk.service, c.ip, c.port);
     xo_lb_commit(f, &c, skb->len);
-    if (xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, c.ip, f->l4_off + offsetof(struct tcphdr, dest),
-                      f->dport, c.port))
-        return XO_DROP_LB_NAT_FAILED;
+    ret = xo_lb_rewrite(skb, f, XO_IP_DADDR_OFF, f->daddr, c.ip, f->l4_off + offsetof(struct tcphdr, dest),
+                        f->dport, c.port);
+    if (ret < 0)
+        return ret;
     f->daddr = c.ip;
     f->dport = c.port;
     *where = c.where;
     return XO_LB_DNAT;
 }
 
-/* A packet about to be handed to a container: if it is a reply from a service backend,
- * give it the VIP:port the client talked to. Returns 0 or a drop reason. */
-static __always_inline int xo_lb_reply(struct __sk_buff *skb, const struct xo_flow *f)
+/* Reverse NAT: a reply of a connection the table has an XO_CT_REPLY entry for (to a
+ * service, or through the routing mesh) gets the source the client talked to, VIP:port
+ * or node IP:published port. Returns 1 if it was rewritten, 0 if the table has no such
+ * entry (not a reply it knows of), or -reason. */
+static __always_inline int xo_lb_reverse_nat(struct __sk_buff *skb, const struct xo_flow *f)
 {
-    struct xo_ct_key rk = { .saddr = f->saddr, .daddr = f->daddr, .sport = f->sport, .dport = f->dport,
-                            .proto = f->proto, .dir = XO_CT_REPLY };
+    struct xo_ct_key rk = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_REPLY);
     struct xo_ct *ct = xo_lb_ct.lookup(&rk);
     if (!ct)
         return 0;
     __be32 vip = ct->vip;
     __be16 vport = ct->vport;
-    if (xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
-                      f->sport, vport))
-        return XO_DROP_LB_NAT_FAILED;
-    return 0;
+    int ret = xo_lb_rewrite(skb, f, XO_IP_SADDR_OFF, f->saddr, vip, f->l4_off + offsetof(struct tcphdr, source),
+                            f->sport, vport);
+    return ret < 0 ? ret : 1;
 }
 
 /* --- telling a client its connection is gone ------------------------------------------- */
@@ -336,7 +278,8 @@ static __always_inline __u16 xo_tcp_csum(const struct iphdr *ip, const struct tc
 
 /* Turn the client's TCP packet into a reset from the VIP (RFC 793's reply to a segment
  * for no connection) and send it back into the client, so that a connection whose
- * backend was removed ends at once instead of retransmitting into a black hole. */
+ * backend was removed ends at once instead of retransmitting into a black hole.
+ * Returns the verdict. */
 static __always_inline int xo_lb_reset(struct __sk_buff *skb, const struct xo_flow *f,
                                        const __u8 *client_mac, __u32 client_ifindex)
 {

@@ -1,17 +1,19 @@
 /* Drops, and what `xoverlay monitor` sees of the data path.
  *
- * Every drop goes through xo_drop(ctx, hook, reason, bytes, verdict): it counts the drop
- * in xo_drops and, only while a monitor listens, writes an event with the packet's
- * addresses to the xo_events ring buffer. Forwarded packets call xo_tell_forward(), which
- * writes one event in `sample` only when the monitor asked for them. With no monitor
- * running, the whole cost is one lookup in a one-entry array (inlined by the verifier)
- * and one test of xo_monitor.events: the parsing below runs only for packets that are
- * told. */
+ * Every drop goes through xo_drop(ctx, hook, reason, bytes), called once per program, at
+ * the end of its entry function (the return convention is in lib/drop.h): it counts the
+ * drop in xo_drops and, only while a monitor listens, writes an event with the packet's
+ * addresses, as the packet was when it was given up, to the xo_events ring buffer.
+ * Forwarded packets call xo_tell_forward(), which writes one event in `sample` only when
+ * the monitor asked for them. With no monitor running, the whole cost is one lookup in a
+ * one-entry array (inlined by the verifier) and one test of xo_monitor.events: the
+ * parsing below runs only for packets that are told. */
 #ifndef XO_MONITOR_H
 #define XO_MONITOR_H
 
 #include "common.h"
 #include "maps.h"
+#include "counters.h"
 #include "parsing.h"
 #include "vxlan.h"
 
@@ -24,8 +26,8 @@ static __always_inline struct xo_monitor *xo_monitor_get(void)
 /* The (inner) IPv4 packet at c: addresses, protocol, ports. */
 static __always_inline void xo_event_ip(struct xo_event *ev, struct xo_cursor *c)
 {
-    struct iphdr *ip = xo_parse_ipv4(c);
-    if (!ip)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(c, &ip) < 0)
         return;
     ev->flags |= XO_EVF_IP;
     ev->saddr = ip->saddr;
@@ -33,16 +35,17 @@ static __always_inline void xo_event_ip(struct xo_event *ev, struct xo_cursor *c
     ev->protocol = ip->protocol;
     if (ip->frag_off & bpf_htons(XO_IP_OFFSET))
         return;                              /* a later fragment: no L4 header */
-    __u8 *l4 = c->pos;
-    if ((void *)(l4 + 4) > c->end)
+    struct xo_ports *ports;                  /* TCP, UDP: the ports; ICMP: type and code */
+    if (xo_peek_ports(c, &ports) < 0)
         return;
     if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP) {
-        ev->sport = ((__be16 *)l4)[0];
-        ev->dport = ((__be16 *)l4)[1];
+        ev->sport = ports->source;
+        ev->dport = ports->dest;
         ev->flags |= XO_EVF_PORTS;
     } else if (ip->protocol == IPPROTO_ICMP) {
-        ev->sport = bpf_htons(l4[0]);        /* type */
-        ev->dport = bpf_htons(l4[1]);        /* code */
+        __u8 *icmp = (__u8 *)ports;
+        ev->sport = bpf_htons(icmp[0]);      /* type */
+        ev->dport = bpf_htons(icmp[1]);      /* code */
         ev->flags |= XO_EVF_PORTS;
     }
 }
@@ -55,8 +58,8 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
                                            int tunnel, __be16 vxlan_port, __be32 node_ip)
 {
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth)
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) < 0)
         return;
     ev->ethertype = eth->h_proto;
     if (eth->h_proto != bpf_htons(ETH_P_IP))
@@ -72,8 +75,8 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
         xo_event_ip(ev, &c);
         return;
     }
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
+    struct iphdr *ip;
+    if (xo_parse_ipv4(&c, &ip) < 0)
         return;
     ev->flags |= XO_EVF_OUTER;
     ev->outer_saddr = ip->saddr;
@@ -81,17 +84,17 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
     ev->protocol = ip->protocol;
     if (ip->protocol != IPPROTO_UDP || (ip->frag_off & bpf_htons(XO_IP_OFFSET)))
         return;
-    struct udphdr *udp = xo_parse_udp(&c);
-    if (!udp || udp->dest != vxlan_port)
+    struct udphdr *udp;
+    if (xo_parse_udp(&c, &udp) != vxlan_port)
         return;
-    struct xo_vxlanhdr *vx = c.pos;
-    if ((void *)(vx + 1) > data_end)
+    struct xo_vxlanhdr *vx;
+    int vni = xo_parse_vxlan(&c, &vx);
+    if (vni < 0)
         return;
-    c.pos = vx + 1;
-    ev->vni = bpf_ntohl(vx->vni_reserved2) >> 8;
+    ev->vni = vni;
     ev->flags |= XO_EVF_VNI;
-    struct ethhdr *inner = xo_parse_eth(&c);
-    if (!inner)
+    struct ethhdr *inner;
+    if (xo_parse_eth(&c, &inner) < 0)
         return;
     ev->ethertype = inner->h_proto;
     ev->protocol = 0;
@@ -101,9 +104,9 @@ static __always_inline void xo_event_parse(struct xo_event *ev, void *data, void
 
 /* Complete and write one event (the caller filled in type, hook, reason, ifindex and len).
  * Callers reach it only after the monitor check. `tunnel`: the frame is (or may be)
- * VXLAN, read its outer header first. Inlined at every drop site (BCC 0.26 cannot link
- * BPF-to-BPF calls: "jump out of range"), which makes the programs about 3x longer but
- * adds no instruction to a packet's path while no monitor runs. */
+ * VXLAN, read its outer header first. Inlined (BCC 0.26 cannot link BPF-to-BPF calls:
+ * "jump out of range") where a program drops and where it tells of a forwarded packet;
+ * it adds no instruction to a packet's path while no monitor runs. */
 static __always_inline void xo_tell(struct xo_monitor *mon, struct xo_event *ev, void *data,
                                     void *data_end, int tunnel)
 {
@@ -129,22 +132,11 @@ static __always_inline void xo_tell(struct xo_monitor *mon, struct xo_event *ev,
         __sync_fetch_and_add(&mon->lost, 1);
 }
 
-static __always_inline void xo_count_drop(int reason, __u32 bytes)
+static __always_inline int xo_drop_skb(struct __sk_buff *skb, int hook, int reason, __u32 bytes)
 {
-    __u32 key = reason;
-    struct xo_drop_count *count = xo_drops.lookup(&key);
-    if (count) {
-        count->packets++;
-        count->bytes += bytes;
-    }
-}
-
-static __always_inline int xo_drop_skb(struct __sk_buff *skb, int hook, int reason, __u32 bytes,
-                                       int verdict)
-{
-    /* LLVM 14 may keep &skb->ingress_ifindex from another drop site in a register and
-     * load through it here, which the verifier refuses (a moved context pointer): the
-     * empty asm makes skb a new value, so the field is read from skb itself. */
+    /* LLVM 14 may keep &skb->ingress_ifindex from an earlier read in a register and load
+     * through it here, which the verifier refuses (a moved context pointer): the empty
+     * asm makes skb a new value, so the field is read from skb itself. */
     asm volatile("" : "+r"(skb));
     xo_count_drop(reason, bytes);
     struct xo_monitor *mon = xo_monitor_get();
@@ -154,11 +146,10 @@ static __always_inline int xo_drop_skb(struct __sk_buff *skb, int hook, int reas
         xo_tell(mon, &ev, (void *)(long)skb->data, (void *)(long)skb->data_end,
                 hook != XO_HOOK_ENDPOINT);
     }
-    return verdict;
+    return TC_ACT_SHOT;
 }
 
-static __always_inline int xo_drop_xdp(struct xdp_md *ctx, int hook, int reason, __u32 bytes,
-                                       int verdict)
+static __always_inline int xo_drop_xdp(struct xdp_md *ctx, int hook, int reason, __u32 bytes)
 {
     xo_count_drop(reason, bytes);
     struct xo_monitor *mon = xo_monitor_get();
@@ -167,17 +158,18 @@ static __always_inline int xo_drop_xdp(struct xdp_md *ctx, int hook, int reason,
                                .ifindex = ctx->ingress_ifindex, .len = bytes };
         xo_tell(mon, &ev, (void *)(long)ctx->data, (void *)(long)ctx->data_end, 1);
     }
-    return verdict;
+    return XDP_DROP;
 }
 
-/* Count a drop and return `verdict`; tell the monitor if one listens.
+/* Count a drop and return the verdict that drops (TC_ACT_SHOT, XDP_DROP); tell the
+ * monitor if one listens.
  *   ctx:    the program's context (struct __sk_buff * or struct xdp_md *)
  *   hook:   the program's XO_HOOK_* (events.h)
- *   reason: an enum xo_drop_reason (drop.h)
+ *   reason: an enum xo_drop_reason (drop.h), as a positive number
  *   bytes:  the whole frame's length, as it arrived */
-#define xo_drop(ctx, hook, reason, bytes, verdict)                                 \
+#define xo_drop(ctx, hook, reason, bytes)                                          \
     _Generic((ctx), struct __sk_buff *: xo_drop_skb, struct xdp_md *: xo_drop_xdp)( \
-        ctx, hook, reason, bytes, verdict)
+        ctx, hook, reason, bytes)
 
 /* A packet is being forwarded (action: XO_FWD_*): tell the monitor, one in `sample`, if
  * it asked for forwarded packets. Call it where the packet's headers are as the event

@@ -1,63 +1,53 @@
-/* Header parsing, xdp-tutorial style: a cursor walks the packet, each parser checks its
- * own bounds and returns the header (or NULL when the packet is too short). Works on
- * both XDP and tc, which both give us data/data_end. */
+/* Header parsing, as xdp-tutorial's common/parsing_helpers.h does it: one cursor walks the
+ * packet, and every parser works the same way. It checks that its header lies inside the
+ * packet, hands it back in *hdr, moves the cursor past it and returns what the header says
+ * comes next (a protocol field, or the port or VNI that names the payload), all >= 0; a
+ * header that is not all there returns a negative drop reason (-XO_DROP_*, lib/drop.h)
+ * and leaves the cursor where it was. What is wrong with a header that is all there (a
+ * fragment, options, a length field that disagrees) depends on who sent the packet, and
+ * is the caller's to judge. XDP and tc both give us data/data_end: both use these. */
 #ifndef XO_PARSING_H
 #define XO_PARSING_H
 
+#include <uapi/linux/tcp.h>
+
 #include "common.h"
+#include "drop.h"
 
 struct xo_cursor {
     void *pos;
     void *end;
 };
 
-static __always_inline struct ethhdr *xo_parse_eth(struct xo_cursor *c)
+/* Ethernet. Returns the EtherType as on the wire (compare with bpf_htons(ETH_P_*)); a
+ * frame too short for the header is not IPv4 either. */
+static __always_inline int xo_parse_eth(struct xo_cursor *c, struct ethhdr **hdr)
 {
     struct ethhdr *eth = c->pos;
     if ((void *)(eth + 1) > c->end)
-        return NULL;
+        return -XO_DROP_NOT_IPV4;
     c->pos = eth + 1;
-    return eth;
+    *hdr = eth;
+    return eth->h_proto;
 }
 
 #define XO_IPV4_MAX_HLEN 60  /* IHL 15 */
 
-/* IPv4 header with a sane IHL, entirely inside the packet. Options are skipped. */
-static __always_inline struct iphdr *xo_parse_ipv4(struct xo_cursor *c)
+/* IPv4: version 4, an IHL of at least 5 and the whole header, options too, inside the
+ * packet; the cursor skips the options. Returns the protocol it carries. */
+static __always_inline int xo_parse_ipv4(struct xo_cursor *c, struct iphdr **hdr)
 {
     struct iphdr *ip = c->pos;
     if ((void *)(ip + 1) > c->end)
-        return NULL;
+        return -XO_DROP_MALFORMED_IP;
     if (ip->version != 4 || ip->ihl < 5)
-        return NULL;
+        return -XO_DROP_MALFORMED_IP;
     __u32 hlen = ip->ihl * 4;
     if (c->pos + hlen > c->end)
-        return NULL;
+        return -XO_DROP_MALFORMED_IP;
     c->pos += hlen;
-    return ip;
-}
-
-static __always_inline struct udphdr *xo_parse_udp(struct xo_cursor *c)
-{
-    struct udphdr *udp = c->pos;
-    if ((void *)(udp + 1) > c->end)
-        return NULL;
-    c->pos = udp + 1;
-    return udp;
-}
-
-/* The ports of a TCP or UDP header: the first 4 bytes of both. */
-struct xo_ports {
-    __be16 source;
-    __be16 dest;
-};
-
-static __always_inline struct xo_ports *xo_parse_ports(struct xo_cursor *c)
-{
-    struct xo_ports *ports = c->pos;
-    if ((void *)(ports + 1) > c->end)
-        return NULL;
-    return ports;
+    *hdr = ip;
+    return ip->protocol;
 }
 
 static __always_inline int xo_ipv4_is_fragment(const struct iphdr *ip)
@@ -65,11 +55,121 @@ static __always_inline int xo_ipv4_is_fragment(const struct iphdr *ip)
     return ip->frag_off & bpf_htons(XO_IP_MF | XO_IP_OFFSET);
 }
 
-static __always_inline int xo_mac_equal(const __u8 *a, const __u8 *b)
+/* UDP. Returns the destination port as on the wire: what names the payload (VXLAN, on
+ * ours). Its length field is the caller's to check. */
+static __always_inline int xo_parse_udp(struct xo_cursor *c, struct udphdr **hdr)
 {
-    return ((const __u16 *)a)[0] == ((const __u16 *)b)[0] &&
-           ((const __u16 *)a)[1] == ((const __u16 *)b)[1] &&
-           ((const __u16 *)a)[2] == ((const __u16 *)b)[2];
+    struct udphdr *udp = c->pos;
+    if ((void *)(udp + 1) > c->end)
+        return -XO_DROP_TRUNCATED_UDP;
+    c->pos = udp + 1;
+    *hdr = udp;
+    return udp->dest;
+}
+
+/* TCP: its fixed 20 bytes (ports, sequence numbers, data offset, flags), all that we
+ * read of it; the cursor moves past those only, as nothing reads options or payload.
+ * Returns the destination port as on the wire. */
+static __always_inline int xo_parse_tcp(struct xo_cursor *c, struct tcphdr **hdr)
+{
+    struct tcphdr *th = c->pos;
+    if ((void *)(th + 1) > c->end)
+        return -XO_DROP_MALFORMED_IP;
+    c->pos = th + 1;
+    *hdr = th;
+    return th->dest;
+}
+
+struct xo_vxlanhdr {
+    __u8 flags;               /* 0x08: the VNI is valid (RFC 7348) */
+    __u8 reserved1[3];
+    __be32 vni_reserved2;     /* VNI in the top 24 bits */
+};
+
+/* VXLAN (RFC 7348). Returns the VNI: the network of the inner frame. The flags are the
+ * caller's to check (the monitor reports the VNI of a header with wrong ones). */
+static __always_inline int xo_parse_vxlan(struct xo_cursor *c, struct xo_vxlanhdr **hdr)
+{
+    struct xo_vxlanhdr *vx = c->pos;
+    if ((void *)(vx + 1) > c->end)
+        return -XO_DROP_TRUNCATED_VXLAN;
+    c->pos = vx + 1;
+    *hdr = vx;
+    return bpf_ntohl(vx->vni_reserved2) >> 8;
+}
+
+/* The ports of a TCP or UDP header: its first 4 bytes, which is all that some callers
+ * need of a header that may be cut short after them. A look ahead, not a parse: the
+ * cursor stays at the header. Returns the destination port as on the wire. */
+struct xo_ports {
+    __be16 source;
+    __be16 dest;
+};
+
+static __always_inline int xo_peek_ports(const struct xo_cursor *c, struct xo_ports **hdr)
+{
+    struct xo_ports *ports = c->pos;
+    if ((void *)(ports + 1) > c->end)
+        return -XO_DROP_MALFORMED_IP;
+    *hdr = ports;
+    return ports->dest;
+}
+
+#define XO_TCP_FIN 0x01
+#define XO_TCP_SYN 0x02
+#define XO_TCP_RST 0x04
+#define XO_TCP_ACK 0x10
+
+/* A TCP or UDP packet's flow, and what a reset needs. */
+struct xo_flow {
+    __be32 saddr;
+    __be32 daddr;
+    __be16 sport;
+    __be16 dport;
+    __u8 proto;
+    __u8 tcp_flags;
+    __u16 l4_off;             /* from the start of the frame */
+    __be32 seq;               /* TCP */
+    __be32 ack_seq;
+    __u32 seg_len;            /* TCP payload length */
+};
+
+/* The flow of the IPv4 packet `ip`, the cursor at its L4 header (`data`: the start of the
+ * frame, which offsets count from). Returns 1 and fills *f for an unfragmented TCP or
+ * UDP packet whose header is there; 0 for any other packet, which has no flow (it is
+ * not a drop). */
+static __always_inline int xo_flow_parse(void *data, const struct iphdr *ip, struct xo_cursor c,
+                                         struct xo_flow *f)
+{
+    if (xo_ipv4_is_fragment(ip))
+        return 0;
+    f->saddr = ip->saddr;
+    f->daddr = ip->daddr;
+    f->proto = ip->protocol;
+    f->l4_off = c.pos - data;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *th;
+        if (xo_parse_tcp(&c, &th) < 0)
+            return 0;
+        f->sport = th->source;
+        f->dport = th->dest;
+        f->tcp_flags = ((__u8 *)th)[13];
+        f->seq = th->seq;
+        f->ack_seq = th->ack_seq;
+        __u32 headers = ip->ihl * 4 + th->doff * 4;
+        __u32 total = bpf_ntohs(ip->tot_len);
+        f->seg_len = total > headers ? total - headers : 0;
+        return 1;
+    }
+    if (ip->protocol == IPPROTO_UDP) {
+        struct udphdr *uh;
+        if (xo_parse_udp(&c, &uh) < 0)
+            return 0;
+        f->sport = uh->source;
+        f->dport = uh->dest;
+        return 1;
+    }
+    return 0;
 }
 
 /* murmur3's finalizer: every input bit moves every output bit. */
@@ -96,11 +196,6 @@ static __always_inline __u32 xo_flow_hash(const struct iphdr *ip, void *data_end
             ports = *l4;
     }
     return xo_mix32((ip->saddr * 0xcc9e2d51) ^ ((ip->daddr ^ (ports * 0x1b873593)) + ip->protocol));
-}
-
-static __always_inline void xo_mac_copy(__u8 *dst, const __u8 *src)
-{
-    __builtin_memcpy(dst, src, ETH_ALEN);
 }
 
 #endif

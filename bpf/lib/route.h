@@ -12,7 +12,7 @@
 
 #include "common.h"
 #include "maps.h"
-#include "monitor.h"
+#include "counters.h"
 
 /* Kernel 6.3+; BCC 0.26's headers predate it. */
 #define XO_FIB_LOOKUP_SKIP_NEIGH (1U << 2)
@@ -24,11 +24,10 @@ static __always_inline __u32 xo_fib_flags(const struct xo_config *cfg)
 }
 
 /* Send the packet at skb (an IPv4 frame from this node: a tunnel packet to dst, or a mesh
- * reply to an outside client dst) out of the underlay. Returns the tc verdict; a route
- * that refuses dst (blackhole, unreachable, prohibit) drops it, counted for `hook` with
- * `len` bytes (the frame as it arrived): call it before counting the packet as sent. */
-static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const struct xo_config *cfg, __be32 dst,
-                                                int hook, __u32 len)
+ * reply to an outside client dst) out of the underlay. Returns the tc verdict, or
+ * -XO_DROP_UNDERLAY_UNREACHABLE for a route that refuses dst (blackhole, unreachable,
+ * prohibit). */
+static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const struct xo_config *cfg, __be32 dst)
 {
     struct bpf_fib_lookup fib = {};
     fib.family = 2;               /* AF_INET */
@@ -44,7 +43,7 @@ static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const str
     }
     if (rc == BPF_FIB_LKUP_RET_BLACKHOLE || rc == BPF_FIB_LKUP_RET_UNREACHABLE ||
         rc == BPF_FIB_LKUP_RET_PROHIBIT)
-        return xo_drop(skb, hook, XO_DROP_UNDERLAY_UNREACHABLE, len, TC_ACT_SHOT);
+        return -XO_DROP_UNDERLAY_UNREACHABLE;
     /* No route at all, one the lookup cannot follow (too big for the device, a tunnel
      * route), or an underlay that does not forward (the lookup answers only for a device
      * that does: lint underlay-not-forwarding): the kernel's output route decides, as
@@ -53,15 +52,15 @@ static __always_inline int xo_redirect_underlay(struct __sk_buff *skb, const str
     return xo_redirect_neigh(cfg->underlay_ifindex, NULL, 0, 0);
 }
 
-/* The same, and counted as sent to the peer whose counters are `sent` (NULL: none) unless
- * the route refused it: what every tunnel packet and mesh reply of ours ends with. */
+/* The same, and counted as sent to the peer whose counters are `sent` (NULL: none) if it
+ * was: what every tunnel packet of ours ends with. */
 static __always_inline int xo_send_underlay(struct __sk_buff *skb, const struct xo_config *cfg, __be32 dst,
-                                            int hook, __u32 len, struct xo_traffic *sent)
+                                            struct xo_traffic *sent)
 {
-    int verdict = xo_redirect_underlay(skb, cfg, dst, hook, len);
-    if (verdict != TC_ACT_SHOT)
+    int ret = xo_redirect_underlay(skb, cfg, dst);
+    if (ret == TC_ACT_REDIRECT)
         xo_count_tx(sent, skb->len);
-    return verdict;
+    return ret;
 }
 
 #endif

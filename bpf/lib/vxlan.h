@@ -1,5 +1,5 @@
 /* VXLAN: the checks every received tunnel packet must pass (shared by the XDP filter and
- * the tc decap, so that both agree on what is valid) and the encapsulation. */
+ * the tc decap, so that both agree on what is valid), encapsulation and decapsulation. */
 #ifndef XO_VXLAN_H
 #define XO_VXLAN_H
 
@@ -7,11 +7,7 @@
 #include "parsing.h"
 #include "maps.h"
 
-struct xo_vxlanhdr {
-    __u8 flags;               /* 0x08: the VNI is valid (RFC 7348) */
-    __u8 reserved1[3];
-    __be32 vni_reserved2;     /* VNI in the top 24 bits */
-};
+/* struct xo_vxlanhdr's flags (lib/parsing.h). */
 #define XO_VXLAN_FLAG_VNI 0x08
 /* A bit RFC 7348 reserves (send 0, ignore on receipt), meaningful only between xoverlay
  * nodes: the frame belongs to a routing-mesh connection, whose client is outside every
@@ -36,10 +32,10 @@ struct xo_tunnel {
     __u32 peer_slot;          /* the sender's counters, if looked up (membership); else XO_NO_SLOT */
 };
 
-enum xo_verdict_kind {
-    XO_NOT_VXLAN = -1,        /* not ours: let the stack have it */
+/* What xo_classify_underlay found, when it is no drop. */
+enum xo_tunnel_kind {
     XO_VXLAN_OK = 0,          /* a valid tunnel packet from a peer */
-    /* > 0: an enum xo_drop_reason */
+    XO_NOT_VXLAN = 1,         /* not ours: let the stack have it */
 };
 
 /* One's complement sum of a 20-byte header: the checksum to write when its field is
@@ -57,9 +53,9 @@ static __always_inline __u16 xo_ipv4_csum(const struct iphdr *ip)
 }
 
 /* Classify a frame arriving on the underlay (`len`: the whole frame, which may be longer
- * than data_end - data). Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills *t), or the drop
- * reason. Malformed IPv4 and UDP are dropped whatever the port: the stack would drop
- * them too, and we cannot tell a truncated VXLAN packet apart.
+ * than data_end - data). Returns XO_NOT_VXLAN, XO_VXLAN_OK (and fills *t), or -reason.
+ * Malformed IPv4 and UDP are dropped whatever the port: the stack would drop them too,
+ * and we cannot tell a truncated VXLAN packet apart.
  * `membership` (a constant at each call): also look the sender up in xo_peers and the
  * VNI in xo_vnis. Without it only the packet's own shape is judged; a caller that skips
  * them must prove both another way, and classify again with them to name a drop (the
@@ -69,63 +65,66 @@ static __always_inline int xo_classify_underlay(void *data, void *data_end, __u3
                                                 struct xo_tunnel *t, const int membership)
 {
     struct xo_cursor c = { .pos = data, .end = data_end };
-    struct ethhdr *eth = xo_parse_eth(&c);
-    if (!eth || eth->h_proto != bpf_htons(ETH_P_IP))
+    struct ethhdr *eth;
+    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
         return XO_NOT_VXLAN;
 
-    struct iphdr *ip = xo_parse_ipv4(&c);
-    if (!ip)
-        return XO_DROP_MALFORMED_IP;
-    if (ip->protocol != IPPROTO_UDP)
+    struct iphdr *ip;
+    int proto = xo_parse_ipv4(&c, &ip);
+    if (proto < 0)
+        return proto;
+    if (proto != IPPROTO_UDP)
         return XO_NOT_VXLAN;
     /* A later fragment has no UDP header: nothing to judge, the stack reassembles. */
     if (ip->frag_off & bpf_htons(XO_IP_OFFSET))
         return XO_NOT_VXLAN;
 
-    struct udphdr *udp = xo_parse_udp(&c);
-    if (!udp)
-        return XO_DROP_TRUNCATED_UDP;
-    if (udp->dest != cfg->vxlan_port || ip->daddr != cfg->node_ip)
+    struct udphdr *udp;
+    int dport = xo_parse_udp(&c, &udp);
+    if (dport < 0)
+        return dport;
+    if (dport != cfg->vxlan_port || ip->daddr != cfg->node_ip)
         return XO_NOT_VXLAN;
 
     /* From here on it is addressed to our tunnel endpoint. */
     if (ip->frag_off & bpf_htons(XO_IP_MF))
-        return XO_DROP_OUTER_FRAGMENT;
+        return -XO_DROP_OUTER_FRAGMENT;
     if (ip->ihl != 5)
-        return XO_DROP_OUTER_IP_OPTIONS;
+        return -XO_DROP_OUTER_IP_OPTIONS;
     /* Decap hands the inner packet to the container past ip_rcv(), which would have
      * checked this: a corrupted outer header must not be believed. */
     if (xo_ipv4_csum(ip))
-        return XO_DROP_OUTER_CHECKSUM;
+        return -XO_DROP_OUTER_CHECKSUM;
     if (bpf_ntohs(udp->len) < sizeof(*udp) + XO_VXLAN_HLEN + ETH_HLEN ||
         bpf_ntohs(ip->tot_len) < sizeof(*ip) + bpf_ntohs(udp->len))
-        return XO_DROP_TRUNCATED_UDP;
+        return -XO_DROP_TRUNCATED_UDP;
 
-    struct xo_vxlanhdr *vx = c.pos;
-    if ((void *)(vx + 1) > data_end)
-        return XO_DROP_TRUNCATED_VXLAN;
+    struct xo_vxlanhdr *vx;
+    int vnid = xo_parse_vxlan(&c, &vx);       /* the VNI, or -reason */
+    if (vnid < 0)
+        return vnid;
     if (!(vx->flags & XO_VXLAN_FLAG_VNI))
-        return XO_DROP_BAD_VXLAN_FLAGS;
+        return -XO_DROP_BAD_VXLAN_FLAGS;
 
     __be32 peer_ip = ip->saddr;
-    __u32 vni = bpf_ntohl(vx->vni_reserved2) >> 8;
+    __u32 vni = vnid;
     __u32 peer_slot = XO_NO_SLOT;
     if (membership) {
         struct xo_peer *peer = xo_peers.lookup(&peer_ip);
         if (!peer)
-            return XO_DROP_UNKNOWN_PEER;
+            return -XO_DROP_UNKNOWN_PEER;
         peer_slot = peer->slot;
         if (!xo_vnis.lookup(&vni))
-            return XO_DROP_UNKNOWN_VNI;
+            return -XO_DROP_UNKNOWN_VNI;
     }
 
-    struct ethhdr *inner = (void *)(vx + 1);
-    if ((void *)(inner + 1) > data_end)
-        return XO_DROP_TRUNCATED_VXLAN;
+    struct ethhdr *inner;
+    if (xo_parse_eth(&c, &inner) < 0)
+        return -XO_DROP_TRUNCATED_VXLAN;
     /* Headers all there, the rest cut short of the IPv4 total length: ip_rcv() would drop
      * it, and decap skips ip_rcv(); it would vanish, uncounted, in the container's stack. */
     if (bpf_ntohs(ip->tot_len) > len - ETH_HLEN)
-        return XO_DROP_TRUNCATED_UDP;
+        return -XO_DROP_TRUNCATED_UDP;
 
     t->peer_ip = peer_ip;
     t->vni = vni;
@@ -181,7 +180,7 @@ static __always_inline void xo_encap_fill(struct xo_encap_headers *h, __be32 src
 /* Wrap the frame at skb->data in Ethernet/IPv4/UDP/VXLAN to dst_node, the source port
  * from `hash` (xo_flow_hash of the inner packet), VXLAN flags | `flags`. The original
  * Ethernet header stays in front as the outer one (the neighbour code rewrites it on
- * transmit); the inner one is rebuilt from the arguments. Returns 0 or a drop reason. */
+ * transmit); the inner one is rebuilt from the arguments. Returns 0 or -reason. */
 static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo_config *cfg,
                                           __be32 dst_node, __u32 vni, __u32 hash, __u8 flags,
                                           const __u8 *inner_src, const __u8 *inner_dst)
@@ -193,14 +192,25 @@ static __always_inline int xo_vxlan_encap(struct __sk_buff *skb, const struct xo
                 BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH |
                 BPF_F_ADJ_ROOM_ENCAP_L2(ETH_HLEN);
     if (bpf_skb_adjust_room(skb, XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, adj))
-        return XO_DROP_ENCAP_FAILED;
+        return -XO_DROP_ENCAP_FAILED;
 
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct xo_encap_headers *h = data + ETH_HLEN;
     if ((void *)(h + 1) > data_end)
-        return XO_DROP_ENCAP_FAILED;
+        return -XO_DROP_ENCAP_FAILED;
     xo_encap_fill(h, cfg->node_ip, dst_node, cfg->vxlan_port, vni, hash, inner_len, flags, inner_src, inner_dst);
+    return 0;
+}
+
+/* Take off what encap put on: the outer IPv4, UDP and VXLAN headers and the inner
+ * Ethernet header go; the outer Ethernet header stays, in front of the inner IP packet.
+ * FIXED_GSO: the inner packet's segments stay the size they were sent at. Returns 0 or
+ * -reason. */
+static __always_inline int xo_vxlan_decap(struct __sk_buff *skb)
+{
+    if (bpf_skb_adjust_room(skb, -(__s32)XO_ENCAP_LEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_FIXED_GSO))
+        return -XO_DROP_DECAP_FAILED;
     return 0;
 }
 

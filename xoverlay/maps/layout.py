@@ -1,5 +1,6 @@
 """The Python half of the kernel/control contract: every map's name, pin path, type and
-entry layout. Mirrors bpf/lib/maps.h; tests/test_layout.py checks the two agree."""
+entry layout. Mirrors bpf/lib/structs.h (the layouts) and bpf/lib/maps.h (the declarations);
+tests/test_layout.py checks the two agree."""
 from __future__ import annotations
 
 import ctypes
@@ -87,8 +88,8 @@ def _flags(header: str, prefix: str) -> dict[str, int]:
                 re.findall(rf"^#define {prefix}(\w+) (0x[0-9a-fA-F]+)", f.read(), re.MULTILINE)}
 
 
-CFG_FIB_MAIN_ONLY = _flags("maps.h", "XO_CFG_")["FIB_MAIN_ONLY"]
-EP_FLAGS = _flags("maps.h", "XO_EP_")
+CFG_FIB_MAIN_ONLY = _flags("structs.h", "XO_CFG_")["FIB_MAIN_ONLY"]
+EP_FLAGS = _flags("structs.h", "XO_EP_")
 EP_NETWORK_HAS_SERVICES = EP_FLAGS["NETWORK_HAS_SERVICES"]
 EP_SERVICE_BACKEND = EP_FLAGS["SERVICE_BACKEND"]
 
@@ -162,14 +163,14 @@ class LbStats(Struct):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("connections", ctypes.c_uint64)]
 
 
-# Constants of bpf/lib/maps.h
+# Constants of bpf/lib/structs.h and maps.h
 LB_AFFINITY = 1
 LB_ACTIVE, LB_DRAINING = 1, 2
 CT_SERVICE, CT_REPLY, CT_MESH = 1, 2, 3
 LB_MAX_SERVICES = 16384
 LB_MAX_BACKENDS = 65536                          # slots of xo_lb_backend_stats
 MAX_LOCAL_ENDPOINTS, MAX_PEERS = 4096, 1024     # slots of xo_endpoint_stats, xo_peer_stats
-NO_SLOT = _flags("maps.h", "XO_NO_")["SLOT"]
+NO_SLOT = _flags("structs.h", "XO_NO_")["SLOT"]
 IPPROTO = {"tcp": 6, "udp": 17}
 
 
