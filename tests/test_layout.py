@@ -1,4 +1,4 @@
-"""The C map layouts (bpf/lib/maps.h, as clang lays them out) and the Python ones
+"""The C map layouts (bpf/lib/structs.h and maps.h, as clang lays them out) and the Python ones
 (xoverlay/maps/layout.py) agree: same size, and every field that is not padding at the same
 offset with the same size. Cilium's bpf_alignchecker, done with BCC: BCC hands us the
 key and value types of every table as ctypes built from clang's own layout."""
@@ -87,7 +87,7 @@ def test_map_layout_matches_c(bcc_module, name):
         # The record type, from the throwaway array; the size from the kernel.
         from xoverlay.kernel import bpf
         problems = [f"record {p}" for p in same_layout(module[b"xo_layout_event"].Leaf, spec.value)]
-        assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
+        assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/structs.h disagree: " + "; ".join(problems)
         info = bpf.map_info(module[name.encode()].map_fd)
         assert info.type == 27, f"{name} is not a BPF_MAP_TYPE_RINGBUF"
         assert info.max_entries == spec.max_entries
@@ -102,7 +102,7 @@ def test_map_layout_matches_c(bcc_module, name):
         assert not issubclass(leaf, ctypes.Array), f"{name} is per-CPU in C but not in Python"
     problems = ([f"key {p}" for p in same_layout(table.Key, spec.key)] +
                 [f"value {p}" for p in same_layout(leaf, spec.value)])
-    assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/maps.h disagree: " + "; ".join(problems)
+    assert not problems, f"{name}: xoverlay/maps/layout.py and bpf/lib/structs.h disagree: " + "; ".join(problems)
     assert table.max_entries == spec.max_entries, \
         f"{name}: max_entries C {table.max_entries}, Python {spec.max_entries}"
     # The type too: datapath.load() compares pinned maps to the specs to find the ones a

@@ -15,7 +15,7 @@
  * ee:... is locally administered unicast. */
 #define XO_GW_MAC {0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
 
-/* The gateway address every container routes through (ctl.model.GATEWAY_IP,
+/* The gateway address every container routes through (xoverlay.core.model.GATEWAY_IP,
  * 169.254.1.1; tests/test_dns.py checks the two agree). Only DNS may be addressed to it:
  * the node's responder listens there (docs/DNS.md). Host byte order. */
 #define XO_GW_IP 0xa9fe0101

@@ -1,4 +1,4 @@
-/* Drop reasons: the one definition. ctl and maps read this list (maps/drops.py parses
+/* Drop reasons: the one definition. xoverlay reads this list (xoverlay/maps/drops.py parses
  * the XO_DROP lines), so a reason added here is named and explained everywhere.
  * Format, one per line: XO_DROP(NAME, number, "what happened, in plain words")
  *

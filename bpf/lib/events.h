@@ -1,6 +1,6 @@
 /* What `xoverlay monitor` can be told, and by whom: the one definition of event types,
- * program hooks and forwarding actions. maps/events.py parses these lines, as
- * maps/drops.py parses drop.h, so a value added here is named everywhere.
+ * program hooks and forwarding actions. xoverlay/maps/events.py parses these lines, as
+ * xoverlay/maps/drops.py parses drop.h, so a value added here is named everywhere.
  * Format, one per line: XO_<LIST>(NAME, number, "what it means, in plain words") */
 #ifndef XO_EVENTS_H
 #define XO_EVENTS_H

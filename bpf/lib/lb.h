@@ -48,7 +48,7 @@ static __always_inline int xo_lb_is_syn(const struct xo_flow *f)
 }
 
 /* The flow's hash for Maglev: the 5-tuple, or the client address alone with affinity.
- * (ctl/lbmaps.py has the same function, for tests that predict the choice.) */
+ * (xoverlay/core/maglev.py has the same function, for tests that predict the choice.) */
 static __always_inline __u32 xo_lb_hash(const struct xo_flow *f, __u32 flags)
 {
     __u32 h = xo_mix32(f->saddr ^ 0x9e3779b9);

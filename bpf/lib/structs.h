@@ -1,5 +1,5 @@
 /* The layout of every map entry xoverlay shares between kernel and control, and the
- * values of their fields. maps/layout.py mirrors these structs and reads the XO_CFG_,
+ * values of their fields. xoverlay/maps/layout.py mirrors these structs and reads the XO_CFG_,
  * XO_EP_ and XO_NO_ lines; tests/test_layout.py compiles the programs and checks every
  * size and field offset against it. Change both or the test fails. */
 #ifndef XO_STRUCTS_H
@@ -19,10 +19,10 @@ struct xo_config {
     __u64 build_id;           /* hash of the BPF sources that were loaded */
 };
 
-/* Config flags. maps/layout.py reads these lines (one definition). */
+/* Config flags. xoverlay/maps/layout.py reads these lines (one definition). */
 #define XO_CFG_FIB_MAIN_ONLY 0x1  /* no policy rule routes our packets: underlay routes from main */
 
-/* Endpoint flags: the service lookups the data path may skip for an endpoint. maps/layout.py
+/* Endpoint flags: the service lookups the data path may skip for an endpoint. xoverlay/maps/layout.py
  * reads these lines (one definition). */
 #define XO_EP_NETWORK_HAS_SERVICES 0x1  /* its network has a service: look for VIPs */
 #define XO_EP_SERVICE_BACKEND 0x2       /* it backs a service: its replies may need reverse NAT */

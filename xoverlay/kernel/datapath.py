@@ -196,7 +196,7 @@ def _pinned_build(pin: str) -> int | None:
 
 def outdated_maps(pin: str) -> list[str]:
     """The maps pinned in `pin` whose shape (type, key and value size, entries) is not
-    what xoverlay/maps/layout.py (checked against bpf/lib/maps.h) declares: pinned by a build with
+    what xoverlay/maps/layout.py (checked against bpf/lib/structs.h and maps.h) declares: pinned by a build with
     another layout. BCC would reuse such a pin as it is, and the programs would read
     its entries with the new layout."""
     out = []
