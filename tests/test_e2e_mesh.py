@@ -105,12 +105,12 @@ def test_without_xdp_tc_serves_the_mesh(lab):
 def test_demo_server_is_supervised(lab):
     """Its server killed: the supervisor starts another. The supervisor killed (SIGKILL):
     the server goes with it, and `lab up` starts them again."""
-    from xoverlay.kernel.processes import _cmdline, _pids_with
+    from xoverlay.kernel.processes import cmdline, pids_with
     lo = lab_obj(lab)
     ip = node_ips(lab)[lab.nodes()[0]]
 
     def pids():
-        return {p: _cmdline(p) for p in _pids_with(["xoverlay.lab.demo_server", f"--tag={lo.demo_tag}"])}
+        return {p: cmdline(p) for p in pids_with(["xoverlay.lab.demo_server", f"--tag={lo.demo_tag}"])}
 
     def serving(timeout=10):
         deadline = time.monotonic() + timeout
