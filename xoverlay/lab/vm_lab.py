@@ -120,8 +120,9 @@ class VmLab(Lab):
         super().up(count, xdp=xdp, echo=echo, store="etcd")
 
     def _nodes(self, nodes: list[str], xdp: bool, echo, store: str) -> None:
-        """Every VM booting at once, then their agents started side by side: one after
-        the other, a TCG boot and a BCC compile each, three nodes took three times as long."""
+        """Every VM booting at once, then their agents started side by side. Under TCG on
+        two CPUs that is CPU-bound either way (three nodes: 7.4 minutes one after the
+        other, about as long together); with KVM or more CPUs the boots overlap."""
         for i, node in enumerate(nodes, start=1):
             self._node(i, node, xdp)
         errors = []

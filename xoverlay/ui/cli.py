@@ -498,7 +498,7 @@ def store_serve(listen, data_dir, name, peer_port, tls_cert, tls_key, client_ca,
 
 @cli.group()
 def lab():
-    """A multi-node cluster of network namespaces on this machine."""
+    """A multi-node cluster on this machine: network namespaces, or qemu VMs (--vms)."""
 
 
 @lab.command("up")
