@@ -210,7 +210,12 @@ def test_dns_port_taken_refuses_before_changing_anything(lab):
     switch = lab.lab().underlay_netns       # on the lab's underlay, as a node: it reaches the store (etcd)
     blocker = None
     try:
-        for cmd in (["netns", "add", ns], ["-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "pdnsbusy",
+        # No IPv6, as on the lab's nodes: a link-local address finishing DAD between the two
+        # looks at the node would read as a change `up` made.
+        for cmd in (["netns", "add", ns],
+                    ["netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                     "net.ipv6.conf.default.disable_ipv6=1"],
+                    ["-n", ns, "link", "add", "eth1", "type", "veth", "peer", "name", "pdnsbusy",
                                            "netns", switch],
                     ["-n", switch, "link", "set", "pdnsbusy", "master", "br0", "up"],
                     ["-n", ns, "addr", "add", "192.0.2.240/24", "dev", "eth1"], ["-n", ns, "link", "set", "eth1", "up"],
