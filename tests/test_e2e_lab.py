@@ -187,7 +187,8 @@ def test_new_build_replaces_programs_in_place_without_loss(lab):
     run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
     time.sleep(0.5)
     sent, received = ping_loss(ping)
-    assert sent >= 250 and received == sent, f"lost {sent - received} of {sent}"
+    # The stream ran before and after the swap: at 100 Hz the two pauses alone are 100 probes.
+    assert sent >= 100 and received == sent, f"lost {sent - received} of {sent}"
     new = in_netns(f"/run/netns/xo-{n1}", "ip", "-d", "link", "show", "eth1").stdout
     old_id = old.split("prog/xdp id ")[1].split()[0]
     new_id = new.split("prog/xdp id ")[1].split()[0]

@@ -155,11 +155,12 @@ class StoreAndKernel(RuleBasedStateMachine):
     # --- names: mostly ones that make sense, sometimes not ------------------------------
 
     def existing(self, data, kind: str, pool) -> str:
-        """Mostly the name of an object that exists, else any name of the pool."""
+        """Mostly the name of an object that exists, else one of the pool that does not."""
         have = sorted(self.state().table(kind))
-        if have and data.draw(st.integers(0, 3), label=f"{kind} exists?") < 3:
+        missing = [n for n in pool if n not in have]
+        if have and (not missing or data.draw(st.integers(0, 3), label=f"{kind} exists?") < 3):
             return data.draw(st.sampled_from(have), label=kind)
-        return data.draw(st.sampled_from(pool), label=kind)
+        return data.draw(st.sampled_from(missing or pool), label=kind)
 
     def fresh(self, data, kind: str, pool) -> str:
         """Mostly a name nothing has yet, else any name of the pool."""
