@@ -11,6 +11,8 @@ import time
 import pytest
 from conftest import LAB_STORES, in_netns, leftovers, ping_loss, run_xo
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 pytestmark = pytest.mark.lab
 
 
@@ -282,3 +284,18 @@ def test_containers_reserve_room_for_the_vxlan_headers(lab):
         assert f"master {HEADROOM_BRIDGE}" in in_netns(node_ns, "ip", "-o", "link", "show", host).stdout
     finally:
         in_netns(node_ns, "ip", "link", "set", host, "master", HEADROOM_BRIDGE, check=False)
+
+
+def test_vagrants_check_passes_on_the_lab(lab):
+    """vagrant/check, the Vagrant cluster's end-to-end checks, passes on the lab and removes
+    what it made (on etcd, the store Vagrant's cluster runs; the VM lab runs it on Debian's
+    kernel, tests/test_vm_lab.py)."""
+    if lab.backend != "etcd":
+        pytest.skip("vagrant/check runs once, on the etcd lab (Vagrant's cluster is on etcd)")
+    r = subprocess.run([os.path.join(REPO, "vagrant", "check"), "--lab", lab.state], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "check: all passed" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("check: ok:") == 9
+    state = lab.store().read()
+    assert "chk" not in state.networks and "chkweb" not in state.services
+    assert not [e for e in state.endpoints if e.startswith("chk-")]

@@ -2,14 +2,16 @@
 node with a virtio-net NIC on the lab's switch, the store the lab's etcd. What the
 namespace lab proves on this machine's kernel, proved again on the kernel users run:
 traffic across nodes, isolation, a service over every node, DNS, the mesh keeping the
-client's address, an agent killed and restarted under a 100 Hz ping, and `lab down`
-leaving nothing. Also the BPF_PROG_TEST_RUN fixtures inside a 6.1 guest (its verifier
-is older). Slow under TCG: one lab for the whole module."""
+client's address, Vagrant's checks (vagrant/check; the agents were started by Vagrant's
+provisioning step, vagrant/node-up), an agent killed and restarted under a 100 Hz ping,
+and `lab down` leaving nothing. Also the BPF_PROG_TEST_RUN fixtures inside a 6.1 guest
+(its verifier is older). Slow under TCG: one lab for the whole module."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 
@@ -45,7 +47,7 @@ def vms(tmp_path_factory):
         # The BPF fixtures run in the third guest while the other tests use the cluster
         # (under TCG they take many minutes): started here, judged near the end.
         lab.run(lab.nodes()[2], ["sh", "-c", f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 {sys.executable} "
-                                 f"-m pytest -q -p no:cacheprovider -m 'not lab' {' '.join(GUEST_TESTS)} "
+                                 f"-m pytest -v -p no:cacheprovider -m 'not lab' {' '.join(GUEST_TESTS)} "
                                  f"> {GUEST_OUT} 2>&1; echo done >> {GUEST_OUT}"], detach=True)
         yield lab
     finally:
@@ -145,6 +147,15 @@ def test_the_mesh_answers_on_every_node_with_the_clients_address(vms):
     for node in vms.nodes():
         url, answer = vms.mesh_request(node)
         assert vms.client_ip in answer, f"{url}: {answer}"
+
+
+def test_vagrants_check_passes_on_the_vm_lab(vms):
+    """vagrant/check, the Vagrant cluster's checks, on the kernel the Vagrant boxes run (the
+    agents were started by vagrant/node-up, Vagrant's provisioning step)."""
+    r = subprocess.run([os.path.join(REPO, "vagrant", "check"), "--lab", vms.state], capture_output=True,
+                       text=True, timeout=1800)
+    assert r.returncode == 0 and "check: all passed" in r.stdout, r.stdout + r.stderr
+    assert r.stdout.count("check: ok:") == 9
 
 
 def test_an_agent_killed_and_started_again_under_a_100_hz_ping_loses_nothing(vms):

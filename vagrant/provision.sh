@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Provision one VM: install as the README does, point xoverlay at the cluster's etcd
 # (node1 serves it, over TLS with client certificates from vagrant/make-certs), start
-# the node's agent.
+# the node's agent (vagrant/node-up, the same step the VM lab runs in its guests).
 #   provision.sh NODE_NAME UNDERLAY_IP ETCD_IP
 set -euo pipefail
 node="$1"
@@ -25,16 +25,4 @@ if [ "$ip" = "$etcd_ip" ] && ! pgrep -x etcd >/dev/null; then
     xoverlay store serve --listen "$etcd_ip:2379" --tls-cert "$tls/etcd.crt" --tls-key "$tls/etcd.key" \
         --client-ca "$tls/ca.crt" --detach
 fi
-# The VMs may be provisioned in parallel (libvirt): wait for the store.
-for _ in $(seq 60); do xoverlay network ls >/dev/null 2>&1 && break; sleep 2; done
-xoverlay network ls >/dev/null
-
-# The private network's device is whichever one carries our address.
-underlay=$(ip -o -4 addr show | awk -v ip="$ip" '$4 ~ "^"ip"/" {print $2; exit}')
-[ -n "$underlay" ] || { echo "provision: no device has $ip" >&2; exit 1; }
-# As on a Docker host: the underlay forwards, so the data path can ask the kernel's FIB
-# for the next hop (docs/DESIGN.md, "Out of the underlay"; lint underlay-not-forwarding).
-sysctl -qw "net.ipv4.conf.$underlay.forwarding=1"
-xoverlay down --node "$node" >/dev/null 2>&1 || true
-xoverlay up --node "$node" --underlay "$underlay" --detach
-xoverlay peer ls --node "$node"
+exec /opt/xoverlay/vagrant/node-up "$node" "$ip"

@@ -25,7 +25,7 @@ from xoverlay.core import model
 from xoverlay.errors import XoError
 from xoverlay.kernel import netns, processes
 from xoverlay.lab import vm_control
-from xoverlay.lab.namespace_lab import (DEMO_NETWORK, REPO, UNDERLAY_DEV, UNDERLAY_NET, WEB_SERVICE, Lab, _run)
+from xoverlay.lab.namespace_lab import DEMO_NETWORK, REPO, UNDERLAY_NET, WEB_SERVICE, Lab, _run
 from xoverlay.store import etcd_server
 
 BOOT_SECONDS = 600            # a TCG boot of three VMs on two CPUs, BCC compiles included
@@ -193,8 +193,11 @@ class VmLab(Lab):
         alive = f"import sys; from xoverlay.kernel.processes import running_pid; sys.exit(not running_pid({node!r}))"
         if self.run(node, [sys.executable, "-c", alive], check=False)[0] == 0:
             return
-        rc, out, err = self.run(node, [sys.executable, "-m", "xoverlay", "--store", store, "up", "--node", node,
-                                       "--underlay", UNDERLAY_DEV, "--detach", "--xdp" if xdp else "--no-xdp"],
+        # Vagrant's own provisioning step (vagrant/node-up), so the VM lab proves it.
+        ip = self.node_ip(self.vm(node)["index"])
+        rc, out, err = self.run(node, ["env", f"PATH={os.path.dirname(sys.executable)}:/usr/sbin:/usr/bin:/sbin:/bin",
+                                       f"XOVERLAY_STORE={store}", os.path.join(REPO, "vagrant", "node-up"), node, ip,
+                                       "--xdp" if xdp else "--no-xdp"],
                                 check=False, timeout=BOOT_SECONDS)
         if rc != 0:
             raise XoError(f"starting the agent of {node} failed: {(err or out).decode().strip()}")
