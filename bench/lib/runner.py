@@ -40,9 +40,11 @@ def parser(name: str, doc: str, rounds: int, rounds_help: str = "rounds") -> arg
     return p
 
 
-def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
+def parse(p: argparse.ArgumentParser, full_defaults=None) -> argparse.Namespace:
+    """full_defaults(args): the defaults without --quick, when the options change them."""
     a = p.parse_args()
-    for option, value in zip(("rounds", "seconds", "bpf_samples", "bpf_repeat"), QUICK if a.quick else a.full_defaults):
+    full = full_defaults(a) if full_defaults else a.full_defaults
+    for option, value in zip(("rounds", "seconds", "bpf_samples", "bpf_repeat"), QUICK if a.quick else full):
         if getattr(a, option) is None:
             setattr(a, option, value)
     return a
@@ -159,10 +161,11 @@ def chart_file(chart, res: dict, path: str) -> str | None:
 
 @contextlib.contextmanager
 def figure(path: str, res: dict, what: str, legend: str, panels: int, size: tuple[float, float],
-           rect=(0, 0, 1, 1)):
+           rect=(0, 0, 1, 1), where: str | None = None):
     """A row of `panels` panels of `size` each for the with-block to draw, saved at `path`
     under a title that says what ran where ("xoverlay `what`, date, machine: median of N
-    rounds, `legend`"). ImportError without matplotlib."""
+    rounds, `legend`"; `where` instead of this machine's CPUs and kernel). ImportError
+    without matplotlib."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -170,7 +173,8 @@ def figure(path: str, res: dict, what: str, legend: str, panels: int, size: tupl
     try:
         yield fig, axes
         m = res["machine"]
-        fig.suptitle(f"xoverlay {what}, {res['date'][:10]}, {m['cpus']} CPUs, kernel {m['kernel']}: median of "
+        where = where or f"{m['cpus']} CPUs, kernel {m['kernel']}"
+        fig.suptitle(f"xoverlay {what}, {res['date'][:10]}, {where}: median of "
                      f"{res['config']['rounds']} rounds, {legend}", fontsize=10)
         fig.tight_layout(rect=rect)
         fig.savefig(path, dpi=110)

@@ -34,6 +34,31 @@ def sh(*cmd: str, timeout: float = 60, check: bool = True, input: str | None = N
     return r.stdout
 
 
+class Host:
+    """Where a benchmark's commands run: this machine (a guest of the VM lab is another,
+    bench/lib/vm_paths.py). A command enters its netns itself (in_ns)."""
+    name = "host"
+    patience = 1.0           # how many times longer than here its waits must be
+
+    def run(self, argv: list[str], timeout: float = 60) -> tuple[int, str, str]:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        return r.returncode, r.stdout, r.stderr
+
+    def start(self, argv: list[str], limit: float) -> subprocess.Popen:
+        """argv started, its output piped (text): communicate, poll, terminate, kill and
+        wait as Popen's. `limit`: the seconds it may take (a guest enforces it)."""
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
+    def serve(self, argv: list[str]) -> subprocess.Popen:
+        """A server for the whole run, its output discarded."""
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+
+HOST = Host()
+
+
 def in_ns(path: str, *cmd: str) -> list[str]:
     """A command run in the network namespace at `path`. nsenter, not `ip netns exec`,
     which remounts /sys and hides bpffs."""

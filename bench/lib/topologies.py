@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 
 from bench.lib.shell import (
     BPF_NODE,
+    HOST,
     PREFIX,
     STATE_ROOT,
     BenchError,
+    Host,
     ip_batch,
     log,
     ns_add,
@@ -40,12 +42,27 @@ class Path:
     server: str = ""          # netns path of the server container
     server_ip: str = ""
     info: dict = field(default_factory=dict)
+    client_at: Host = HOST    # the machine each netns is on (a VM lab's guest: vm_paths)
+    server_at: Host = HOST
+    # Its tests change what the other paths cross too (XDP on a NIC they share): it is
+    # measured between enter() and leave(), alone, and interleaved only with itself.
+    exclusive = False
 
     def up(self) -> None:
         raise NotImplementedError
 
     def down(self) -> None:
         raise NotImplementedError
+
+    def enter(self) -> None:
+        """Before this path's tests of a round (and its own interleaved rate)."""
+
+    def leave(self) -> None:
+        """After them, also when they failed."""
+
+    def leftovers(self) -> list[str]:
+        """What an interrupted run left of this path, removed: what it was."""
+        return []
 
     def counters(self) -> dict:
         """Counters whose change over the measurements says something went wrong."""
@@ -188,12 +205,14 @@ def xoverlay_cmd() -> list[str]:
 
 class XoverlayLab(Path):
     """The real thing: `xoverlay lab up --nodes 2` with a state store of its own (so its
-    names never meet the user's lab), client node1-a, server node2-a."""
+    names never meet the user's lab), client node1-a, server node2-a. Without XDP it is
+    the data path `up` runs by default: `--xdp auto` attaches no XDP on a veth
+    (xoverlay.kernel.datapath.choose_xdp)."""
 
     def __init__(self, xdp: bool):
         key = "xoverlay-xdp" if xdp else "xoverlay-noxdp"
-        label = ("xoverlay, XDP filter on the underlay (default)" if xdp
-                 else "xoverlay --no-xdp (tc only)")
+        label = ("xoverlay, XDP filter forced on the underlay (--xdp)" if xdp
+                 else "xoverlay default (--xdp auto: tc only on a veth)")
         super().__init__(key, label)
         self.xdp = xdp
         self.state = os.path.join(STATE_ROOT, key, "state.db")
@@ -218,6 +237,12 @@ class XoverlayLab(Path):
         if (mode == "native") != self.xdp:
             raise BenchError(f"{self.key}: XDP on {self.nodes[1]}'s eth1 is {mode}, expected "
                              f"{'native' if self.xdp else 'off'}")
+
+    def leftovers(self) -> list[str]:
+        if not os.path.exists(self.state):
+            return []
+        self.down()
+        return [f"lab {self.state}"]
 
     def counters(self) -> dict:
         from xoverlay.kernel.counters import drop_counts
@@ -277,11 +302,7 @@ def all_paths() -> list[Path]:
 
 def clean_leftovers(paths: list[Path]) -> list[str]:
     """What an interrupted earlier run may have left: our netns, labs and pins."""
-    found = []
-    for p in paths:
-        if isinstance(p, XoverlayLab) and os.path.exists(p.state):
-            found.append(f"lab {p.state}")
-            p.down()
+    found = [what for p in paths for what in p.leftovers()]
     found += ns_del_prefix(PREFIX)
     remove_state_root()
     from xoverlay.kernel import datapath

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from bench.lib.shell import BenchError, in_ns, sh
+from bench.lib.shell import HOST, BenchError, Host, in_ns
 
 if TYPE_CHECKING:
     from bench.lib.topologies import Path
@@ -41,27 +41,35 @@ class Target:
     client: str
     server_ip: str
     server: str = ""          # the server's netns (the interleaved rate counts there)
+    client_at: Host = HOST    # the machine of the client's netns, and of the server's
+    server_at: Host = HOST
 
 
 # --- servers ----------------------------------------------------------------------------
 
-class _Servers:
-    """Server processes in one netns, for the whole run; stop() ends them."""
+def _listening(at: Host, netns: str) -> set[int]:
+    """The TCP and UDP ports something listens on in `netns`."""
+    out = at.run(in_ns(netns, "ss", "-Hlntu"))[1]
+    return {int(m) for m in re.findall(r":(\d+)\s", out)}
 
-    def __init__(self, key: str, netns: str):
-        self.key, self.netns = key, netns
+
+class _Servers:
+    """Server processes in one netns (of the machine `at`), for the whole run; stop()
+    ends them."""
+
+    def __init__(self, key: str, netns: str, at: Host = HOST):
+        self.key, self.netns, self.at = key, netns, at
         self.procs: list[subprocess.Popen] = []
 
     def _start(self, cmds: list[list[str]], ports: set[int], timeout: float) -> None:
         """Start `cmds`, then wait until `ports` (TCP or UDP) listen."""
         for cmd in cmds:
             # nsenter execs the server (no fork for a net namespace): the pid is the server's.
-            self.procs.append(subprocess.Popen(in_ns(self.netns, *cmd), stdin=subprocess.DEVNULL,
-                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(self.at.serve(in_ns(self.netns, *cmd)))
+        timeout *= self.at.patience
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = sh(*in_ns(self.netns, "ss", "-Hlntu"), check=False)
-            if ports <= {int(m) for m in re.findall(r":(\d+)\s", out)}:
+            if ports <= _listening(self.at, self.netns):
                 return
             for p in self.procs:
                 if p.poll() is not None:
@@ -87,7 +95,7 @@ class Servers(_Servers):
     UDP stream (iperf3 3.12 runs a test in one thread), sockperf."""
 
     def __init__(self, path, udp_streams: int):
-        super().__init__(path.key, path.server)
+        super().__init__(path.key, path.server, path.server_at)
         self.server_ip = path.server_ip
         self.udp_streams = udp_streams
 
@@ -118,12 +126,12 @@ def _iperf3_client(path: Path, args: list[str], secs: float, tries: int = 3) -> 
     cmd = in_ns(path.client, "iperf3", "-c", path.server_ip, "-t", str(secs), "-J", *args)
     last = ""
     for _ in range(tries):
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
+        rc, stdout, stderr = path.client_at.run(cmd, timeout=secs + 30)
         try:
-            out = json.loads(r.stdout)
+            out = json.loads(stdout)
         except ValueError:
-            out = {"error": r.stderr.strip() or r.stdout.strip()}
-        if r.returncode == 0 and "error" not in out:
+            out = {"error": stderr.strip() or stdout.strip()}
+        if rc == 0 and "error" not in out:
             return out
         last = out.get("error", "")
         time.sleep(1)           # "the server is busy" right after a previous test
@@ -147,7 +155,7 @@ def udp(path: Path, secs: float, streams: int, key: str = "udp") -> dict:
     cmds = [in_ns(path.client, *pin, "iperf3", "-c", path.server_ip, "-p", str(UDP_PORT + i), "-u", "-b", "0",
                   "-l", str(UDP_PAYLOAD), "-t", str(secs), "-J") for i in range(streams)]
     for attempt in range(3):
-        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
+        procs = [path.client_at.start(c, limit=secs + 30) for c in cmds]
         outs = []
         for p in procs:
             try:
@@ -180,11 +188,11 @@ def rr(path: Path, secs: float) -> dict:
     """UDP request/response with 64-byte messages, one at a time: round-trip times."""
     cmd = in_ns(path.client, "sockperf", "ping-pong", "-i", path.server_ip, "-p", str(RR_PORT), "-t",
                 str(secs), "-m", "64", "--full-rtt")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
-    text = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    rc, stdout, stderr = path.client_at.run(cmd, timeout=secs + 30)
+    text = re.sub(r"\x1b\[[0-9;]*m", "", stdout + stderr)
     avg = _RTT_AVG.search(text)
     pct = {float(p): float(v) for p, v in _RTT_PCT.findall(text)}
-    if r.returncode != 0 or not avg or 50.0 not in pct:
+    if rc != 0 or not avg or 50.0 not in pct:
         raise BenchError(f"{path.key}: sockperf ping-pong failed: {text.strip()[-300:]}")
     return {"rr_avg_us": float(avg.group(1)), "rr_p50_us": pct[50.0], "rr_p99_us": pct.get(99.0)}
 
@@ -208,32 +216,43 @@ def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
     server's netns. Per target: the rate that arrived (packets counted over the time
     the sender spent on that target), the rate sent, loss, and its rate in every cycle
     of batches (for cycle_ratio). A target may be listed twice: the two are measured as
-    two paths (the method's own noise)."""
+    two paths (the method's own noise). The clients share a machine (the sender's)."""
     tool = os.path.join(BENCH, "pairrate.py")
-    servers = sorted({t.server for t in targets})
+    sender_at = targets[0].client_at
+    if any(t.client_at is not sender_at for t in targets):
+        raise BenchError("interleaved_rate: the targets' clients must be on one machine")
+    servers = {(t.server_at.name, t.server): t.server_at for t in targets}
     counters = {}
+    limit = secs + 60 * sender_at.patience
     try:
-        for ns in servers:
-            p = subprocess.Popen(in_ns(ns, "taskset", "-c", RECEIVER_CPU, sys.executable, tool, "count",
-                                       "--port", str(PAIR_PORT)),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            counters[ns] = p
-            if p.stdout.readline().strip() != "ready":
-                raise BenchError(f"pairrate counter in {ns} did not start: {p.stderr.read().strip()[-300:]}")
+        for (name, ns), at in servers.items():
+            # A counter stops `idle` s after its last packet: longer where a slow machine
+            # (a guest under TCG) may leave a path that long between two of its batches.
+            counters[(name, ns)] = at.start(in_ns(ns, "taskset", "-c", RECEIVER_CPU, sys.executable, tool, "count",
+                                                  "--port", str(PAIR_PORT), "--idle", f"{at.patience:g}",
+                                                  "--limit", f"{limit:g}"), limit=limit)
+        for (name, ns), at in servers.items():
+            deadline = time.monotonic() + 10 * at.patience
+            while PAIR_PORT not in _listening(at, ns):
+                p = counters[(name, ns)]
+                if p.poll() is not None or time.monotonic() > deadline:
+                    p.kill()
+                    raise BenchError(f"pairrate counter in {ns} did not start: {p.communicate()[1].strip()[-300:]}")
+                time.sleep(0.05)
         cmd = ["taskset", "-c", SENDER_CPU, sys.executable, tool, "send", "--seconds", str(secs)]
         for t in targets:
             cmd += ["--target", f"{t.client},{t.server_ip},{PAIR_PORT}"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 30)
-        sent = _json_line(r.stdout, r.stderr, "pairrate send")
+        _, stdout, stderr = sender_at.run(cmd, timeout=limit)
+        sent = _json_line(stdout, stderr, "pairrate send")
         counts = {}
-        for ns, p in counters.items():
-            # A counter stops 1 s after its last packet; one that got none, when told.
+        for (name, ns), p in counters.items():
+            # A counter stops `idle` s after its last packet; one that got none, when told.
             try:
-                out, err = p.communicate(timeout=5)
+                out, err = p.communicate(timeout=5 * servers[(name, ns)].patience)
             except subprocess.TimeoutExpired:
                 p.terminate()
-                out, err = p.communicate(timeout=10)
-            counts[ns] = _json_line(out, err, f"pairrate counter in {ns}", "counts")
+                out, err = p.communicate(timeout=10 * servers[(name, ns)].patience)
+            counts[(name, ns)] = _json_line(out, err, f"pairrate counter in {ns}", "counts")
     finally:
         for p in counters.values():
             if p.poll() is None:
@@ -241,7 +260,7 @@ def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
                 p.wait()
     rows = []
     for t, s in zip(targets, sent["targets"]):
-        got = counts[t.server].get(str(s["source_port"]), 0)
+        got = counts[(t.server_at.name, t.server)].get(str(s["source_port"]), 0)
         if s["sent"] == 0 or s["errors"] > 0.01 * (s["sent"] + s["errors"]):
             raise BenchError(f"{t.key}: pairrate sent {s['sent']} packets, {s['errors']} send errors")
         rows.append({"pair_kpps": got / s["seconds"] / 1e3, "pair_sent_kpps": s["sent"] / s["seconds"] / 1e3,
@@ -259,8 +278,8 @@ def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
                 str(CONN_PORT), "--seconds", str(secs), "--procs", str(procs))
     for t in targets:
         cmd += ["--ip", t.server_ip]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 90)
-    out = _json_line(r.stdout, r.stderr, "connrate")
+    _, stdout, stderr = targets[0].client_at.run(cmd, timeout=secs + 90)
+    out = _json_line(stdout, stderr, "connrate")
     rows = []
     for t, got in zip(targets, out["targets"]):
         if got["conns"] == 0 or got["errors"] > 0.01 * got["conns"]:
