@@ -1,9 +1,11 @@
 """What the benchmarks share, by job:
 
   venv             re-run a script under the project's venv (imports nothing it lacks)
-  shell            names of what a benchmark creates, commands and namespaces, the lock,
+  shell            names of what a benchmark creates, where commands run (this machine;
+                   a VM lab's guest is in vm_paths), commands and namespaces, the lock,
                    signals and clean-up, the machine and /proc
   topologies       the east-west paths: plain routing, kernel vxlan, the xoverlay lab
+  vm_paths         the same paths between two VMs of the VM lab (bench/eastwest --vms)
   service_paths    the same with services: kube-proxy-style nftables, an xoverlay lab with N
   kube_proxy       the nftables ruleset laid out as kube-proxy's iptables mode
   traffic          the servers and the traffic tools (iperf3, sockperf, the interleaved
