@@ -214,10 +214,18 @@ def run(port: int, token: str, argv: list[str], *, tty: bool = False, capture: b
             send(sock, b"S", str(sig).encode())
         except OSError:
             pass
+    def resize(_sig, _frame):
+        size = os.get_terminal_size()
+        try:
+            send(sock, b"W", f"{size.lines},{size.columns}".encode())
+        except OSError:
+            pass
     main = threading.current_thread() is threading.main_thread()
     if main:
         for sig in (signal.SIGINT, signal.SIGTERM):
             forwarded[sig] = signal.signal(sig, forward)
+        if tty and sys.stdout.isatty():         # the window resized: so is the command's pty
+            forwarded[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
     saved = None
     if tty and sys.stdin.isatty():
         saved = termios.tcgetattr(sys.stdin.fileno())
