@@ -149,6 +149,40 @@ def test_the_mesh_answers_on_every_node_with_the_clients_address(vms):
         assert vms.client_ip in answer, f"{url}: {answer}"
 
 
+def test_peer_ls_and_monitor_answer_from_the_guest(vms):
+    """`peer ls` and `monitor` with --node of a VM read that guest's pins (through its
+    control channel): the node's peers, and a new connection to the service as it happens."""
+    n1, n2, n3 = vms.nodes()
+    peers = json.loads(run_xo(vms.state, "peer", "ls", "--node", n1, "--json", timeout=GUEST_SECONDS).out)
+    want = {n: vms.store.read().nodes[n].underlay_ip for n in (n2, n3)}
+    assert {p["node"]: p["underlay_ip"] for p in peers} == want
+    assert all(p["liveness"] == "up" and p["tx_packets"] > 0 for p in peers), peers
+    monitor = subprocess.Popen([sys.executable, "-m", "xoverlay", "--state", vms.state, "monitor", "--node", n1,
+                                "--service", "web", "--json", "--count", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + GUEST_SECONDS
+        while monitor.poll() is None and time.monotonic() < deadline:
+            vms.web_requests(f"{n1}-a", count=1)     # until the monitor, starting in the guest, sees one
+            time.sleep(2)
+        out, err = monitor.communicate(timeout=60)
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    assert monitor.returncode == 0, err
+    event = json.loads(out.strip().splitlines()[-1])
+    assert event["service"] == "web", event
+
+
+def test_lab_demo_runs_on_the_vm_lab(vms):
+    """`lab demo` on the VM lab that is up: traffic across nodes, the service, the mesh."""
+    demo = run_xo(vms.state, "lab", "demo", timeout=1200).out
+    assert "3 packets transmitted, 3 received" in demo
+    assert all(f"{n}-web" in demo for n in vms.nodes())
+    assert f"the backend saw the client's own address {vms.client_ip}" in demo
+
+
 def test_vagrants_check_passes_on_the_vm_lab(vms):
     """vagrant/check, the Vagrant cluster's checks, on the kernel the Vagrant boxes run (the
     agents were started by vagrant/node-up, Vagrant's provisioning step)."""
