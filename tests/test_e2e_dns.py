@@ -64,6 +64,14 @@ def test_resolv_conf_points_every_lab_endpoint_at_the_gateway(lab):
         assert lines == ["nameserver 169.254.1.1"], name
 
 
+def test_lab_exec_into_an_endpoint_uses_its_resolv_conf(lab):
+    """`lab exec ENDPOINT -- CMD`, the demo's suggestion, resolves as the container does."""
+    n1 = names(lab)[0]
+    vip = lab.store().read().services["web"].vip
+    got = run_xo(lab.state, "lab", "exec", f"{n1}-a", "--", "getent", "hosts", "web").out.split()
+    assert got[:1] == [vip]
+
+
 def test_glibc_resolves_endpoint_names_with_and_without_the_network_suffix(lab):
     n1, n2, n3 = names(lab)
     before = lab.drops(n1)
