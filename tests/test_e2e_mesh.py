@@ -58,6 +58,24 @@ def test_tcp_through_every_node_keeps_the_client_ip(lab):
         assert xdp_tx(lab, node) - before >= remote * 3, node
 
 
+def test_every_node_reaches_every_other_nodes_published_port(lab):
+    """A cluster node is a client too: 50 connections from each node to each other node's
+    IP:8080, all answered, by backends on every node (the asking node's own included),
+    each seeing the asking node's address. Its checksums are left to offload across the
+    veths (CHECKSUM_PARTIAL): XDP hands those to tc (bpf/lib/mesh.h)."""
+    ips = node_ips(lab)
+    for src in lab.nodes():
+        for dst, ip in ips.items():
+            if dst == src:
+                continue
+            r = in_netns(lab.node_netns(src), PY, CLIENT, "http", ip, str(PUBLISHED), "50", timeout=120)
+            out = json.loads(r.stdout.strip().splitlines()[-1])
+            assert out["errors"] == [] and len(out["answers"]) == 50, \
+                (src, dst, out["errors"], {n: lab.drops(n) for n in lab.nodes()})
+            assert {a.split()[0] for a in out["answers"]} == {f"{n}-web" for n in lab.nodes()}, (src, dst)
+            assert {a.split()[2].split(":")[0] for a in out["answers"]} == {ips[src]}
+
+
 def test_udp_through_every_node_keeps_the_client_ip(lab):
     client_ip = lab_obj(lab).client_ip
     for node, ip in node_ips(lab).items():

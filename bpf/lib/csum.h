@@ -28,4 +28,14 @@ static __always_inline void xo_csum_replace2(__u16 *check, __be16 from, __be16 t
     *check = ~xo_csum_fold(sum);
 }
 
+/* What the L4 checksum field of a CHECKSUM_PARTIAL packet holds (the kernel's
+ * tcp_v4_send_check, udp4_hwcsum): the pseudo-header's sum, folded, not complemented.
+ * An IPv4 header without options. */
+static __always_inline __u16 xo_pseudo_header_csum(const struct iphdr *ip)
+{
+    __u32 sum = (ip->saddr & 0xffff) + (ip->saddr >> 16) + (ip->daddr & 0xffff) + (ip->daddr >> 16) +
+                bpf_htons((__u16)ip->protocol) + bpf_htons((__u16)(bpf_ntohs(ip->tot_len) - sizeof(*ip)));
+    return xo_csum_fold(sum);
+}
+
 #endif
