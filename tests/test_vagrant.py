@@ -38,6 +38,8 @@ def _assert_in_cli(argv: list[str]) -> None:
         assert opt.split("=")[0] in known, f"xoverlay {' '.join(argv)}: no global option {opt}"
         if "=" not in opt and args and not args[0].startswith("--"):
             args.pop(0)
+    if "--" in args:                      # what follows is another program's (lab exec)
+        args = args[:args.index("--")]
     while isinstance(group, click.Group):
         group = group.commands.get(args.pop(0))
         assert group is not None, f"no such command: xoverlay {' '.join(argv)}"
@@ -48,10 +50,14 @@ def _assert_in_cli(argv: list[str]) -> None:
 
 
 def test_provisioning_installs_like_the_readme_and_runs_real_commands():
+    """provision.sh installs as the README does and ends with node-up, the step the VM
+    lab runs in its guests (tests/test_vm_lab.py), which starts the agent."""
     script = (VAGRANT / "provision.sh").read_text()
     assert "./setup.sh" in script
-    commands = list(_commands(script))
-    assert ["up", "--node", "$node", "--underlay", "$underlay", "--detach"] in commands
+    assert script.rstrip().endswith('exec /opt/xoverlay/vagrant/node-up "$node" "$ip"')
+    node_up = (VAGRANT / "node-up").read_text()
+    commands = list(_commands(script)) + list(_commands(node_up))
+    assert ["up", "--node", "$node", "--underlay", "$underlay", "--detach", "$@"] in commands
     assert ["store", "serve", "--listen", "$etcd_ip:2379", "--tls-cert", "$tls/etcd.crt", "--tls-key",
             "$tls/etcd.key", "--client-ca", "$tls/ca.crt", "--detach"] in commands
     for argv in commands:
@@ -59,20 +65,21 @@ def test_provisioning_installs_like_the_readme_and_runs_real_commands():
 
 
 # In vagrant/check: `xo VM ARGS...` lines, and `xoverlay ARGS` inside the commands given to `on`.
-_CHECK_XO = re.compile(r"(?:^|[;&|]|\bdo|\bthen)\s*xo \S+ ([^;\n]+)", re.M)
+_CHECK_XO = re.compile(r"(?:^|[;&|(]|\bdo|\bthen)\s*xo \S+ ([^;|)\n]+)", re.M)
 _CHECK_XOVERLAY = re.compile(r"xoverlay ([^|\"';>&)]+)")
 
 
 def test_the_cross_vm_check_covers_every_path_with_real_commands():
     script = "\n".join(re.sub(r"(^|\s)#.*$", "", line) for line in (VAGRANT / "check").read_text().splitlines())
     commands = [shlex.split(m) for m in _CHECK_XO.findall(script)]
-    commands += [shlex.split(m) for m in _CHECK_XOVERLAY.findall(script) if not m.startswith("$*")]
+    commands += [shlex.split(m) for m in _CHECK_XOVERLAY.findall(script)
+                 if "$*" not in m and "$@" not in m and m.split() != ["--state"]]     # --lab: `--state "$STATE" ...`
     verbs = {" ".join(a for a in argv[:2]) for argv in commands}
     assert {"network create", "endpoint add", "service create", "service inspect", "endpoint ls",
             "service rm", "endpoint rm", "network rm"} <= verbs, verbs
     for argv in commands:
         _assert_in_cli(argv)
-    for what in ("ping -c", "iperf3 -c", "http://$vip/", "http://chkweb/", ":8080/", "trap cleanup EXIT"):
+    for what in ("ping -c", "iperf3 -c", "http://$vip/", "http://chkweb/", ":8089/", "trap cleanup EXIT"):
         assert what in (VAGRANT / "check").read_text(), f"vagrant/check lost its {what!r}"
 
 
