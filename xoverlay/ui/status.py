@@ -14,7 +14,7 @@ from xoverlay.kernel import monitor_flag, processes
 from xoverlay.kernel.maglev_maps import outer_slots
 from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
 from xoverlay.kernel.pinned import PinnedMap
-from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
+from xoverlay.maps.layout import CFG_EGRESS, CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
 
 
 def read_maps(node: str, service_ids=()) -> dict[str, dict]:
@@ -53,7 +53,7 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
         return []
     want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
                                 cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual,
-                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY))
+                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY), bool(cfg and cfg.flags & CFG_EGRESS))
     rows = []
     for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
         kind = "unexpected" if op.value is None else (
