@@ -213,7 +213,8 @@ class Agent:
         (XO_CFG_EGRESS off: packets for outside are dropped as NO_ROUTE) and the log says
         why, once per cause; status lints it."""
         try:
-            problem, done = veth.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()])
+            problem, done = veth.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
+                                               desired.masquerade_ranges(state))
             changes += done
         except Exception as e:    # never a reason to leave the maps alone
             problem = f"egress: {e}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xoverlay.core import maglev
+from xoverlay.core import maglev, model
 from xoverlay.core.model import State, parse_port
 from xoverlay.maps.layout import (
     CFG_EGRESS,
@@ -305,6 +305,28 @@ def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str
     for ep in state.endpoints.values():
         if ep.node == node and not ep.removing and ifindexes.get(ep.name):
             out[ep.ip] = (ifindexes[ep.name], ep.mac)
+    return out
+
+
+def masquerade_ranges(state: State) -> dict[str, list[tuple[int, int]]]:
+    """Per protocol with published ports, the ranges of source ports egress may give the
+    node's address (kernel/veth.py egress_ruleset): every port but the published ones.
+    A reply to a published port would be taken for a routing-mesh request by the data
+    path (XDP and tc see it before conntrack does), so no masqueraded connection may have
+    one. The ranges are the gaps between published ports: a connection from a port of a
+    gap is masqueraded into that gap (its own port kept where free, as plain masquerade
+    does), one from a published port into the largest gap."""
+    published: dict[str, set[int]] = {}
+    for port, proto in model._published(state):
+        published.setdefault(proto, set()).add(port)
+    out = {}
+    for proto, ports in sorted(published.items()):
+        gaps, lo = [], 1
+        for p in sorted(ports) + [65536]:
+            if p > lo:
+                gaps.append((lo, p - 1))
+            lo = p + 1
+        out[proto] = gaps
     return out
 
 

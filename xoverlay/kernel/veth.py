@@ -370,8 +370,9 @@ def remove_gateway(ipr) -> None:
 # --- egress: the node's stack masquerades what endpoint.c hands to xo-gw -----------------
 #
 # endpoint.c redirects a packet for outside every overlay network into xo-gw's ingress (as
-# it does DNS); the node routes it like its own forwarded traffic, and this table's one
-# rule masquerades whatever came in on xo-gw, out of whichever device its route takes.
+# it does DNS); the node routes it like its own forwarded traffic, and this table
+# masquerades whatever came in on xo-gw, out of whichever device its route takes (never
+# to a published port: egress_ruleset).
 # Conntrack turns the replies back to the endpoint's address, and a rule per network
 # subnet (`to SUBNET lookup RETURN_TABLE`) sends them, and anything else the node sends to
 # a local endpoint (ping replies from its own addresses, ICMP errors), out of the
@@ -379,13 +380,25 @@ def remove_gateway(ipr) -> None:
 # enters xo-gw, so it is never masqueraded. Why the stack and not SNAT in BPF: DESIGN.md.
 NFT_TABLE = "xoverlay"             # `table ip xoverlay`, in the node's netns
 EGRESS_RULE_PRIORITY = RETURN_RULE_PRIORITY + 1
-EGRESS_RULESET = f"""table ip {NFT_TABLE} {{
-	chain egress {{
-		type nat hook postrouting priority srcnat; policy accept;
-		iifname "{GATEWAY_DEV}" masquerade
-	}}
-}}
-"""
+
+
+def egress_ruleset(ranges: dict[str, list[tuple[int, int]]] | None = None) -> str:
+    """The nftables table, exactly as `nft list` prints it. `ranges`: per protocol with
+    published ports, the source port ranges a masqueraded connection may get
+    (desired.masquerade_ranges: never a published port, whose replies the routing mesh
+    would take); everything else is plain masquerade."""
+    rules = []
+    for proto, gaps in sorted((ranges or {}).items()):
+        rules += [f'iifname "{GATEWAY_DEV}" {proto} sport {lo}-{hi} masquerade to :{lo}-{hi}' for lo, hi in gaps]
+        lo, hi = max(gaps, key=lambda g: g[1] - g[0])
+        rules.append(f'iifname "{GATEWAY_DEV}" meta l4proto {proto} masquerade to :{lo}-{hi}')
+    rules.append(f'iifname "{GATEWAY_DEV}" masquerade')
+    body = "".join(f"\t\t{r}\n" for r in rules)
+    return (f"table ip {NFT_TABLE} {{\n\tchain egress {{\n"
+            f"\t\ttype nat hook postrouting priority srcnat; policy accept;\n{body}\t}}\n}}\n")
+
+
+EGRESS_RULESET = egress_ruleset()        # no published port anywhere
 
 
 def _nft(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -396,9 +409,9 @@ def _egress_rules(ipr) -> list:
     return [r for r in _return_rules(ipr) if r.get_attr("FRA_PRIORITY") == EGRESS_RULE_PRIORITY]
 
 
-def ensure_egress(ipr, subnets: list[str]) -> tuple[str | None, list[str]]:
+def ensure_egress(ipr, subnets: list[str], ranges: dict | None = None) -> tuple[str | None, list[str]]:
     """Egress in place and as it should be: xo-gw forwards (its own sysctl; only what
-    enters xo-gw is routed by it), the nftables table holds exactly EGRESS_RULESET, and
+    enters xo-gw is routed by it), the nftables table holds exactly egress_ruleset(ranges), and
     a rule per overlay subnet sends what is addressed to a local endpoint by RETURN_TABLE.
     Returns (why egress cannot work, or None) and what it changed. Idempotent: run
     every pass, it puts back what was changed behind our back."""
@@ -424,11 +437,12 @@ def ensure_egress(ipr, subnets: list[str]) -> tuple[str | None, list[str]]:
         changes.append(f"deleted rule to {dst}/{dst_len} lookup {RETURN_TABLE}")
     if shutil.which("nft") is None:
         return "nft (nftables) is not installed: nothing masquerades", changes
+    want_table = egress_ruleset(ranges)
     listed = _nft("list", "table", "ip", NFT_TABLE)
-    if listed.returncode != 0 or listed.stdout != EGRESS_RULESET:
+    if listed.returncode != 0 or listed.stdout != want_table:
         # Made (or made again) in one transaction: adding an empty table first makes the
         # delete safe when there is none.
-        done = _nft("-f", "-", stdin=f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n{EGRESS_RULESET}")
+        done = _nft("-f", "-", stdin=f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n{want_table}")
         if done.returncode != 0:
             return f"nft refused the egress table: {done.stderr.strip()}", changes
         changes.append(f"{'set' if listed.returncode != 0 else 'repaired'} nftables table ip {NFT_TABLE} "
