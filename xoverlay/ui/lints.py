@@ -247,6 +247,28 @@ def _forwarding(device: str) -> bool | None:
         return None
 
 
+def _conntrack() -> dict | None:
+    """This thread's netns's conntrack: entries, max, and what it refused (summed over
+    CPUs): `insert_failed`/`drop` is where connections egress could not give a port of
+    the node's go (docs/DESIGN.md, "Egress"). None without conntrack here."""
+    try:
+        with open("/proc/thread-self/net/stat/nf_conntrack") as f:
+            lines = f.read().split("\n")
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            count = int(f.read())
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    head = lines[0].split()
+    totals = {k: 0 for k in ("insert_failed", "drop", "early_drop")}
+    for line in lines[1:]:
+        for k, v in zip(head, line.split()):
+            if k in totals:
+                totals[k] += int(v, 16)
+    return {"entries": count, "max": limit, **totals}
+
+
 def gather(state: State, node: str) -> dict:
     """The facts `evaluate` judges, read now. Anything that cannot be read is left out."""
     from xoverlay.kernel import bpf, ethtool, netns
@@ -287,6 +309,7 @@ def gather(state: State, node: str) -> dict:
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["forwarding"] = _forwarding(dev["name"])
+            facts["conntrack"] = _conntrack()
             underlay["driver"] = ethtool.driver(dev["name"])
             underlay["features"] = ethtool.features(dev["name"])
             with open("/proc/thread-self/net/udp") as f:
