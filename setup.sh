@@ -14,7 +14,7 @@ say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 packages=(
   python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 bpftool   # BCC, libbpf, headers BCC compiles against
   python3-venv iproute2 iputils-ping ethtool kmod util-linux procps # venv, ip/tc/nsenter, ping, sysctl
-  iperf3 sockperf nftables tmux curl                               # benchmarks, baselines, TUI checks
+  iperf3 sockperf nftables tmux curl                               # nftables: egress (masquerade); benchmarks, baselines, TUI checks
   etcd-server openssl                                              # the cluster store (docs/STORE.md), test certs
   qemu-system-x86 linux-image-amd64 busybox-static                 # the VM lab: qemu, Debian 12's kernel, virtme-ng's init
 )

@@ -5,6 +5,8 @@
  *                                with the VIP put back if it is a service's reply
  *   same network, other node  -> VXLAN to that node (encap here, kernel picks the MAC)
  *   DNS to the gateway address -> the node's stack, through xo-gw (its DNS responder, docs/DNS.md)
+ *   outside every network     -> the node's stack, through xo-gw, which masquerades it
+ *                                (egress, docs/DESIGN.md); not from an --internal network
  *   a routing-mesh reply      -> to the outside client, from the node IP:port it talked
  *                                to, or back in VXLAN to that node (lib/mesh.h)
  *   anything else             -> dropped, counted by reason
@@ -46,6 +48,35 @@ static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct i
         return 0;
     struct xo_ports *ports;
     return xo_peek_ports(c, &ports) == bpf_htons(XO_DNS_PORT);
+}
+
+/* Not a unicast address a packet can leave for: 0/8, loopback, link-local (the gateway's
+ * 169.254.1.1 answers DNS only), multicast, reserved and broadcast. */
+static __always_inline int xo_is_outside_unicast(__be32 daddr)
+{
+    __u32 a = bpf_ntohl(daddr);
+    __u8 first = a >> 24;
+    return first != 0 && first != 127 && first < 224 && (a >> 16) != 0xa9fe;
+}
+
+/* Outside every overlay network: into the node's stack through xo-gw (as DNS is), which
+ * routes it like the node's own traffic and masquerades it out of whichever device its
+ * route takes (the agent's nftables table); conntrack turns the replies back to this
+ * endpoint's address, and a route of the agent's sends them out of this veth. Chosen over
+ * SNAT in BPF by measurement (docs/DESIGN.md, "Egress"). Returns the verdict or -reason. */
+static __always_inline int xo_to_outside(struct __sk_buff *skb, __u16 self_flags, __u32 self_slot, __be32 daddr,
+                                         __u32 len)
+{
+    if (!xo_is_outside_unicast(daddr))
+        return -XO_DROP_NO_ROUTE;
+    if (self_flags & XO_EP_NETWORK_INTERNAL)
+        return -XO_DROP_EGRESS_INTERNAL;
+    struct xo_config *cfg = xo_get_config();
+    if (!cfg || !(cfg->flags & XO_CFG_EGRESS) || !cfg->gateway_ifindex)
+        return -XO_DROP_NO_ROUTE;
+    xo_count_tx(xo_endpoint_traffic(self_slot), len);
+    xo_tell_forward(skb, XO_HOOK_ENDPOINT, XO_FWD_EGRESS, len);
+    return bpf_redirect(cfg->gateway_ifindex, BPF_F_INGRESS);
 }
 
 /* A drop the client is told of: a TCP connection to a service whose backend is gone
@@ -179,7 +210,10 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
                 return ret;
             }
         }
-        return xo_unroutable(vni, daddr);
+        ret = xo_unroutable(vni, daddr);
+        if (ret != -XO_DROP_NO_ROUTE)
+            return ret;
+        return xo_to_outside(skb, self_flags, self_slot, daddr, len);
     }
 
     xo_count_tx(xo_endpoint_traffic(self_slot), len);

@@ -49,6 +49,7 @@ class EndpointEntry:
     mac: bytes
     backend: bool             # a backend of some service (its replies may need reverse NAT)
     net_has_services: bool
+    internal: bool = False    # its network is --internal: nothing leaves the overlay
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Maps:
     underlay_mtu: int = 1500
     neighbours: dict = field(default_factory=dict)   # node IP -> MAC (XDP's FIB lookup finds it)
     ct: dict = field(default_factory=dict)       # (saddr, daddr, sport, dport, proto, dir) -> Ct
+    egress: bool = False                         # XO_CFG_EGRESS: the node masquerades what enters xo-gw
 
     @property
     def vnis(self) -> set:
@@ -510,6 +512,19 @@ def _unroutable(maps: Maps, vni: int, daddr: bytes) -> str:
     return "OTHER_NETWORK" if net != vni else "UNKNOWN_DESTINATION"
 
 
+def _outside(maps: Maps, me: EndpointEntry, daddr: bytes) -> Outcome:
+    """Outside every network: into the node's stack through xo-gw, unchanged, if it is a
+    unicast address, the network may leave the overlay and the node masquerades."""
+    first = daddr[0]
+    if first in (0, 127) or first >= 224 or daddr[:2] == bytes([169, 254]):
+        return drop("NO_ROUTE")
+    if me.internal:
+        return drop("EGRESS_INTERNAL")
+    if not (maps.egress and maps.gateway_ifindex):
+        return drop("NO_ROUTE")
+    return Outcome("redirect", path="egress to the node's stack")
+
+
 def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
     """tc on an endpoint's host veth: everything its container sends."""
     if ifindex not in maps.local:
@@ -563,7 +578,8 @@ def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
             if ct is not None:
                 return Outcome("redirect", out=encap(frame, maps, ct.vip, vni, me.mac, GW_MAC, frame[:ETH_HLEN],
                                                      mesh=True), built="encap", path="mesh reply: VXLAN to the ingress node")
-        return drop(_unroutable(maps, vni, daddr))
+        reason = _unroutable(maps, vni, daddr)
+        return _outside(maps, me, daddr) if reason == "NO_ROUTE" else drop(reason)
     if dst.ifindex:
         if f is not None and not service and me.backend:
             ct = maps.ct.get(f.key(CT_REPLY))

@@ -431,8 +431,9 @@ def test_every_drop_reason_is_covered():
     comes from the node's routes, in test_bpf_route.py)."""
     from xoverlay.maps.drops import REASONS
     covered = {c.drop for c in ENDPOINT + UNDERLAY_TC + UNDERLAY_XDP if c.drop}
-    # Services' reasons have their rows in test_bpf_services.py, the mesh's in test_bpf_mesh.py.
-    lb = {r.name for r in REASONS.values() if r.name.startswith(("LB_", "MESH_"))}
+    # Services' reasons have their rows in test_bpf_services.py, the mesh's in test_bpf_mesh.py,
+    # egress's in test_bpf_egress.py.
+    lb = {r.name for r in REASONS.values() if r.name.startswith(("LB_", "MESH_", "EGRESS_"))}
     assert {r.name for r in REASONS.values()} - covered - lb == {"ENCAP_FAILED", "DECAP_FAILED",
                                                                   "UNDERLAY_UNREACHABLE"}
 

@@ -62,6 +62,9 @@ CASES = [
      ["netns no-such-ns does not exist"]),
     ("network in use", ["network", "rm", "demo"], ["still has endpoints"]),
     ("unknown network rm", ["network", "rm", "nope"], ["network nope does not exist"]),
+    ("--internal on a network that exists", ["network", "create", "demo", "--subnet", "10.10.0.0/16", "--internal"],
+     ["network demo already exists"]),
+    ("unknown network inspect", ["network", "inspect", "nope"], ["network nope does not exist"]),
     ("bad endpoint name", ["endpoint", "add", "-bad", "--network", "demo", "--node", "{n1}"], []),
     ("unknown node down", ["down", "--node", "nope"], ["node nope does not exist"]),
 ]

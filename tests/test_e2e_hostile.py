@@ -227,7 +227,7 @@ def test_compromised_container_gets_nothing_through_and_neighbours_keep_talking(
         ({**base, "smac": "02:58:0a:0a:00:02", "dst": eps[f"{n1}-b"]["ip"], "count": 300}, "SPOOFED_SOURCE"),
         ({**base, "dst": eps[hostile["hb2"]]["ip"], "count": 300}, "OTHER_NETWORK"),
         ({**base, "dst": eps[hostile["hb1"]]["ip"], "count": 300}, "OTHER_NETWORK"),
-        ({**base, "dst": "192.0.2.12", "count": 300}, "NO_ROUTE"),                  # a node's underlay IP
+        ({**base, "dst": "169.254.9.9", "count": 300}, "NO_ROUTE"),                 # link-local: never leaves
         ({**base, "dst": "10.10.200.200", "count": 300}, "UNKNOWN_DESTINATION"),
         ({**base, "kind": "ipv6", "count": 300}, "NOT_IPV4"),
         ({**base, "kind": "arp", "op": 2, "src": eps[f"{n1}-b"]["ip"], "dst": eps[f"{n1}-b"]["ip"],

@@ -59,3 +59,15 @@ def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
     suppress = _rule(32766, 254)
     suppress["attrs"][1] = ("FRA_SUPPRESS_PREFIXLEN", 0)                   # main, suppress_prefixlength 0
     assert not suffices([KERNEL[0], suppress, KERNEL[2]])
+
+
+def test_egress_rules_keep_the_main_table_sufficient():
+    """The replies' rules (to a network's subnet, lookup RETURN_TABLE) never match an
+    underlay peer: with them the data path may still look peers up in main alone. A rule
+    of that priority and table that matches anything more is the operator's."""
+    egress = _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE, dst="10.10.0.0")
+    egress["dst_len"] = 16
+    assert suffices(KERNEL + [OURS, egress])
+    marked = _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE, dst="10.10.0.0", FRA_FWMARK=1)
+    assert not suffices(KERNEL + [OURS, marked])
+    assert not suffices(KERNEL + [OURS, _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE)])

@@ -107,6 +107,16 @@ def test_underlay_not_forwarding():
     assert "net.ipv4.conf.eth1.forwarding=1" in x["fix"]
 
 
+def test_egress_off():
+    assert lints.lint_egress("n1", True, True) == [] and lints.lint_egress("n1", None, False) == []
+    [x] = lints.lint_egress("n1", False, False)
+    assert (x["id"], x["severity"], x["subject"]) == ("egress-off", "warning", "n1")
+    assert "nft (nftables) is not installed" in x["message"] and "NO_ROUTE" in x["message"]
+    assert "apt-get install nftables" in x["fix"]
+    [x] = lints.lint_egress("n1", False, True)
+    assert "could not set its nftables table up" in x["message"] and "/run/xoverlay/n1.log" in x["fix"]
+
+
 def test_monitor_flag():
     assert lints.lint_monitor("off", 0) == [] and lints.lint_monitor("running", 5) == []
     [x] = lints.lint_monitor("stale", 5)

@@ -309,7 +309,7 @@ def _provoke_every_reason(lab, n1, n2, iso_ip):
     src = lab.ep(f"{n1}-a")
     lab.ping(f"{n1}-a", "10.10.250.250", count=1)                    # UNKNOWN_DESTINATION
     lab.ping(f"{n1}-a", iso_ip, count=1)                             # OTHER_NETWORK
-    lab.ping(f"{n1}-a", "10.99.0.1", count=1)                        # NO_ROUTE
+    lab.ping(f"{n1}-a", "169.254.9.9", count=1)                      # NO_ROUTE (link-local never leaves)
     from scapy.layers.inet import ICMP, IP, UDP
     from scapy.layers.l2 import ARP, Ether
     from scapy.layers.vxlan import VXLAN
@@ -364,7 +364,7 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
         (a["ip"], "10.10.250.250")
     assert by_reason["UNKNOWN_DESTINATION"]["protocol"] == "icmp"
     assert by_reason["OTHER_NETWORK"]["dst_endpoint"] == "mon-iso-x"
-    assert by_reason["NO_ROUTE"]["dst"] == "10.99.0.1"
+    assert by_reason["NO_ROUTE"]["dst"] == "169.254.9.9"
     spoofed = by_reason["SPOOFED_SOURCE"]
     assert (spoofed["src"], spoofed["dst_endpoint"], spoofed["protocol"], spoofed["sport"], spoofed["dport"]) == \
         ("10.10.0.99", f"{n1}-b", "udp", 1111, 2222)
@@ -410,7 +410,7 @@ def test_monitor_filters_by_endpoint_and_reason(lab):
                      "--reason", "unknown-destination")
     try:
         lab.ping(f"{n1}-a", "10.10.250.1", count=1)      # another endpoint's drop
-        lab.ping(f"{n1}-b", "10.99.0.2", count=1)        # its drop, another reason
+        lab.ping(f"{n1}-b", "169.254.9.2", count=1)      # its drop, another reason (NO_ROUTE)
         lab.ping(f"{n1}-b", "10.10.250.2", count=1)      # the one
         code, events, err = mon.finish()
     finally:

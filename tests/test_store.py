@@ -29,6 +29,18 @@ def test_failed_update_changes_nothing(tmp_path):
     assert set(store.read().networks) == {"a"} and store.generation() == gen
 
 
+def test_an_internal_network_stays_internal_across_processes(tmp_path):
+    """--internal is part of the network's record, and a record written before the flag
+    existed reads as not internal."""
+    path = str(tmp_path / "s.db")
+    SqliteStore(path).update(lambda s: model.create_network(s, "in", "10.1.0.0/16", internal=True))
+    SqliteStore(path).update(lambda s: model.create_network(s, "out", "10.2.0.0/16"))
+    nets = SqliteStore(path).read().networks
+    assert (nets["in"].internal, nets["out"].internal) == (True, False)
+    from xoverlay.store.base import decode
+    assert decode("network", '{"name": "old", "subnet": "10.3.0.0/16", "vni": 7, "slice_prefix": 24}').internal is False
+
+
 def test_noop_update_keeps_generation(tmp_path):
     store = SqliteStore(str(tmp_path / "state.db"))
     gen = store.generation()

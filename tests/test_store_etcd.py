@@ -93,6 +93,14 @@ def test_failed_update_changes_nothing_and_noop_keeps_generation(etcd):
     assert set(store.read().networks) == {"a"} and store.generation() == gen
 
 
+def test_an_internal_network_stays_internal_across_processes(etcd):
+    """--internal is part of the network's record: another client reads it back."""
+    open_store(etcd.url).update(lambda s: model.create_network(s, "in", "10.1.0.0/16", internal=True))
+    open_store(etcd.url).update(lambda s: model.create_network(s, "out", "10.2.0.0/16"))
+    nets = open_store(etcd.url).read().networks
+    assert (nets["in"].internal, nets["out"].internal) == (True, False)
+
+
 def test_key_prefixes_keep_clusters_apart(etcd):
     one, two = open_store(etcd.url + "/one"), open_store(etcd.url + "/two")
     one.update(lambda s: model.create_network(s, "a", "10.1.0.0/16"))

@@ -19,7 +19,7 @@
     XO_DROP(SPOOFED_SOURCE, 4, "endpoint used a source IP or MAC that is not its own") \
     XO_DROP(OTHER_NETWORK, 5, "destination is an address of another network") \
     XO_DROP(UNKNOWN_DESTINATION, 6, "no endpoint has that address in this network") \
-    XO_DROP(NO_ROUTE, 7, "destination is outside every overlay network") \
+    XO_DROP(NO_ROUTE, 7, "destination is outside every overlay network and cannot leave: egress is not set up on this node (status says why), or not a unicast address") \
     XO_DROP(ENCAP_FAILED, 8, "could not make room for the VXLAN headers") \
     XO_DROP(UNKNOWN_PEER, 9, "VXLAN from an address that is not a peer node") \
     XO_DROP(UNKNOWN_VNI, 10, "VXLAN with a VNI not in use on this node") \
@@ -38,7 +38,8 @@
     XO_DROP(MESH_OVERLAY_SOURCE, 23, "packet to a published port from an address of an overlay network") \
     XO_DROP(MESH_NO_CONNECTION, 24, "routing-mesh reply for a connection this node has no entry for") \
     XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated") \
-    XO_DROP(UNDERLAY_UNREACHABLE, 26, "the underlay's routing has a blackhole, unreachable or prohibit route to the peer")
+    XO_DROP(UNDERLAY_UNREACHABLE, 26, "the underlay's routing has a blackhole, unreachable or prohibit route to the peer") \
+    XO_DROP(EGRESS_INTERNAL, 27, "destination is outside the overlay, and the endpoint's network is --internal (no way out)")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

@@ -21,11 +21,14 @@ struct xo_config {
 
 /* Config flags. xoverlay/maps/layout.py reads these lines (one definition). */
 #define XO_CFG_FIB_MAIN_ONLY 0x1  /* no policy rule routes our packets: underlay routes from main */
+#define XO_CFG_EGRESS 0x2         /* the node masquerades what enters xo-gw for the outside (its nftables table is in place) */
 
-/* Endpoint flags: the service lookups the data path may skip for an endpoint. xoverlay/maps/layout.py
+/* Endpoint flags: the service lookups the data path may skip for an endpoint, and its
+ * network's policy. xoverlay/maps/layout.py
  * reads these lines (one definition). */
 #define XO_EP_NETWORK_HAS_SERVICES 0x1  /* its network has a service: look for VIPs */
 #define XO_EP_SERVICE_BACKEND 0x2       /* it backs a service: its replies may need reverse NAT */
+#define XO_EP_NETWORK_INTERNAL 0x4      /* its network is --internal: nothing leaves the overlay */
 
 /* Counters are per-CPU arrays indexed by a slot the agent gives each local endpoint,
  * peer and service backend, kept in their entries (a service's is its id): the program

@@ -59,7 +59,7 @@ def find_underlay(ipr, name: str) -> Underlay:
 @dataclass(frozen=True)
 class WantMemo:
     """What a pass wanted, and from what: reused while `inputs` stay the same."""
-    inputs: tuple             # store generation, plumbed veths, underlay, build, xo-gw, FIB flag
+    inputs: tuple             # store generation, plumbed veths, underlay, build, xo-gw, FIB flag, egress
     want: dict                # desired.desired_maps
     raw: dict                 # the same as the kernel holds it: desired.encoded(want)
     tables: dict              # desired.desired_tables
@@ -81,6 +81,7 @@ class Agent:
     dns_server: dns_responder.DnsServer | None = None
     gateway_ifindex: int = 0           # xo-gw, where endpoint.c sends DNS (0: none yet)
     fib_main_only: bool = False        # XO_CFG_FIB_MAIN_ONLY: no rule of the operator's (links)
+    egress_problem: str | None = "not set up yet"   # why egress cannot work here; None: XO_CFG_EGRESS
     last_state: object = None         # the store's state of the last pass (read by metrics)
     observer: object = None           # metrics.AgentMetrics, when --metrics is on
     lease_ttl: float = LEASE_TTL
@@ -185,6 +186,7 @@ class Agent:
             changes += gw_changes
         except Exception as e:
             log.error("gateway device %s: %s", veth.GATEWAY_DEV, e)
+        self._egress(state, changes)
         try:
             self.fib_main_only = veth.fib_main_only(self.ipr)
         except Exception as e:    # the full lookup is always right, only slower
@@ -205,6 +207,23 @@ class Agent:
         self.record(ready, gone)
         return changes
 
+    def _egress(self, state, changes: list[str]) -> None:
+        """Masquerade, forwarding on xo-gw and the replies' rules, put (back) in place
+        (kernel/veth.py ensure_egress). Where it cannot be, the data path is told
+        (XO_CFG_EGRESS off: packets for outside are dropped as NO_ROUTE) and the log says
+        why, once per cause; status lints it."""
+        try:
+            problem, done = veth.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
+                                               desired.masquerade_ranges(state))
+            changes += done
+        except Exception as e:    # never a reason to leave the maps alone
+            problem = f"egress: {e}"
+        if problem and problem != self.egress_problem:
+            log.error("egress off on this node: %s", problem)
+        elif not problem and self.egress_problem and self.egress_problem != "not set up yet":
+            log.info("egress on again")
+        self.egress_problem = problem
+
     def sync_maps(self, state, ifindexes: dict[str, int], generation: int | None = None,
                   changes: list[str] | None = None) -> list[str]:
         """The maps part of a pass: the kernel's reconciled maps and Maglev tables made
@@ -216,7 +235,7 @@ class Agent:
         Appends what it changed to `changes` and returns them."""
         changes = [] if changes is None else changes
         inputs = (generation, tuple(sorted(ifindexes.items())), self.underlay.ifindex, self.progs.build,
-                  self.gateway_ifindex, self.fib_main_only)
+                  self.gateway_ifindex, self.fib_main_only, self.egress_problem is None)
         raw = {name: self.maps[name].raw_items() for name in desired.RECONCILED_MAPS}
         have_tables = self.tables.read(s.id for s in state.services.values())
         memo = self.want_memo if generation is not None and self.want_memo and self.want_memo.inputs == inputs \
@@ -228,7 +247,8 @@ class Agent:
             want, want_tables = memo.want, memo.tables
         else:
             want = desired.desired_maps(state, self.node, ifindexes, self.underlay.ifindex, self.progs.build,
-                                        self.gateway_ifindex, actual, self.fib_main_only)
+                                        self.gateway_ifindex, actual, self.fib_main_only,
+                                        self.egress_problem is None)
             want_tables = desired.desired_tables(state, self.table_memo)
             self.want_memo = WantMemo(inputs, want, desired.encoded(want), want_tables)
         # New counter slots are zeroed before the entries that name them are written.

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from xoverlay.core import maglev
+from xoverlay.core import maglev, model
 from xoverlay.core.model import State, parse_port
 from xoverlay.maps.layout import (
+    CFG_EGRESS,
     CFG_FIB_MAIN_ONLY,
     EP_NETWORK_HAS_SERVICES,
+    EP_NETWORK_INTERNAL,
     EP_SERVICE_BACKEND,
     IPPROTO,
     LB_ACTIVE,
@@ -66,19 +68,22 @@ def _mac(mac: str):
 
 def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_ifindex: int,
                  build_id: int, gateway_ifindex: int = 0, actual: dict[str, dict] | None = None,
-                 fib_main_only: bool = False) -> dict[str, dict]:
+                 fib_main_only: bool = False, egress: bool = False) -> dict[str, dict]:
     """What every reconciled map should hold on `node`. `ifindexes` maps the names of the
     local endpoints that are plumbed to their host-side veth; the others are left out
     until they are (a map entry pointing at no veth would black-hole traffic). Peers, local
     endpoints and backends keep the counter slots they have in `actual` (the maps as they
     are): see assign_slots. `fib_main_only`: the node's routing rules let the data path
-    look underlay routes up in the main table (kernel/veth.py main_table_suffices)."""
+    look underlay routes up in the main table (kernel/veth.py main_table_suffices).
+    `egress`: the node's masquerade is in place (kernel/veth.py ensure_egress), so
+    endpoint.c may hand packets for the outside to xo-gw."""
     had = slots_in(actual or {})
     me = state.nodes[node]
     maps: dict[str, dict] = {name: {} for name in RECONCILED_MAPS}
     maps["xo_config"][U32(0)] = Config(node_ip=ip_be(me.underlay_ip), underlay_ifindex=underlay_ifindex,
                                        vxlan_port=int.from_bytes(me.vxlan_port.to_bytes(2, "big"), "little"),
-                                       flags=CFG_FIB_MAIN_ONLY if fib_main_only else 0,
+                                       flags=(CFG_FIB_MAIN_ONLY if fib_main_only else 0)
+                                       | (CFG_EGRESS if egress else 0),
                                        gateway_ifindex=gateway_ifindex, build_id=build_id)
     peers = sorted(ip_be(p.underlay_ip) for p in state.nodes.values() if p.name != node)
     peer_slot = assign_slots(had["xo_peers"], peers, MAX_PEERS)
@@ -162,12 +167,15 @@ def fresh_counters(desired: dict[str, dict], actual: dict[str, dict]) -> list[Ma
 
 
 def endpoint_flags(state: State) -> dict[str, int]:
-    """Per endpoint, which service lookups the data path must do for its packets: none at
-    all in a network without services, so plain east-west traffic pays nothing for them."""
+    """Per endpoint, which service lookups the data path must do for its packets (none at
+    all in a network without services, so plain east-west traffic pays nothing for them),
+    and whether its network keeps it in (--internal)."""
     networks = {s.network for s in state.services.values()}
     backends = {b.endpoint for s in state.services.values() for b in s.backends}
+    internal = {n.name for n in state.networks.values() if n.internal}
     return {ep.name: (EP_NETWORK_HAS_SERVICES if ep.network in networks else 0) |
-                     (EP_SERVICE_BACKEND if ep.name in backends else 0)
+                     (EP_SERVICE_BACKEND if ep.name in backends else 0) |
+                     (EP_NETWORK_INTERNAL if ep.network in internal else 0)
             for ep in state.endpoints.values()}
 
 
@@ -297,6 +305,28 @@ def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str
     for ep in state.endpoints.values():
         if ep.node == node and not ep.removing and ifindexes.get(ep.name):
             out[ep.ip] = (ifindexes[ep.name], ep.mac)
+    return out
+
+
+def masquerade_ranges(state: State) -> dict[str, list[tuple[int, int]]]:
+    """Per protocol with published ports, the ranges of source ports egress may give the
+    node's address (kernel/veth.py egress_ruleset): every port but the published ones.
+    A reply to a published port would be taken for a routing-mesh request by the data
+    path (XDP and tc see it before conntrack does), so no masqueraded connection may have
+    one. The ranges are the gaps between published ports: a connection from a port of a
+    gap is masqueraded into that gap (its own port kept where free, as plain masquerade
+    does), one from a published port into the largest gap."""
+    published: dict[str, set[int]] = {}
+    for port, proto in model._published(state):
+        published.setdefault(proto, set()).add(port)
+    out = {}
+    for proto, ports in sorted(published.items()):
+        gaps, lo = [], 1
+        for p in sorted(ports) + [65536]:
+            if p > lo:
+                gaps.append((lo, p - 1))
+            lo = p + 1
+        out[proto] = gaps
     return out
 
 

@@ -30,6 +30,7 @@ class Network:
     subnet: str
     vni: int
     slice_prefix: int = DEFAULT_SLICE_PREFIX
+    internal: bool = False      # Docker's --internal: its endpoints reach nothing outside the overlay
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def _endpoint_of(state: State, name: str) -> Endpoint:
 # --- networks -----------------------------------------------------------------------
 
 def create_network(state: State, name: str, subnet: str, vni: int | None = None,
-                   slice_prefix: int = DEFAULT_SLICE_PREFIX) -> State:
+                   slice_prefix: int = DEFAULT_SLICE_PREFIX, internal: bool = False) -> State:
     check_name("network", name)
     if name in state.networks:
         raise XoError(f"network {name} already exists")
@@ -189,7 +190,7 @@ def create_network(state: State, name: str, subnet: str, vni: int | None = None,
         raise XoError(f"VNI {vni} is already used by network {owner}")
     if len(state.networks) >= MAX_NETWORKS:
         raise XoError(f"map full: at most {MAX_NETWORKS} networks")
-    return state.with_("network", name, Network(name, str(net), vni, slice_prefix))
+    return state.with_("network", name, Network(name, str(net), vni, slice_prefix, internal))
 
 
 def remove_network(state: State, name: str) -> State:

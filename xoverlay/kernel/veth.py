@@ -9,8 +9,10 @@ import hashlib
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import struct
+import subprocess
 
 from xoverlay.core import desired
 from xoverlay.core.model import GATEWAY_IP, Endpoint, State
@@ -291,13 +293,24 @@ def rule_shape(msg) -> tuple:
     return (attrs.get("FRA_PRIORITY", 0), attrs.get("FRA_TABLE", msg["table"]), msg["action"], selectors)
 
 
+def _ours(shape) -> bool:
+    """One of our rules: DNS replies' (OUR_RULE), or egress replies' to a network's subnet
+    (priority EGRESS_RULE_PRIORITY, RETURN_TABLE, a destination prefix and nothing else)."""
+    if shape == OUR_RULE:
+        return True
+    priority, table, action, selectors = shape
+    return (priority, table, action) == (EGRESS_RULE_PRIORITY, RETURN_TABLE, FR_ACT_TO_TBL) and \
+        [k for k, _ in selectors] == ["FRA_DST", "dst_len"]
+
+
 def main_table_suffices(shapes) -> bool:
     """Whether the main table alone routes every packet the data path sends out of the
     underlay (config flag XO_CFG_FIB_MAIN_ONLY, bpf/lib/route.h) as the whole policy
     would: the rules are the kernel's three and ours, nothing else. Our destinations are
-    never local addresses (the local table), and a miss in main falls back to the
-    kernel's full route. Any rule of the operator's, and it is the whole policy."""
-    return set(shapes) - {OUR_RULE} == KERNEL_RULES
+    never local addresses (the local table) nor in an overlay subnet (egress rules), and a
+    miss in main falls back to the kernel's full route. Any rule of the operator's, and it
+    is the whole policy."""
+    return {s for s in shapes if not _ours(s)} == KERNEL_RULES
 
 
 def fib_main_only(ipr) -> bool:
@@ -340,14 +353,106 @@ def ensure_gateway(ipr) -> tuple[int, list[str]]:
 
 
 def remove_gateway(ipr) -> None:
+    """xo-gw, our rules and RETURN_TABLE, and egress (its nftables table: xo-gw's own
+    sysctls go with the device)."""
+    remove_egress()
     for r in _return_rules(ipr):
-        ipr.rule("del", family=socket.AF_INET, table=RETURN_TABLE, priority=r.get_attr("FRA_PRIORITY"),
-                 src=r.get_attr("FRA_SRC"), src_len=r["src_len"])
+        match = {k: v for k, v in (("src", r.get_attr("FRA_SRC")), ("src_len", r["src_len"]),
+                                   ("dst", r.get_attr("FRA_DST")), ("dst_len", r["dst_len"])) if v}
+        ipr.rule("del", family=socket.AF_INET, table=RETURN_TABLE, priority=r.get_attr("FRA_PRIORITY"), **match)
     for route in ipr.get_routes(family=socket.AF_INET, table=RETURN_TABLE):
         if route.get_attr("RTA_TABLE") == RETURN_TABLE:
             ipr.route("del", table=RETURN_TABLE, dst=route.get_attr("RTA_DST"), dst_len=route["dst_len"])
     for index in ipr.link_lookup(ifname=GATEWAY_DEV):
         ipr.link("del", index=index)
+
+
+# --- egress: the node's stack masquerades what endpoint.c hands to xo-gw -----------------
+#
+# endpoint.c redirects a packet for outside every overlay network into xo-gw's ingress (as
+# it does DNS); the node routes it like its own forwarded traffic, and this table
+# masquerades whatever came in on xo-gw, out of whichever device its route takes (never
+# to a published port: egress_ruleset).
+# Conntrack turns the replies back to the endpoint's address, and a rule per network
+# subnet (`to SUBNET lookup RETURN_TABLE`) sends them, and anything else the node sends to
+# a local endpoint (ping replies from its own addresses, ICMP errors), out of the
+# endpoint's veth by the routes DNS replies already use. Overlay and service traffic never
+# enters xo-gw, so it is never masqueraded. Why the stack and not SNAT in BPF: DESIGN.md.
+NFT_TABLE = "xoverlay"             # `table ip xoverlay`, in the node's netns
+EGRESS_RULE_PRIORITY = RETURN_RULE_PRIORITY + 1
+
+
+def egress_ruleset(ranges: dict[str, list[tuple[int, int]]] | None = None) -> str:
+    """The nftables table, exactly as `nft list` prints it. `ranges`: per protocol with
+    published ports, the source port ranges a masqueraded connection may get
+    (desired.masquerade_ranges: never a published port, whose replies the routing mesh
+    would take); everything else is plain masquerade."""
+    rules = []
+    for proto, gaps in sorted((ranges or {}).items()):
+        rules += [f'iifname "{GATEWAY_DEV}" {proto} sport {lo}-{hi} masquerade to :{lo}-{hi}' for lo, hi in gaps]
+        lo, hi = max(gaps, key=lambda g: g[1] - g[0])
+        rules.append(f'iifname "{GATEWAY_DEV}" meta l4proto {proto} masquerade to :{lo}-{hi}')
+    rules.append(f'iifname "{GATEWAY_DEV}" masquerade')
+    body = "".join(f"\t\t{r}\n" for r in rules)
+    return (f"table ip {NFT_TABLE} {{\n\tchain egress {{\n"
+            f"\t\ttype nat hook postrouting priority srcnat; policy accept;\n{body}\t}}\n}}\n")
+
+
+EGRESS_RULESET = egress_ruleset()        # no published port anywhere
+
+
+def _nft(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True, timeout=10)
+
+
+def _egress_rules(ipr) -> list:
+    return [r for r in _return_rules(ipr) if r.get_attr("FRA_PRIORITY") == EGRESS_RULE_PRIORITY]
+
+
+def ensure_egress(ipr, subnets: list[str], ranges: dict | None = None) -> tuple[str | None, list[str]]:
+    """Egress in place and as it should be: xo-gw forwards (its own sysctl; only what
+    enters xo-gw is routed by it), the nftables table holds exactly egress_ruleset(ranges), and
+    a rule per overlay subnet sends what is addressed to a local endpoint by RETURN_TABLE.
+    Returns (why egress cannot work, or None) and what it changed. Idempotent: run
+    every pass, it puts back what was changed behind our back."""
+    changes = []
+    path = f"/proc/sys/net/ipv4/conf/{GATEWAY_DEV}/forwarding"
+    try:
+        with open(path) as f:
+            forwarding = f.read().strip()
+    except OSError:
+        return f"{GATEWAY_DEV} does not exist", changes
+    if forwarding != "1":
+        _write_sysctl(path, "1")
+        changes.append(f"set net.ipv4.conf.{GATEWAY_DEV}.forwarding=1")
+    want = {(str(ipaddress.IPv4Network(n).network_address), ipaddress.IPv4Network(n).prefixlen) for n in subnets}
+    have = {(r.get_attr("FRA_DST"), r["dst_len"]) for r in _egress_rules(ipr)}
+    for dst, dst_len in sorted(want - have):
+        ipr.rule("add", family=socket.AF_INET, table=RETURN_TABLE, priority=EGRESS_RULE_PRIORITY,
+                 dst=dst, dst_len=dst_len)
+        changes.append(f"added rule to {dst}/{dst_len} lookup {RETURN_TABLE}")
+    for dst, dst_len in sorted(have - want):
+        ipr.rule("del", family=socket.AF_INET, table=RETURN_TABLE, priority=EGRESS_RULE_PRIORITY,
+                 dst=dst, dst_len=dst_len)
+        changes.append(f"deleted rule to {dst}/{dst_len} lookup {RETURN_TABLE}")
+    if shutil.which("nft") is None:
+        return "nft (nftables) is not installed: nothing masquerades", changes
+    want_table = egress_ruleset(ranges)
+    listed = _nft("list", "table", "ip", NFT_TABLE)
+    if listed.returncode != 0 or listed.stdout != want_table:
+        # Made (or made again) in one transaction: adding an empty table first makes the
+        # delete safe when there is none.
+        done = _nft("-f", "-", stdin=f"table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n{want_table}")
+        if done.returncode != 0:
+            return f"nft refused the egress table: {done.stderr.strip()}", changes
+        changes.append(f"{'set' if listed.returncode != 0 else 'repaired'} nftables table ip {NFT_TABLE} "
+                       f"(masquerade what enters {GATEWAY_DEV})")
+    return None, changes
+
+
+def remove_egress() -> None:
+    if shutil.which("nft") is not None:
+        _nft("delete", "table", "ip", NFT_TABLE)
 
 
 def sync_return_paths(ipr, want: dict[str, tuple[int, str]]) -> list[str]:

@@ -89,9 +89,11 @@ def _flags(header: str, prefix: str) -> dict[str, int]:
 
 
 CFG_FIB_MAIN_ONLY = _flags("structs.h", "XO_CFG_")["FIB_MAIN_ONLY"]
+CFG_EGRESS = _flags("structs.h", "XO_CFG_")["EGRESS"]
 EP_FLAGS = _flags("structs.h", "XO_EP_")
 EP_NETWORK_HAS_SERVICES = EP_FLAGS["NETWORK_HAS_SERVICES"]
 EP_SERVICE_BACKEND = EP_FLAGS["SERVICE_BACKEND"]
+EP_NETWORK_INTERNAL = EP_FLAGS["NETWORK_INTERNAL"]
 
 
 class SubnetKey(Struct):

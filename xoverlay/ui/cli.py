@@ -166,11 +166,13 @@ def network():
 @click.option("--vni", type=int, default=None, help=f"1..{model.VNI_MAX} (default: the first free from 4096)")
 @click.option("--slice-prefix", type=int, default=model.DEFAULT_SLICE_PREFIX, show_default=True,
               help="prefix length of the slice each node gets for its endpoints")
+@click.option("--internal", is_flag=True,
+              help="its endpoints reach nothing outside the overlay (as Docker's --internal)")
 @click.pass_context
-def network_create(ctx, name, subnet, vni, slice_prefix):
-    s = _store(ctx).update(lambda st: model.create_network(st, name, subnet, vni, slice_prefix))
+def network_create(ctx, name, subnet, vni, slice_prefix, internal):
+    s = _store(ctx).update(lambda st: model.create_network(st, name, subnet, vni, slice_prefix, internal))
     n = s.networks[name]
-    click.echo(f"network {n.name}: subnet {n.subnet}, VNI {n.vni}")
+    click.echo(f"network {n.name}: subnet {n.subnet}, VNI {n.vni}" + (", internal" if n.internal else ""))
 
 
 @network.command("ls")
@@ -180,9 +182,34 @@ def network_ls(ctx, as_json):
     st = _store(ctx).read()
     nets = sorted(st.networks.values(), key=lambda n: n.name)
     count = {n.name: sum(1 for e in st.endpoints.values() if e.network == n.name) for n in nets}
-    _print_table("networks", ["NAME", "SUBNET", "VNI", "ENDPOINTS"],
-                 [[n.name, n.subnet, n.vni, count[n.name]] for n in nets], as_json,
+    _print_table("networks", ["NAME", "SUBNET", "VNI", "EGRESS", "ENDPOINTS"],
+                 [[n.name, n.subnet, n.vni, _egress(n), count[n.name]] for n in nets], as_json,
                  [dict(dataclasses.asdict(n), endpoints=count[n.name]) for n in nets])
+
+
+def _egress(n) -> str:
+    return "internal" if n.internal else "masquerade"
+
+
+@network.command("inspect")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def network_inspect(ctx, name, as_json):
+    st = _store(ctx).read()
+    if name not in st.networks:
+        raise XoError(f"network {name} does not exist")
+    n = st.networks[name]
+    eps = sorted(e.name for e in st.endpoints.values() if e.network == name)
+    services = sorted(s.name for s in st.services.values() if s.network == name)
+    info = dict(dataclasses.asdict(n), endpoints=eps, services=services)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"network {n.name}: subnet {n.subnet}, VNI {n.vni}, slices /{n.slice_prefix}; "
+               f"egress: {'none (internal)' if n.internal else 'masquerade through each endpoint node'}")
+    click.echo(f"  endpoints: {' '.join(eps) or '-'}")
+    click.echo(f"  services: {' '.join(services) or '-'}")
 
 
 @network.command("rm")

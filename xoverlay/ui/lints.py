@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 from typing import Callable
 
@@ -18,7 +19,7 @@ from xoverlay.errors import XoError
 from xoverlay.kernel import monitor_flag
 from xoverlay.kernel.datapath import XDP_COSTS
 from xoverlay.kernel.pinned import PinnedMap
-from xoverlay.maps.layout import MAPS, U32, ip_str, pin_dir
+from xoverlay.maps.layout import CFG_EGRESS, MAPS, U32, ip_str, pin_dir
 
 HEADROOM = 50                # outer IPv4 + UDP + VXLAN + inner Ethernet
 SEVERITIES = ("error", "warning", "info")
@@ -138,9 +139,24 @@ def lint_forwarding(device: str, forwarding: bool | None) -> list[dict]:
     return [lint("underlay-not-forwarding", "warning", device,
                  f"{device} does not forward: the kernel's FIB lookup for BPF answers only for a forwarding "
                  "device, so every tunnel packet takes the kernel's full output route (slower), blackhole or "
-                 "unreachable routes to peers are not honoured, and the routing mesh runs in tc instead of XDP",
+                 "unreachable routes to peers are not honoured, the routing mesh runs in tc instead of XDP, and "
+                 "replies to endpoints' egress (routed from it to their veths) are dropped",
                  f"sysctl -w net.ipv4.conf.{device}.forwarding=1 (Docker hosts have ip_forward=1; the host then "
                  "routes what arrives on it)")]
+
+
+def lint_egress(node: str, egress: bool | None, nft: bool) -> list[dict]:
+    """egress: XO_CFG_EGRESS in the node's pinned config (None: not pinned); nft: the
+    nftables tool is installed."""
+    if egress is not False:
+        return []
+    why = ("nft (nftables) is not installed" if not nft else
+           "the agent could not set its nftables table up, or has not yet (its log says why)")
+    return [lint("egress-off", "warning", node,
+                 f"egress is off on {node}: {why}, so its endpoints' packets to anything outside the overlay "
+                 "are dropped (NO_ROUTE)",
+                 "apt-get install nftables (the agent sets egress up on its next pass)" if not nft else
+                 f"see /run/xoverlay/{node}.log or the agent's output")]
 
 
 def lint_monitor(state: str, pid: int) -> list[dict]:
@@ -174,6 +190,7 @@ def evaluate(facts: dict) -> list[dict]:
         out += lint_forwarding(u["name"], u.get("forwarding"))
         if facts.get("vxlan_port") and facts.get("node_ip"):
             out += lint_vxlan_port(facts["vxlan_port"], facts["node_ip"], facts.get("udp_sockets", []))
+    out += lint_egress(facts["node"], facts.get("egress"), facts.get("nft", True))
     if facts.get("monitor"):
         out += lint_monitor(facts["monitor"]["state"], facts["monitor"]["pid"])
     return sorted(out, key=lambda x: SEVERITIES.index(x["severity"]))
@@ -230,6 +247,28 @@ def _forwarding(device: str) -> bool | None:
         return None
 
 
+def _conntrack() -> dict | None:
+    """This thread's netns's conntrack: entries, max, and what it refused (summed over
+    CPUs): `insert_failed`/`drop` is where connections egress could not give a port of
+    the node's go (docs/DESIGN.md, "Egress"). None without conntrack here."""
+    try:
+        with open("/proc/thread-self/net/stat/nf_conntrack") as f:
+            lines = f.read().split("\n")
+        with open("/proc/sys/net/netfilter/nf_conntrack_count") as f:
+            count = int(f.read())
+        with open("/proc/sys/net/netfilter/nf_conntrack_max") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        return None
+    head = lines[0].split()
+    totals = {k: 0 for k in ("insert_failed", "drop", "early_drop")}
+    for line in lines[1:]:
+        for k, v in zip(head, line.split()):
+            if k in totals:
+                totals[k] += int(v, 16)
+    return {"entries": count, "max": limit, **totals}
+
+
 def gather(state: State, node: str) -> dict:
     """The facts `evaluate` judges, read now. Anything that cannot be read is left out."""
     from xoverlay.kernel import bpf, ethtool, netns
@@ -245,6 +284,8 @@ def gather(state: State, node: str) -> dict:
         facts["monitor"] = {"state": monitor_flag.flag_state(mon), "pid": mon.pid}
     if cfg is None:
         return facts
+    facts["egress"] = bool(cfg.flags & CFG_EGRESS)
+    facts["nft"] = shutil.which("nft") is not None
     from xoverlay.kernel.datapath import PROGRAMS
     facts["program_ids"] = {name: _pinned_prog_id(node, name) for name in PROGRAMS}
     facts["our_xdp_id"] = facts["program_ids"]["prog_underlay_xdp"]
@@ -268,6 +309,7 @@ def gather(state: State, node: str) -> dict:
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["forwarding"] = _forwarding(dev["name"])
+            facts["conntrack"] = _conntrack()
             underlay["driver"] = ethtool.driver(dev["name"])
             underlay["features"] = ethtool.features(dev["name"])
             with open("/proc/thread-self/net/udp") as f:

@@ -14,7 +14,7 @@ from xoverlay.kernel import monitor_flag, processes
 from xoverlay.kernel.maglev_maps import outer_slots
 from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
 from xoverlay.kernel.pinned import PinnedMap
-from xoverlay.maps.layout import CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
+from xoverlay.maps.layout import CFG_EGRESS, CFG_FIB_MAIN_ONLY, MAPS, U32, ip_be, pin_dir
 
 
 def read_maps(node: str, service_ids=()) -> dict[str, dict]:
@@ -53,7 +53,7 @@ def drift(state: State, node: str, actual: dict[str, dict]) -> list[dict]:
         return []
     want = desired.desired_maps(state, node, ifindexes, cfg.underlay_ifindex if cfg else 0,
                                 cfg.build_id if cfg else 0, cfg.gateway_ifindex if cfg else 0, actual,
-                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY))
+                                bool(cfg and cfg.flags & CFG_FIB_MAIN_ONLY), bool(cfg and cfg.flags & CFG_EGRESS))
     rows = []
     for op in desired.diff(want, {m: actual.get(m, {}) for m in desired.RECONCILED_MAPS}):
         kind = "unexpected" if op.value is None else (
@@ -144,6 +144,8 @@ def snapshot(state: State, node: str, alive: dict | None = None, store: dict | N
         "maps": [{"name": name, "entries": len(maps[name]), "max_entries": spec.max_entries}
                  for name, spec in MAPS.items() if not spec.ringbuf],
         "drift": drift(state, node, maps) if cfg else [],
+        # Egress is the node's stack (DESIGN.md "Egress"): what its conntrack holds and refused.
+        "egress": {"on": bool(cfg.flags & CFG_EGRESS), "conntrack": facts.get("conntrack")} if cfg else None,
         "monitor": {"state": monitor_flag.flag_state(flag), "pid": flag.pid if flag and flag.events else None,
                     "lost": flag.lost if flag else 0} if flag else None,
         "lints": lints.evaluate(facts),
@@ -249,6 +251,13 @@ def render(snap: dict):
                       style="red" if drift else "green"))
     for d in drift[:10]:
         parts.append(Text(f"  {d['kind']:10} {d['map']} {d['key']}"))
+    eg = snap.get("egress")
+    if eg:
+        ct = eg.get("conntrack")
+        parts.append(Text(("egress: on (the node masquerades)" if eg["on"] else "egress: OFF (see lints)") +
+                          (f"; conntrack {ct['entries']}/{ct['max']} entries, {ct['insert_failed']} refused "
+                           f"(no free port or a clash), {ct['drop']} packets dropped by it" if ct else ""),
+                          style="" if eg["on"] else "yellow"))
     mon = snap.get("monitor") or {"state": "off"}
     parts.append(Text({"off": "monitor: none running (the data path writes no events)",
                        "running": f"monitor: running, pid {mon.get('pid')}",

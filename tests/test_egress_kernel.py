@@ -1,0 +1,104 @@
+"""The agent's egress state in a netns of the test's own (xoverlay/kernel/veth.py
+ensure_egress): made, repaired after each kind of drift, said to be impossible without
+nft, and removed with the gateway (what `xoverlay down` calls)."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import inside_netns_with_veth
+
+from xoverlay.kernel import netns, veth
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (netns, nftables)")
+
+SUBNETS = ["10.10.0.0/16", "10.20.0.0/16"]
+
+
+def here(*cmd: str) -> str:
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=True).stdout
+
+
+def egress_rules() -> set[str]:
+    return {line.split(":", 1)[1].strip() for line in here("ip", "rule").splitlines()
+            if line.startswith(f"{veth.EGRESS_RULE_PRIORITY}:")}
+
+
+def forwarding() -> str:
+    with open(f"/proc/sys/net/ipv4/conf/{veth.GATEWAY_DEV}/forwarding") as f:
+        return f.read().strip()
+
+
+@pytest.fixture
+def node():
+    """A throwaway netns with the gateway made, this thread inside it; an IPRoute there."""
+    with inside_netns_with_veth(f"xo-egress-test-{os.getpid()}"):
+        with netns.iproute() as ipr:
+            veth.ensure_gateway(ipr)
+            yield ipr
+
+
+def test_made_then_left_alone(node):
+    problem, changes = veth.ensure_egress(node, SUBNETS)
+    assert problem is None
+    assert f"set net.ipv4.conf.{veth.GATEWAY_DEV}.forwarding=1" in changes
+    assert any("nftables table ip xoverlay" in c for c in changes)
+    assert here("nft", "list", "table", "ip", "xoverlay") == veth.EGRESS_RULESET
+    assert egress_rules() == {f"from all to {s} lookup {veth.RETURN_TABLE}" for s in SUBNETS}
+    assert forwarding() == "1"
+    assert veth.ensure_egress(node, SUBNETS) == (None, [])      # nothing to do: nothing done
+
+
+def test_published_ports_are_never_given_to_a_masqueraded_connection(node):
+    """With ports published (tcp 8080, 30000; udp 53), the table maps each gap of the
+    port space onto itself and a published source port into the largest gap: nft prints
+    it exactly as the agent compares it, so an unchanged state changes nothing."""
+    from xoverlay.core import desired, model
+    s = model.State()
+    s = model.create_network(s, "n", "10.10.0.0/16")
+    s = model.create_service(s, "a", "n", ["80/tcp", "53/udp"], publish=["8080:80", "30000:80", "53:53"])
+    ranges = desired.masquerade_ranges(s)
+    assert ranges == {"tcp": [(1, 8079), (8081, 29999), (30001, 65535)], "udp": [(1, 52), (54, 65535)]}
+    assert veth.ensure_egress(node, SUBNETS, ranges)[0] is None
+    listed = here("nft", "list", "table", "ip", "xoverlay")
+    assert listed == veth.egress_ruleset(ranges)
+    assert 'iifname "xo-gw" meta l4proto tcp masquerade to :30001-65535' in listed
+    assert veth.ensure_egress(node, SUBNETS, ranges) == (None, [])
+    assert veth.ensure_egress(node, SUBNETS)[1] == [           # the service gone: plain masquerade again
+        f"repaired nftables table ip xoverlay (masquerade what enters {veth.GATEWAY_DEV})"]
+
+
+def test_every_drift_is_repaired(node):
+    veth.ensure_egress(node, SUBNETS)
+    here("nft", "add", "rule", "ip", "xoverlay", "egress", "accept")          # a rule slipped in
+    here("sysctl", "-qw", f"net.ipv4.conf.{veth.GATEWAY_DEV}.forwarding=0")
+    here("ip", "rule", "del", "to", SUBNETS[0], "lookup", str(veth.RETURN_TABLE))
+    here("ip", "rule", "add", "to", "10.99.0.0/16", "lookup", str(veth.RETURN_TABLE),
+         "priority", str(veth.EGRESS_RULE_PRIORITY))                          # a network gone
+    problem, changes = veth.ensure_egress(node, SUBNETS)
+    assert problem is None
+    assert sorted(changes) == sorted([
+        f"set net.ipv4.conf.{veth.GATEWAY_DEV}.forwarding=1",
+        f"added rule to 10.10.0.0/16 lookup {veth.RETURN_TABLE}",
+        f"deleted rule to 10.99.0.0/16 lookup {veth.RETURN_TABLE}",
+        f"repaired nftables table ip xoverlay (masquerade what enters {veth.GATEWAY_DEV})"])
+    assert here("nft", "list", "table", "ip", "xoverlay") == veth.EGRESS_RULESET
+    here("nft", "delete", "table", "ip", "xoverlay")
+    assert veth.ensure_egress(node, SUBNETS)[1] == [
+        f"set nftables table ip xoverlay (masquerade what enters {veth.GATEWAY_DEV})"]
+
+
+def test_without_nft_egress_says_why(node, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))       # an empty PATH: no nft to be found
+    problem, _ = veth.ensure_egress(node, SUBNETS)
+    assert problem == "nft (nftables) is not installed: nothing masquerades"
+
+
+def test_removed_with_the_gateway(node):
+    veth.ensure_egress(node, SUBNETS)
+    veth.remove_gateway(node)
+    assert here("nft", "list", "tables").strip() == ""
+    assert egress_rules() == set()
+    assert str(veth.RETURN_TABLE) not in here("ip", "rule")
+    assert not node.link_lookup(ifname=veth.GATEWAY_DEV)
