@@ -132,12 +132,25 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
     return xo_redirect_local(skb, ifindex, xo_endpoint_traffic(dst_slot), skb->len);
 }
 
+/* The most this program reads from the front of a frame: outer Ethernet, IPv4 with
+ * options, UDP, VXLAN, inner Ethernet, IPv4 with options, and the inner TCP header up to
+ * its flags (a mesh request without VXLAN needs less). */
+#define XO_HEADERS_MAX (ETH_HLEN + 60 + 8 + 8 + ETH_HLEN + 60 + 20)
+
 int xo_underlay_ingress(struct __sk_buff *skb)
 {
     struct xo_config *cfg = xo_get_config();
     if (!cfg)
         return TC_ACT_OK;
     __u32 len = skb->len;
+    /* A NIC may hand over a frame with only its first bytes in the skb's linear part
+     * (virtio-net's mergeable buffers: the Ethernet header alone, the rest in pages),
+     * and direct packet access sees only that part: every full-size VXLAN frame was
+     * dropped as TRUNCATED_UDP there. Pull the headers in first; a frame already linear
+     * that far costs one comparison. */
+    __u32 want = len < XO_HEADERS_MAX ? len : XO_HEADERS_MAX;
+    if ((long)skb->data_end - (long)skb->data < (long)want)
+        bpf_skb_pull_data(skb, want);        /* if it fails, the parsers drop the frame as cut short */
     int ret = xo_from_underlay_tc(skb, cfg, len);
     if (ret >= 0)
         return ret;

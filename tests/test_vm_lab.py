@@ -68,6 +68,10 @@ def test_the_nodes_run_their_own_kernel_and_attach_as_it_allows(vms):
     has_tcx = tuple(int(x) for x in release.split(".")[:2]) >= (6, 6)
     assert [p["mode"] for p in snap["node"]["programs"][1:]] == ["tcx" if has_tcx else "cls_bpf"] * 2
     assert all(p["attached"] == p["places"] for p in snap["node"]["programs"] if p["mode"] != "off")
+    # The VM lab runs the nodes' default, `--xdp auto`: no XDP on virtio-net (it would turn
+    # the NIC's receive offloads off), and the reason is shown.
+    assert snap["node"]["programs"][0]["mode"] == "off"
+    assert "off (auto: virtio-net" in json.dumps(snap["node"]["xdp"]), snap["node"]["xdp"]
     assert snap["drift"] == []
 
 

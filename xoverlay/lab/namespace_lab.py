@@ -166,9 +166,11 @@ class Lab:
 
     # --- up -----------------------------------------------------------------------------
 
-    def up(self, count: int, xdp: bool = True, echo=print, store: str | None = None) -> None:
+    def up(self, count: int, xdp: bool | None = None, echo=print, store: str | None = None) -> None:
         """`store`: "sqlite" (the store file) or "etcd" (a real etcd for the lab); None:
-        what the lab already runs on, SQLite for a new one."""
+        what the lab already runs on, SQLite for a new one. `xdp`: forced on or off; None:
+        on for this lab (its tests are of XDP's paths too), the nodes' own default
+        (`--xdp auto`) on the VM lab."""
         data = self._load()
         running = "etcd" if data.get("etcd") else ("sqlite" if data["nodes"] else None)
         if store and running and store != running:
@@ -185,7 +187,7 @@ class Lab:
         data["nodes"] = sorted(set(data["nodes"]) | set(nodes), key=lambda n: int(n.rsplit("node", 1)[1]))
         self._save(data)
         node_store = data["etcd"]["node_url"] if data.get("etcd") else self.state_path
-        self._nodes(nodes, xdp, echo, node_store)
+        self._nodes(nodes, self._xdp(xdp), echo, node_store)
         state = self.store.read()
         if DEMO_NETWORK not in state.networks:
             self.store.update(lambda s: model.create_network(s, DEMO_NETWORK, DEMO_SUBNET))
@@ -414,6 +416,10 @@ class Lab:
         """No IPv6 noise in the lab: the drop counters should count only what we send."""
         _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
              "net.ipv6.conf.default.disable_ipv6=1")
+
+    @staticmethod
+    def _xdp(xdp: bool | None) -> bool | None:
+        return True if xdp is None else xdp
 
     def _nodes(self, nodes: list[str], xdp: bool, echo, store: str) -> None:
         """Each node made (kept if it is there) and its agent running."""

@@ -105,7 +105,7 @@ class VmLab(Lab):
 
     # --- up -----------------------------------------------------------------------------
 
-    def up(self, count: int, xdp: bool = True, echo=print, store: str | None = None) -> None:
+    def up(self, count: int, xdp: bool | None = None, echo=print, store: str | None = None) -> None:
         if store == "sqlite":
             raise XoError("the VM lab runs on etcd (its VMs reach it over the underlay): drop --store sqlite")
         data = self._load()
@@ -140,7 +140,11 @@ class VmLab(Lab):
         if errors:
             raise XoError("; ".join(sorted(errors)))
 
-    def _node(self, i: int, node: str, xdp: bool) -> None:
+    @staticmethod
+    def _xdp(xdp: bool | None) -> bool | None:
+        return xdp                      # None: the nodes' default, as users run them
+
+    def _node(self, i: int, node: str, xdp: bool | None) -> None:
         """Boot the node's VM (kept if it runs) and put its tap on the switch."""
         data = self._load()
         known = data["vms"].get(node)
@@ -197,7 +201,7 @@ class VmLab(Lab):
         ip = self.node_ip(self.vm(node)["index"])
         rc, out, err = self.run(node, ["env", f"PATH={os.path.dirname(sys.executable)}:/usr/sbin:/usr/bin:/sbin:/bin",
                                        f"XOVERLAY_STORE={store}", os.path.join(REPO, "vagrant", "node-up"), node, ip,
-                                       "--xdp" if xdp else "--no-xdp"],
+                                       *([] if xdp is None else ["--xdp" if xdp else "--no-xdp"])],
                                 check=False, timeout=BOOT_SECONDS)
         if rc != 0:
             raise XoError(f"starting the agent of {node} failed: {(err or out).decode().strip()}")

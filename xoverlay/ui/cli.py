@@ -530,7 +530,9 @@ def lab():
 
 @lab.command("up")
 @click.option("--nodes", default=3, show_default=True, type=click.IntRange(1, 50))
-@click.option("--xdp/--no-xdp", default=True, show_default=True)
+@click.option("--xdp/--no-xdp", default=None,
+              help="force XDP on the nodes' underlay on or off (default: on in the namespace lab, whose tests "
+                   "cover XDP's paths; the nodes' own `--xdp auto` in the VM lab)")
 @click.option("--vms", is_flag=True, help="each node a qemu VM with its own kernel (docs/VMLAB.md); store: etcd")
 @click.option("--kernel", default="debian12", show_default=True, metavar="debian12|running|PATH",
               help="the VMs' kernel (with --vms)")
