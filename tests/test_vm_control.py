@@ -153,3 +153,29 @@ def _reap(pid: int, seconds: float) -> int | None:
             return status
         time.sleep(0.1)
     return None
+
+
+def test_end_of_input_closes_the_commands_stdin_once(guest):
+    """The number freed by closing the command's stdin is taken by the next descriptor the
+    guest opens (in a guest: the next connection's socket, and `lab up` failed with "env:
+    Bad file descriptor"); closing stdin a second time must not close that one."""
+    import gc
+    done = []
+    runner = threading.Thread(target=lambda: done.append(
+        vm_control.run(guest, TOKEN, ["sh", "-c", "cat; sleep 0.6"], capture=True, timeout=30)))
+    runner.start()
+    time.sleep(0.3)                 # end of input has been passed on; the command still runs
+    pipes = [os.pipe() for _ in range(4)]
+    try:
+        runner.join(30)
+        gc.collect()
+        assert done == [(0, b"", b"")]
+        for r, w in pipes:
+            os.fstat(r), os.fstat(w)
+    finally:
+        for fds in pipes:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass

@@ -97,7 +97,7 @@ class _Handler(socketserver.BaseRequestHandler):
                  threading.Thread(target=_pump, args=(proc.stderr.fileno(), sock, b"E"), daemon=True)]
         for t in pumps:
             t.start()
-        self._follow_host(sock, proc, proc.stdin.fileno())
+        self._follow_host(sock, proc, proc.stdin.fileno(), close_input=proc.stdin.close)
         for t in pumps:
             t.join()
         send(sock, b"X", str(proc.wait()).encode())
@@ -117,9 +117,11 @@ class _Handler(socketserver.BaseRequestHandler):
         pump.join()
         send(sock, b"X", str(proc.wait()).encode())
 
-    def _follow_host(self, sock, proc, stdin_fd: int, pty_fd: int | None = None):
+    def _follow_host(self, sock, proc, stdin_fd: int, pty_fd: int | None = None, close_input=None):
         """Pass the host's input, signals and window size on until the command ends;
-        the host gone ends the command (SIGHUP to its session)."""
+        the host gone ends the command (SIGHUP to its session). End of input is closed
+        through its owner (close_input): an os.close here would leave Popen's file object
+        to close the same number again later, by then another connection's socket."""
         while proc.poll() is None:
             ready, _, _ = select.select([sock], [], [], 0.2)
             if not ready:
@@ -132,8 +134,8 @@ class _Handler(socketserver.BaseRequestHandler):
             if kind == b"I":
                 if body:
                     os.write(stdin_fd, body)
-                elif pty_fd is None:
-                    os.close(stdin_fd)
+                elif close_input is not None:
+                    close_input()
             elif kind == b"S":
                 _signal(proc.pid, int(body))
             elif kind == b"W" and pty_fd is not None:
