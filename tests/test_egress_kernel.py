@@ -102,3 +102,63 @@ def test_removed_with_the_gateway(node):
     assert egress_rules() == set()
     assert str(veth.RETURN_TABLE) not in here("ip", "rule")
     assert not node.link_lookup(ifname=veth.GATEWAY_DEV)
+
+
+def test_the_nodes_own_published_ports_on_localhost_become_its_address(node):
+    """With the node's IP and its published ports, 127.0.0.1:PORT is turned into
+    NODE_IP:PORT from NODE_IP (what lo's program then takes into the routing mesh):
+    here a listener on the node's IP stands for the mesh. The client still talks to
+    127.0.0.1; a port not published is left alone."""
+    import socket
+    import threading
+    node_ip = "192.0.2.11"
+    here("ip", "link", "set", "lo", "up")
+    here("ip", "addr", "add", f"{node_ip}/24", "dev", "v0")
+    here("ip", "link", "set", "v0", "up")
+    published = [(8080, "tcp"), (5353, "udp")]
+    assert veth.ensure_egress(node, SUBNETS, None, node_ip, published)[0] is None
+    listed = here("nft", "list", "table", "ip", "xoverlay")
+    assert listed == veth.egress_ruleset(None, node_ip, published)
+    assert f"ip daddr 127.0.0.0/8 tcp dport 8080 dnat to {node_ip}" in listed
+    assert veth.ensure_egress(node, SUBNETS, None, node_ip, published) == (None, [])
+
+    servers = []
+    for port in (8080, 8090):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((node_ip, port))
+        s.listen()
+        servers.append(s)
+    seen = []
+
+    def serve(s):
+        c, addr = s.accept()
+        seen.append(addr[0])
+        c.close()
+    threading.Thread(target=serve, args=(servers[0],), daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", 8080), timeout=3) as c:
+            assert c.getpeername() == ("127.0.0.1", 8080)
+            c.recv(1)
+        assert seen == [node_ip]
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", 8090), timeout=3)
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_lo_takes_the_meshs_replies_to_the_node_and_down_sets_it_back(node):
+    """The two sysctls that let a reply entering lo from BPF pass the input route (a
+    source of the node's own, a loopback destination), set once, and back to 0."""
+    def lo(name):
+        with open(f"/proc/sys/net/ipv4/conf/lo/{name}") as f:
+            return f.read().strip()
+    assert [lo(n) for n in veth.LOOPBACK_SYSCTLS] == ["0", "0"]
+    assert veth.ensure_loopback() == [
+        "set net.ipv4.conf.lo.accept_local=1 (the routing mesh's replies to this node)",
+        "set net.ipv4.conf.lo.route_localnet=1 (the routing mesh's replies to this node)"]
+    assert [lo(n) for n in veth.LOOPBACK_SYSCTLS] == ["1", "1"]
+    assert veth.ensure_loopback() == []
+    veth.remove_loopback()
+    assert [lo(n) for n in veth.LOOPBACK_SYSCTLS] == ["0", "0"]

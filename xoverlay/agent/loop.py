@@ -188,6 +188,10 @@ class Agent:
             log.error("gateway device %s: %s", veth.GATEWAY_DEV, e)
         self._egress(state, changes)
         try:
+            changes += veth.ensure_loopback()
+        except OSError as e:      # only the node's own connections to published ports need it
+            log.error("lo: %s", e)
+        try:
             self.fib_main_only = veth.fib_main_only(self.ipr)
         except Exception as e:    # the full lookup is always right, only slower
             self.fib_main_only = False
@@ -214,7 +218,8 @@ class Agent:
         why, once per cause; status lints it."""
         try:
             problem, done = veth.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
-                                               desired.masquerade_ranges(state))
+                                               desired.masquerade_ranges(state), self.underlay.ip,
+                                               desired.published_ports(state))
             changes += done
         except Exception as e:    # never a reason to leave the maps alone
             problem = f"egress: {e}"
@@ -304,7 +309,8 @@ class Agent:
     def _repair(self) -> list[str]:
         """Pins and underlay programs undone behind our back, put back (xoverlay/agent/repair.py)."""
         want = repair.Want(datapath.prog_id(self.progs.fds["prog_underlay_tc"]),
-                           datapath.prog_id(self.progs.fds["prog_underlay_xdp"]) if self.xdp_mode != "off" else 0)
+                           datapath.prog_id(self.progs.fds["prog_underlay_xdp"]) if self.xdp_mode != "off" else 0,
+                           datapath.prog_id(self.progs.fds["prog_loopback"]))
         todo = repair.plan(repair.observe(self.node, self.underlay.ifindex), want, self.underlay.name)
         if todo:
             fds = {**{name: m.fd for name, m in self.maps.items()}, **self.progs.fds}

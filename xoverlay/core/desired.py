@@ -308,6 +308,12 @@ def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str
     return out
 
 
+def published_ports(state: State) -> list[tuple[int, str]]:
+    """Every (port, protocol) published in the cluster, in order: what the node's own
+    connections on 127.0.0.1 are turned to its IP for (kernel/veth.py egress_ruleset)."""
+    return sorted(model._published(state))
+
+
 def masquerade_ranges(state: State) -> dict[str, list[tuple[int, int]]]:
     """Per protocol with published ports, the ranges of source ports egress may give the
     node's address (kernel/veth.py egress_ruleset): every port but the published ones.

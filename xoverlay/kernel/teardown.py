@@ -43,6 +43,7 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
                 veth.unplumb(ipr, ifname)
             veth.remove_headroom_bridge(ipr)
             veth.remove_gateway(ipr)
+            veth.remove_loopback()
             ifindex = _pinned_underlay(node)
             if ifindex:
                 datapath.detach_underlay(ifindex)

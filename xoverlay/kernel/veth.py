@@ -367,6 +367,36 @@ def remove_gateway(ipr) -> None:
         ipr.link("del", index=index)
 
 
+# --- lo: where the routing mesh's replies to the node itself come in -------------------
+#
+# A reply for a connection the node made to its own published port enters lo from BPF
+# (bpf/lib/mesh.h xo_mesh_reply_out) without the route a packet of the node's own stack
+# carries there, so the input route judges it, and would drop it as a martian: its source
+# is the node's own address (accept_local), and for a connection to 127.0.0.1, once
+# conntrack has turned it back, so is its loopback destination (route_localnet). Only
+# packets that enter lo without a route are judged: nothing from outside the node ever
+# arrives on lo. `down` sets both back to the kernel's default, 0.
+LOOPBACK_SYSCTLS = ("accept_local", "route_localnet")
+
+
+def ensure_loopback() -> list[str]:
+    """lo's two sysctls at 1; what it changed."""
+    changes = []
+    for name in LOOPBACK_SYSCTLS:
+        path = f"/proc/sys/net/ipv4/conf/lo/{name}"
+        with open(path) as f:
+            if f.read().strip() == "1":
+                continue
+        _write_sysctl(path, "1")
+        changes.append(f"set net.ipv4.conf.lo.{name}=1 (the routing mesh's replies to this node)")
+    return changes
+
+
+def remove_loopback() -> None:
+    for name in LOOPBACK_SYSCTLS:
+        _write_sysctl(f"/proc/sys/net/ipv4/conf/lo/{name}", "0")
+
+
 # --- egress: the node's stack masquerades what endpoint.c hands to xo-gw -----------------
 #
 # endpoint.c redirects a packet for outside every overlay network into xo-gw's ingress (as
@@ -382,20 +412,36 @@ NFT_TABLE = "xoverlay"             # `table ip xoverlay`, in the node's netns
 EGRESS_RULE_PRIORITY = RETURN_RULE_PRIORITY + 1
 
 
-def egress_ruleset(ranges: dict[str, list[tuple[int, int]]] | None = None) -> str:
+def egress_ruleset(ranges: dict[str, list[tuple[int, int]]] | None = None, node_ip: str | None = None,
+                   published: list[tuple[int, str]] = ()) -> str:
     """The nftables table, exactly as `nft list` prints it. `ranges`: per protocol with
     published ports, the source port ranges a masqueraded connection may get
     (desired.masquerade_ranges: never a published port, whose replies the routing mesh
-    would take); everything else is plain masquerade."""
+    would take); everything else is plain masquerade.
+
+    With the node's IP and its published ports, also the node's own connections to them
+    on 127.0.0.0/8: to the node's IP, from it (the routing mesh sees them on lo,
+    bpf/loopback.c; a backend must never see a loopback source, its stack would drop it
+    as a martian). Conntrack gives the replies their 127 addresses back. As Docker's
+    OUTPUT DNAT does, this takes the port on 127.0.0.1 from any local listener."""
     rules = []
     for proto, gaps in sorted((ranges or {}).items()):
         rules += [f'iifname "{GATEWAY_DEV}" {proto} sport {lo}-{hi} masquerade to :{lo}-{hi}' for lo, hi in gaps]
         lo, hi = max(gaps, key=lambda g: g[1] - g[0])
         rules.append(f'iifname "{GATEWAY_DEV}" meta l4proto {proto} masquerade to :{lo}-{hi}')
     rules.append(f'iifname "{GATEWAY_DEV}" masquerade')
-    body = "".join(f"\t\t{r}\n" for r in rules)
-    return (f"table ip {NFT_TABLE} {{\n\tchain egress {{\n"
-            f"\t\ttype nat hook postrouting priority srcnat; policy accept;\n{body}\t}}\n}}\n")
+    chains = [("egress", "type nat hook postrouting priority srcnat; policy accept;", rules)]
+    ports = sorted(published, key=lambda p: (p[1], p[0])) if node_ip else []
+    if ports:
+        chains += [
+            ("localhost", "type nat hook output priority -100; policy accept;",
+             [f"ip daddr 127.0.0.0/8 {proto} dport {port} dnat to {node_ip}" for port, proto in ports]),
+            ("localhost_source", "type nat hook postrouting priority srcnat; policy accept;",
+             [f'oifname "lo" ip saddr 127.0.0.0/8 ip daddr {node_ip} {proto} dport {port} snat to {node_ip}'
+              for port, proto in ports])]
+    body = "\n".join(f"\tchain {name} {{\n\t\t{hook}\n" + "".join(f"\t\t{r}\n" for r in chain_rules) + "\t}\n"
+                     for name, hook, chain_rules in chains)
+    return f"table ip {NFT_TABLE} {{\n{body}}}\n"
 
 
 EGRESS_RULESET = egress_ruleset()        # no published port anywhere
@@ -409,9 +455,10 @@ def _egress_rules(ipr) -> list:
     return [r for r in _return_rules(ipr) if r.get_attr("FRA_PRIORITY") == EGRESS_RULE_PRIORITY]
 
 
-def ensure_egress(ipr, subnets: list[str], ranges: dict | None = None) -> tuple[str | None, list[str]]:
+def ensure_egress(ipr, subnets: list[str], ranges: dict | None = None, node_ip: str | None = None,
+                  published: list[tuple[int, str]] = ()) -> tuple[str | None, list[str]]:
     """Egress in place and as it should be: xo-gw forwards (its own sysctl; only what
-    enters xo-gw is routed by it), the nftables table holds exactly egress_ruleset(ranges), and
+    enters xo-gw is routed by it), the nftables table holds exactly egress_ruleset(...), and
     a rule per overlay subnet sends what is addressed to a local endpoint by RETURN_TABLE.
     Returns (why egress cannot work, or None) and what it changed. Idempotent: run
     every pass, it puts back what was changed behind our back."""
@@ -437,7 +484,7 @@ def ensure_egress(ipr, subnets: list[str], ranges: dict | None = None) -> tuple[
         changes.append(f"deleted rule to {dst}/{dst_len} lookup {RETURN_TABLE}")
     if shutil.which("nft") is None:
         return "nft (nftables) is not installed: nothing masquerades", changes
-    want_table = egress_ruleset(ranges)
+    want_table = egress_ruleset(ranges, node_ip, published)
     listed = _nft("list", "table", "ip", NFT_TABLE)
     if listed.returncode != 0 or listed.stdout != want_table:
         # Made (or made again) in one transaction: adding an empty table first makes the
