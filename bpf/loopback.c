@@ -1,6 +1,6 @@
 /* tc ingress on the node's loopback device: the node's own connections to its published
  * ports. A socket on the node that connects to the node's IP (or to 127.0.0.1, which the
- * agent's nftables table turns into the node's IP: xoverlay/kernel/veth.py) sends through
+ * agent's nftables table turns into the node's IP: xoverlay/kernel/gateway.py) sends through
  * lo, never through the underlay where the routing mesh listens; here it takes the mesh's
  * tc path (lib/mesh.h) as an outside client's packet would: Maglev and the connection
  * table, DNAT, then into a local backend or VXLAN to the backend's node. The replies

@@ -127,7 +127,7 @@ def test_mesh_counters(lab):
 def test_without_xdp_tc_serves_the_mesh(lab):
     """XDP off on node 3's underlay (as with `up --no-xdp`): tc does the whole forward
     path; then the agent, restarted, attaches XDP again."""
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     n3 = lab.nodes()[2]
     ip = node_ips(lab)[n3]
     stop_agent(n3)

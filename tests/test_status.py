@@ -145,7 +145,7 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
     assert {m["name"]: m["entries"] for m in snap["maps"]}["xo_peers"] == 2
 
     # Behind a stopped agent's back: status shows it; the agent, back, repairs it.
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     stop_agent(n1)
     endpoints = open_maps(n1)["xo_endpoints"]
     key = EndpointKey(vni=4096, ip=ip_be(lab.ep(f"{n2}-b")["ip"]))
