@@ -28,6 +28,10 @@ from xoverlay.lab.namespace_lab import DEMO_NETWORK, REPO, UNDERLAY_NET, WEB_SER
 from xoverlay.store import etcd_server
 
 BOOT_SECONDS = 600            # a TCG boot of three VMs on two CPUs, BCC compiles included
+# vagrant/node-up in a TCG guest: the store probe, `up` and its BCC compile. Python starts
+# about 100x slower there than on the host (`import xoverlay.ui.cli` 18 s against 0.16 s,
+# the guests sharing two CPUs): measured 8-11 minutes with two guests.
+AGENT_START_SECONDS = 1200
 VM_MEMORY = "1536M"
 VM_CPUS = 2
 GUEST_DIR = "/run/xoverlay-vm"     # where a guest sees its directory shared with the host
@@ -201,7 +205,7 @@ class VmLab(Lab):
         rc, out, err = self.run(node, ["env", f"PATH={os.path.dirname(sys.executable)}:/usr/sbin:/usr/bin:/sbin:/bin",
                                        f"XOVERLAY_STORE={store}", os.path.join(REPO, "vagrant", "node-up"), node, ip,
                                        *([] if xdp is None else ["--xdp" if xdp else "--no-xdp"])],
-                                check=False, timeout=BOOT_SECONDS)
+                                check=False, timeout=AGENT_START_SECONDS)
         if rc != 0:
             raise XoError(f"starting the agent of {node} failed: {(err or out).decode().strip()}")
 
