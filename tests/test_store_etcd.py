@@ -16,7 +16,7 @@ from xoverlay.core import model
 from xoverlay.errors import XoError
 from xoverlay.store import open_store
 from xoverlay.store.base import StoreUnavailable, Tls, alive_now, changes
-from xoverlay.store.etcd import EtcdStore, explain, parse_url
+from xoverlay.store.etcd import EtcdStore, explain, idle_timeout, parse_url
 from xoverlay.store.etcd_server import ServerTls, free_port
 from xoverlay.store.memory import MemoryStore
 
@@ -49,6 +49,39 @@ def test_failures_are_explained_in_one_line(text, retry, words):
     e = explain("etcd://h:1", text, tls="SSL" in text or "TLS" in text)
     assert isinstance(e, StoreUnavailable) == retry
     assert words in str(e) and "\n" not in str(e) and str(e).startswith("store etcd://h:1")
+
+
+def test_a_quiet_stream_is_told_from_an_unreachable_server():
+    """What the watch loop re-makes at once (a stream only idle past its read timeout)
+    against what it backs off from (nothing listens), on real sockets."""
+    import socket
+
+    import requests
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def quiet():
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        time.sleep(3)
+        conn.close()
+    t = threading.Thread(target=quiet, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(requests.exceptions.ConnectionError) as quiet_stream:
+            with requests.post(f"http://127.0.0.1:{port}/watch", stream=True, timeout=(2, 0.3)) as resp:
+                for _ in resp.iter_lines():
+                    pass
+        assert idle_timeout(quiet_stream.value)
+    finally:
+        t.join()
+        server.close()
+    with pytest.raises(requests.exceptions.ConnectionError) as refused:
+        requests.post(f"http://127.0.0.1:{port}/watch", timeout=(2, 0.3))       # nothing listens now
+    assert not idle_timeout(refused.value)
 
 
 def test_changes_are_the_difference_of_two_states():

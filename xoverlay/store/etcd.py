@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 import requests
+import urllib3
 from etcd3gw import exceptions as etcd_exc
 from etcd3gw.client import Etcd3Client
 
@@ -36,6 +37,13 @@ WATCH_IDLE = 30.0          # a silent watch is re-made this often (finds half-op
 UPDATE_SECONDS = 15.0      # how long update() retries conflicts (SQLite waits 15 s for its lock too)
 PAGE = 2000                # keys per range request of a full read
 ETCD_MAX_TXN_OPS = 128     # etcd's default --max-txn-ops (`xoverlay store serve` sets 10000)
+
+
+def idle_timeout(e: BaseException) -> bool:
+    """The watch stream was only quiet for WATCH_IDLE seconds: requests turns urllib3's
+    read timeout during a streamed body into a ConnectionError that carries it."""
+    return isinstance(e, requests.exceptions.ConnectionError) and bool(e.args) \
+        and isinstance(e.args[0], urllib3.exceptions.ReadTimeoutError)
 
 
 def parse_url(url: str) -> tuple[str, int, str]:
@@ -311,7 +319,7 @@ class EtcdStore(Store):
                 self._set_watch(False)
                 continue
             except requests.exceptions.ConnectionError as e:
-                if "timed out" in str(e).lower() and self._watch_live:
+                if idle_timeout(e) and self._watch_live:
                     continue                           # only idle: re-made at once
                 self._set_watch(False)
             except Exception:
