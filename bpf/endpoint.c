@@ -38,8 +38,8 @@ static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
  * just go up the stack from here (TC_ACT_OK): this veth is a port of the down headroom
  * bridge, which drops it. It enters the node's stack on xo-gw instead, the device that
  * holds 169.254.1.1 (and our MAC, so it is the host's frame). The reply comes back by a
- * route and a permanent neighbour entry per endpoint on its veth (xoverlay/kernel/veth.py), since
- * the container's ARP reply would be dropped here. */
+ * route and a permanent neighbour entry per endpoint on its veth
+ * (xoverlay/kernel/gateway.py), since the container's ARP reply would be dropped here. */
 static __always_inline int xo_is_gateway_dns(struct xo_cursor *c, const struct iphdr *ip)
 {
     if (ip->daddr != bpf_htonl(XO_GW_IP) || xo_ipv4_is_fragment(ip))

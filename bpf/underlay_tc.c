@@ -116,7 +116,7 @@ static __always_inline int xo_from_underlay_tc(struct __sk_buff *skb, const stru
             return ret;
         if (!ret)
             return -XO_DROP_MESH_NO_CONNECTION;
-        return xo_redirect_underlay(skb, cfg, f.daddr);
+        return xo_mesh_reply_out(skb, cfg, f.daddr);
     }
     if (mesh_request) {
         if (has_flow)

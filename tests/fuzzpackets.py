@@ -25,7 +25,7 @@ from xoverlay.kernel import bpf
 from xoverlay.maps.drops import BY_NAME
 from xoverlay.maps.layout import CT_SERVICE, Ct, CtKey, ip_be, mac_bytes, port_be
 
-PROGS = ("prog_endpoint", "prog_underlay_xdp", "prog_underlay_tc")
+PROGS = ("prog_endpoint", "prog_underlay_xdp", "prog_underlay_tc", "prog_loopback")
 CLIENT = "192.168.50.77"            # outside clients of the routing mesh (test_bpf_mesh.py)
 CLIENT2 = "198.51.100.7"
 GONE_INDEX = 9                      # a backend index no service has: its connections are over
@@ -305,7 +305,7 @@ class Generator:
     def _outside(self, prog: str) -> Case:
         """Traffic to this node's address: published ports (the routing mesh) and others."""
         r = self.r
-        src = r.choices((CLIENT, CLIENT2, T.API1.ip, T.PEER_B), (50, 30, 10, 10))[0]
+        src = r.choices((CLIENT, CLIENT2, T.API1.ip, T.PEER_B, T.NODE_IP), (45, 25, 10, 10, 10))[0]
         port, kind = r.choice(((8080, "tcp"), (5353, "udp"), (8081, "tcp"), (8082, "tcp"), (8083, "tcp"),
                                (8080, "udp"), (22, "tcp"), (4789, "tcp")))
         big = r.random() < 0.1
@@ -429,9 +429,10 @@ class XdpCtx(ctypes.Structure):
                                                   "rx_queue_index", "egress_ifindex")]
 
 
-VERDICTS = {"prog_endpoint": M.TC, "prog_underlay_tc": M.TC, "prog_underlay_xdp": M.XDP}
+VERDICTS = {"prog_endpoint": M.TC, "prog_underlay_tc": M.TC, "prog_underlay_xdp": M.XDP, "prog_loopback": M.TC}
 MODEL = {"prog_endpoint": lambda c, m: M.endpoint(c.frame, m, c.ifindex),
          "prog_underlay_tc": lambda c, m: M.underlay_tc(c.frame, m),
+         "prog_loopback": lambda c, m: M.loopback(c.frame, m),
          "prog_underlay_xdp": lambda c, m: M.underlay_xdp(c.frame, m)}
 LINEAR_MAX = 3000      # XDP test runs: beyond this the frame goes into fragments (multi-buffer)
 

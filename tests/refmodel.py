@@ -443,7 +443,7 @@ def _mesh_forward(frame: bytes, maps: Maps, xdp: bool) -> Outcome | None:
                    built="encap", path="mesh: DNAT + VXLAN to the backend's node")
 
 
-# --- the three programs ---------------------------------------------------------------------------
+# --- the programs ---------------------------------------------------------------------------
 
 def underlay_xdp(frame: bytes, maps: Maps) -> Outcome:
     """XDP on the underlay: drop bad tunnel traffic; the mesh's forward path to remote
@@ -503,6 +503,12 @@ def underlay_tc(frame: bytes, maps: Maps) -> Outcome:
         if ct is not None:
             return Outcome("redirect", out=nat(out, f, src=(ct.vip, ct.vport)), path="decap + reverse NAT")
     return Outcome("redirect", out=out, path="mesh request: decap" if request else "decap")
+
+
+def loopback(frame: bytes, maps: Maps) -> Outcome:
+    """tc ingress on lo: the node's own connections to its published ports take the mesh's
+    tc path; everything else on lo passes (a marked reply of ours too: never fuzzed)."""
+    return _mesh_forward(frame, maps, xdp=False) or Outcome("pass")
 
 
 def _unroutable(maps: Maps, vni: int, daddr: bytes) -> str:
@@ -572,8 +578,10 @@ def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
             # of this node, or back in VXLAN to the node the client came in through.
             ct = maps.ct.get(f.key(CT_REPLY))
             if ct is not None:
-                return Outcome("redirect", out=nat(frame, f, src=(ct.vip, ct.vport)),
-                               path="mesh reply: source := node:port")
+                out = nat(frame, f, src=(ct.vip, ct.vport))
+                if f.daddr == maps.node_ip:     # the node itself is the client: into its stack via lo
+                    return Outcome("redirect", out=b"\0" * 6 + out[6:], path="mesh reply to the node: into lo")
+                return Outcome("redirect", out=out, path="mesh reply: source := node:port")
             ct = maps.ct.get(f.key(CT_MESH))
             if ct is not None:
                 return Outcome("redirect", out=encap(frame, maps, ct.vip, vni, me.mac, GW_MAC, frame[:ETH_HLEN],

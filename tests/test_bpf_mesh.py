@@ -484,6 +484,109 @@ def test_mesh_reply_for_an_unknown_connection_is_dropped(dp):
     assert r.verdict == TC_ACT_SHOT and r.drops == {"MESH_NO_CONNECTION": (1, len(frame))}
 
 
+# --- the node itself as the client: lo's program and the replies into lo -----------------------------
+
+LO_MAC = "00:00:00:00:00:00"
+MARK_MESH_REPLY = 0x786F6D72        # bpf/lib/mesh.h XO_MARK_MESH_REPLY
+
+
+def from_node(l4, src=T.NODE_IP, dst=T.NODE_IP) -> bytes:
+    """A frame the node's own stack sends itself, as lo's tc ingress sees it."""
+    return bytes(Ether(src=LO_MAC, dst=LO_MAC) / IP(src=src, dst=dst) / l4)
+
+
+def run_marked(dp, prog: str, frame: bytes, mark: int, ingress_ifindex: int = 0):
+    """One run with skb->mark set: (verdict, frame out, mark as the program left it)."""
+    from bpfrun import SkbCtx
+    out_ctx = ctypes.create_string_buffer(256)      # the whole struct __sk_buff, or ENOSPC
+    with netns.entered(dp.netns):
+        verdict, out, _ = bpf.prog_test_run(dp.progs.fds[prog], frame,
+                                            bytes(SkbCtx(mark=mark, ingress_ifindex=ingress_ifindex)),
+                                            ctx_out=out_ctx)
+    return verdict, out, SkbCtx.from_buffer_copy(out_ctx.raw[:ctypes.sizeof(SkbCtx)]).mark
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_loopback_sends_the_nodes_own_connection_through_the_mesh(dp, proto):
+    """The node asking its own IP:8080 (5353/udp): the same choice, DNAT and VXLAN to api1's
+    node as for an outside client, the node's address kept as the client's."""
+    l4 = (TCP(sport=50800, dport=8080, flags="S") if proto == "tcp" else UDP(sport=50801, dport=5353) / PAYLOAD)
+    frame = from_node(l4)
+    r = run(dp, "prog_loopback", frame)
+    assert r.verdict == TC_ACT_REDIRECT and r.drops == {}
+    inner = rewritten(frame, dst=T.API1.ip, dport=80 if proto == "tcp" else 53)
+    assert r.out.hex() == mesh_vxlan(inner, T.PEER_B, T.API1.mac, outer_eth=frame[:ETH]).hex()
+    assert IP(r.out[ETH + ENCAP:]).src == T.NODE_IP
+
+
+def test_loopback_delivers_to_a_local_backend(dp):
+    frame = from_node(TCP(sport=50810, dport=8081, flags="S", seq=7))
+    r = run(dp, "prog_loopback", frame)
+    assert r.verdict == TC_ACT_REDIRECT and r.drops == {}
+    assert r.out.hex() == (eth(T.WEB2.mac, GW_MAC) + rewritten(frame, dst=T.WEB2.ip, dport=8080)).hex()
+
+
+LOCAL_TRAFFIC = [
+    ("a port that is not published", from_node(TCP(sport=50820, dport=22, flags="S"))),
+    ("127.0.0.1 to a published port (nftables makes it the node's IP first)",
+     from_node(TCP(sport=50821, dport=8080, flags="S"), src="127.0.0.1", dst="127.0.0.1")),
+    ("a published port on another local address", from_node(TCP(sport=50822, dport=8080, flags="S"),
+                                                             src="10.99.0.1", dst="10.99.0.1")),
+    ("ICMP to the node", from_node(ICMP() / PAYLOAD)),
+]
+
+
+@pytest.mark.parametrize("case", LOCAL_TRAFFIC, ids=[c[0] for c in LOCAL_TRAFFIC])
+def test_loopback_leaves_the_nodes_other_traffic_alone(dp, case):
+    _, frame = case
+    r = run(dp, "prog_loopback", frame)
+    assert (r.verdict, r.out, r.drops) == (TC_ACT_OK, frame, {})
+
+
+def test_loopback_lets_a_marked_reply_through_even_to_a_published_port(dp):
+    """A reply of ours, node:8080 -> node:8081 (the node's client happened to use a port
+    that is published too): marked, it passes untouched and the mark is taken off;
+    unmarked, the same frame is a request for 8081."""
+    frame = from_node(TCP(sport=8080, dport=8081, flags="SA"))
+    assert run_marked(dp, "prog_loopback", frame, MARK_MESH_REPLY) == (TC_ACT_OK, frame, 0)
+    assert run_marked(dp, "prog_loopback", frame, 0)[0] == TC_ACT_REDIRECT
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_loopback_refusals_are_counted(dp, case):
+    _, frame, reason = case
+    local = eth(LO_MAC, LO_MAC) + frame[ETH:]
+    r = run(dp, "prog_loopback", local)
+    assert r.verdict == TC_ACT_SHOT and r.drops == {reason: (1, len(local))}
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_reply_through_the_tunnel_to_the_node_itself_enters_lo(dp, proto):
+    """The node asked its own 8080 and api1 on B answered: the reply, decapsulated with
+    its source put back to node:8080, goes into the node's stack through lo (a frame for
+    lo's address, marked for lo's program), not out of the underlay."""
+    sport = 50830 if proto == "tcp" else 50831
+    out = (TCP(sport=sport, dport=8080, flags="S") if proto == "tcp" else UDP(sport=sport, dport=5353) / PAYLOAD)
+    assert run(dp, "prog_loopback", from_node(out)).verdict == TC_ACT_REDIRECT
+    back = (TCP(sport=80, dport=sport, flags="SA", seq=100, ack=1) if proto == "tcp"
+            else UDP(sport=53, dport=sport) / b"answer")
+    frame = vxlan(inner=Ether(src=T.API1.mac, dst=GW_MAC) / IP(src=T.API1.ip, dst=T.NODE_IP) / back, flags=0x09)
+    verdict, got, mark = run_marked(dp, "prog_underlay_tc", frame, 0)
+    assert (verdict, mark) == (TC_ACT_REDIRECT, MARK_MESH_REPLY)
+    plain = eth(LO_MAC, GW_MAC) + frame[ETH + ENCAP:]
+    assert got.hex() == (plain[:ETH] + rewritten(plain, src=T.NODE_IP, sport=8080 if proto == "tcp" else 5353)).hex()
+    assert_checksums_valid(got[ETH:])
+
+
+def test_local_backend_reply_to_the_node_itself_enters_lo(dp):
+    run(dp, "prog_loopback", from_node(TCP(sport=50840, dport=8081, flags="S")))
+    reply = bytes(Ether(src=T.WEB2.mac, dst=GW_MAC) / IP(src=T.WEB2.ip, dst=T.NODE_IP) /
+                  TCP(sport=8080, dport=50840, flags="SA", seq=3, ack=1))
+    verdict, got, mark = run_marked(dp, "prog_endpoint", reply, 0, T.WEB2.ifindex)
+    assert (verdict, mark) == (TC_ACT_REDIRECT, MARK_MESH_REPLY)
+    assert got.hex() == (eth(LO_MAC, T.WEB2.mac) + rewritten(reply, src=T.NODE_IP, sport=8081)).hex()
+
+
 def test_every_mesh_drop_reason_is_covered():
     from xoverlay.maps.drops import REASONS
     covered = {"MESH_OVERLAY_SOURCE", "MESH_TOO_BIG", "MESH_NO_CONNECTION"}
@@ -505,7 +608,9 @@ def _bench(repeat: int) -> None:
                 ("XDP: local backend, choose and pass", "prog_underlay_xdp", local),
                 ("tc: local backend, DNAT + redirect_peer", "prog_underlay_tc", local),
                 ("XDP: not a published port", "prog_underlay_xdp", other),
-                ("tc: not a published port", "prog_underlay_tc", other)]
+                ("tc: not a published port", "prog_underlay_tc", other),
+                ("lo: the node's other local traffic", "prog_loopback",
+                 from_node(TCP(sport=60004, dport=5432, flags="A") / (b"x" * 64), src="127.0.0.1", dst="127.0.0.1"))]
         # These programs rewrite the packet, and a repeated run works on its own output
         # (after the first encap, the rest would measure "not for us"): one run per call,
         # the median of many.

@@ -108,7 +108,7 @@ def test_a_route_that_refuses_the_peer_drops_its_tunnel_packets(dp, routes, kind
 def test_policy_rules_count_unless_the_agent_found_none_of_the_operators(dp, routes):
     """A rule sends the way to B into a table where it is a blackhole: the full policy
     lookup obeys it; with XO_CFG_FIB_MAIN_ONLY (which the agent sets only when there is no
-    such rule: xoverlay/kernel/veth.py main_table_suffices) the main table's on-link route is used."""
+    such rule: xoverlay/kernel/gateway.py main_table_suffices) the main table's on-link route is used."""
     ip("route", "add", "blackhole", f"{T.PEER_B}/32", "table", "100")
     ip("rule", "add", "to", f"{T.PEER_B}/32", "lookup", "100", "pref", "100")
     send(dp, TO_B, TC_ACT_SHOT, drop="UNDERLAY_UNREACHABLE")

@@ -21,7 +21,7 @@ from xoverlay.agent import dns_responder
 from xoverlay.core import model
 from xoverlay.core.model import GATEWAY_IP, State
 from xoverlay.errors import XoError
-from xoverlay.kernel import netns, veth
+from xoverlay.kernel import gateway, netns
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -84,7 +84,7 @@ def net():
         for addr in ("10.10.0.1", "10.10.1.1", "10.10.9.9"):
             _ip("-n", node, "addr", "add", f"{addr}/32", "dev", "lo")
         with netns.iproute(f"/run/netns/{node}") as ipr:
-            veth.ensure_gateway(ipr)
+            gateway.ensure_gateway(ipr)
         resolver = Upstream()
         quiet = DNSLogger("-recv,-send,-request,-reply,-truncated,-error,-data", logf=lambda s: None)
         with netns.entered(f"/run/netns/{up}"):

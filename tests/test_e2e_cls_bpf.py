@@ -63,7 +63,7 @@ def test_the_programs_are_cls_bpf_filters_and_status_says_so(lab):
         assert bpf.tcx_programs(socket.if_nametoindex("eth1")) == []
     snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
     tc_rows = snap["node"]["programs"][1:]
-    assert [(p["mode"], p["attached"] == p["places"]) for p in tc_rows] == [("cls_bpf", True)] * 2
+    assert [(p["mode"], p["attached"] == p["places"]) for p in tc_rows] == [("cls_bpf", True)] * 3
 
 
 def test_a_new_build_replaces_the_filters_in_place_without_loss(lab):

@@ -202,7 +202,7 @@ UPSTREAM_IP = "192.0.2.250"
 
 
 def _restart_agent(lab, node: str, *flags: str) -> None:
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     stop_agent(node)
     cmd = ["nsenter", f"--net=/run/netns/xo-{node}", "--", sys.executable, "-m", "xoverlay", "--state",
            lab.state, "up", "--node", node, "--underlay", "eth1", "--detach", "--xdp", *flags]   # --xdp: as the lab
@@ -235,7 +235,7 @@ def upstream(lab):
             proc.kill()
             proc.wait()
         subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        from xoverlay.kernel.teardown import stop_agent
+        from xoverlay.kernel.processes import stop_agent
         stop_agent(n1)
         run_xo(lab.state, "lab", "up", "--nodes", "3", timeout=120)
 

@@ -1,4 +1,4 @@
-"""Faults on a real lab (issue 6): agents SIGKILLed in the middle of reconciles, the data
+"""Faults on a real lab: agents SIGKILLed in the middle of reconciles, the data
 path undone behind the agent's back, a store that is locked, corrupt or unreadable.
 Traffic between endpoints nobody touches runs through all of it and loses nothing."""
 from __future__ import annotations
@@ -92,7 +92,7 @@ def test_agent_sigkilled_mid_reconcile_20_times_converges_and_loses_nothing(lab)
     and two 100 Hz pings between endpoints nobody touches lose nothing."""
     from xoverlay.agent.loop import FAULT_ENV
     from xoverlay.kernel.processes import running_pid
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     nodes = lab.nodes()
     n1, n2, n3 = nodes
     seed = int(os.environ.get("XO_FAULT_SEED", time.time()))

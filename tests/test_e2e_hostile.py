@@ -1,4 +1,4 @@
-"""Attacks on a real lab (issue 6): a rogue host on the underlay and a compromised
+"""Attacks on a real lab: a rogue host on the underlay and a compromised
 container send what they should not, while real traffic runs. Sniffers in every other
 endpoint count what reaches them (nothing must), pings between bystanders lose nothing,
 and the drop counters account for every injected packet, reason by reason."""

@@ -76,6 +76,29 @@ def test_every_node_reaches_every_other_nodes_published_port(lab):
             assert {a.split()[2].split(":")[0] for a in out["answers"]} == {ips[src]}
 
 
+@pytest.mark.parametrize("where", ["its own address", "127.0.0.1"])
+def test_every_node_reaches_its_own_published_port(lab, where):
+    """The node itself is a client too, as in Swarm: 50 TCP connections and 20 UDP
+    datagrams from each node to its own IP:8080 (and to 127.0.0.1:8080, which the agent's
+    nftables table turns into that), all answered by backends on every node, each seeing
+    the node's address; the UDP replies come from the address asked. Nothing of it crosses
+    the underlay's hooks: lo's program takes the requests (bpf/loopback.c), the replies
+    come back into the stack through lo."""
+    ips = node_ips(lab)
+    for node in lab.nodes():
+        ip = ips[node] if where == "its own address" else "127.0.0.1"
+        r = in_netns(lab.node_netns(node), PY, CLIENT, "http", ip, str(PUBLISHED), "50", timeout=120)
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["errors"] == [] and len(out["answers"]) == 50, (node, out["errors"], lab.drops(node))
+        assert {a.split()[0] for a in out["answers"]} == {f"{n}-web" for n in lab.nodes()}, node
+        assert {a.split()[2].split(":")[0] for a in out["answers"]} == {ips[node]}
+        r = in_netns(lab.node_netns(node), PY, CLIENT, "udp", ip, str(PUBLISHED), "20", timeout=120)
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["errors"] == [] and len(out["answers"]) == 20, (node, out["errors"], lab.drops(node))
+        assert {a["from"] for a in out["answers"]} == {f"{ip}:{PUBLISHED}"}
+        assert {a["answer"].split()[2].split(":")[0] for a in out["answers"]} == {ips[node]}
+
+
 def test_udp_through_every_node_keeps_the_client_ip(lab):
     client_ip = lab_obj(lab).client_ip
     for node, ip in node_ips(lab).items():
@@ -104,7 +127,7 @@ def test_mesh_counters(lab):
 def test_without_xdp_tc_serves_the_mesh(lab):
     """XDP off on node 3's underlay (as with `up --no-xdp`): tc does the whole forward
     path; then the agent, restarted, attaches XDP again."""
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     n3 = lab.nodes()[2]
     ip = node_ips(lab)[n3]
     stop_agent(n3)

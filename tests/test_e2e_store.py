@@ -128,7 +128,7 @@ def test_etcd_restarted_mid_traffic_loses_nothing(lab):
 
 def test_agent_restarted_while_etcd_is_down_keeps_forwarding_and_resyncs(lab):
     from xoverlay.kernel.processes import running_pid
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     from xoverlay.store.etcd_server import free_port
     _etcd_only(lab)
     n1, n2, _ = names(lab)

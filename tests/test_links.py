@@ -1,7 +1,8 @@
-"""xoverlay/kernel/veth.py helpers that need no namespace of their own (reads of this one only)."""
+"""xoverlay/kernel/veth.py and gateway.py helpers that need no namespace of their own
+(reads of this one only)."""
 from pyroute2 import IPRoute
 
-from xoverlay.kernel import veth
+from xoverlay.kernel import gateway, veth
 
 
 def test_stray_acks_of_get_requests_are_dropped():
@@ -23,7 +24,7 @@ def test_stray_acks_of_get_requests_are_dropped():
 
 
 def _rule(priority, table, action=1, src=None, dst=None, **more):
-    """An IPv4 rule as pyroute2 reads it (the attributes veth.rule_shape looks at)."""
+    """An IPv4 rule as pyroute2 reads it (the attributes gateway.rule_shape looks at)."""
     attrs = [("FRA_TABLE", table), ("FRA_SUPPRESS_PREFIXLEN", 0xffffffff), ("FRA_PROTOCOL", 2)]
     if priority:
         attrs.append(("FRA_PRIORITY", priority))
@@ -37,11 +38,11 @@ def _rule(priority, table, action=1, src=None, dst=None, **more):
 
 
 KERNEL = [_rule(0, 255), _rule(32766, 254), _rule(32767, 253)]
-OURS = _rule(veth.RETURN_RULE_PRIORITY, veth.RETURN_TABLE, src=veth.GATEWAY_IP)
+OURS = _rule(gateway.RETURN_RULE_PRIORITY, gateway.RETURN_TABLE, src=veth.GATEWAY_IP)
 
 
 def suffices(rules):
-    return veth.main_table_suffices(veth.rule_shape(r) for r in rules)
+    return gateway.main_table_suffices(gateway.rule_shape(r) for r in rules)
 
 
 def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
@@ -55,7 +56,7 @@ def test_the_main_table_suffices_only_under_the_kernels_rules_and_ours():
     assert not suffices(KERNEL + [_rule(200, 253)])                          # default table first
     assert not suffices(KERNEL[1:] + [OURS])                                 # no `lookup local`
     assert not suffices([KERNEL[0], _rule(32766, 254, action=2), KERNEL[2], OURS])   # main -> goto
-    assert not suffices(KERNEL + [_rule(veth.RETURN_RULE_PRIORITY, veth.RETURN_TABLE, src="192.0.2.1")])
+    assert not suffices(KERNEL + [_rule(gateway.RETURN_RULE_PRIORITY, gateway.RETURN_TABLE, src="192.0.2.1")])
     suppress = _rule(32766, 254)
     suppress["attrs"][1] = ("FRA_SUPPRESS_PREFIXLEN", 0)                   # main, suppress_prefixlength 0
     assert not suffices([KERNEL[0], suppress, KERNEL[2]])
@@ -65,9 +66,9 @@ def test_egress_rules_keep_the_main_table_sufficient():
     """The replies' rules (to a network's subnet, lookup RETURN_TABLE) never match an
     underlay peer: with them the data path may still look peers up in main alone. A rule
     of that priority and table that matches anything more is the operator's."""
-    egress = _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE, dst="10.10.0.0")
+    egress = _rule(gateway.EGRESS_RULE_PRIORITY, gateway.RETURN_TABLE, dst="10.10.0.0")
     egress["dst_len"] = 16
     assert suffices(KERNEL + [OURS, egress])
-    marked = _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE, dst="10.10.0.0", FRA_FWMARK=1)
+    marked = _rule(gateway.EGRESS_RULE_PRIORITY, gateway.RETURN_TABLE, dst="10.10.0.0", FRA_FWMARK=1)
     assert not suffices(KERNEL + [OURS, marked])
-    assert not suffices(KERNEL + [OURS, _rule(veth.EGRESS_RULE_PRIORITY, veth.RETURN_TABLE)])
+    assert not suffices(KERNEL + [OURS, _rule(gateway.EGRESS_RULE_PRIORITY, gateway.RETURN_TABLE)])

@@ -150,7 +150,7 @@ time.sleep(120)
 def test_lints_on_a_misconfigured_lab_node(lab):
     from xoverlay.kernel.datapath import detach_xdp, open_maps
     from xoverlay.kernel.netns import entered
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     from xoverlay.maps.layout import U32, Monitor
     n3 = lab.nodes()[2]
     node_ns = f"/run/netns/xo-{n3}"

@@ -175,7 +175,7 @@ def test_lab_agent_serves_metrics_that_follow_traffic(lab):
     from conftest import Result
     from test_cli_bad_input import one_line_error, snapshot
 
-    from xoverlay.kernel.teardown import stop_agent
+    from xoverlay.kernel.processes import stop_agent
     n1, n2, _ = lab.nodes()
     netns = f"/run/netns/xo-{n1}"
     stop_agent(n1)

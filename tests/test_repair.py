@@ -31,9 +31,15 @@ def test_xdp_is_repaired_only_where_the_node_runs_it():
     assert plan(Seen(frozenset(), 7, 5), Want(7, 0), "eth1") == []      # not ours to judge
 
 
+def test_lo_is_repaired_as_a_device_of_its_own():
+    assert plan(Seen(frozenset(), 7, 8, 0), Want(7, 8, 9), "eth1") == [Repair("tc", "lo")]
+    assert plan(Seen(frozenset(), 7, 8, 9), Want(7, 8, 9), "eth1") == []
+
+
 def test_pins_checked_are_every_map_and_program():
     names = pin_names()
-    assert {"prog_endpoint", "prog_underlay_tc", "prog_underlay_xdp", "xo_config", "xo_endpoints"} <= set(names)
+    assert {"prog_endpoint", "prog_underlay_tc", "prog_underlay_xdp", "prog_loopback", "xo_config",
+            "xo_endpoints"} <= set(names)
 
 
 def test_repairs_say_what_was_done():
@@ -70,7 +76,7 @@ def underlay():
 
 def test_attach_says_what_it_attached(progs, underlay):
     from xoverlay.kernel import datapath
-    assert datapath.attach_underlay(underlay.ifindex, progs, True).attached == ("tc", "xdp")
+    assert datapath.attach_underlay(underlay.ifindex, progs, True).attached == ("tc", "lo", "xdp")
     again = datapath.attach_underlay(underlay.ifindex, progs, True)
     assert again.attached == () and again.mode == "native"
 
@@ -93,6 +99,20 @@ def test_a_repair_reports_what_it_found_when_it_acted_not_what_was_planned(progs
     assert bpf.xdp_query(underlay.ifindex)[1] == datapath.prog_id(progs.fds["prog_underlay_xdp"])
     # Planned, but put back by someone else before it acted: nothing done, nothing said.
     assert apply(NODE, planned, progs.fds, underlay, progs, True) == []
+
+
+def test_lo_detached_is_attached_again(progs, underlay):
+    """The node's own connections to its published ports go through lo's program."""
+    from xoverlay.agent.repair import apply, observe
+    from xoverlay.kernel import bpf, datapath
+    datapath.attach_underlay(underlay.ifindex, progs, False)
+    want = Want(datapath.prog_id(progs.fds["prog_underlay_tc"]), 0, datapath.prog_id(progs.fds["prog_loopback"]))
+    assert plan(observe(NODE, underlay.ifindex), want, underlay.name) == []
+    bpf.tc_detach(datapath.LOOPBACK_IFINDEX)
+    planned = plan(observe(NODE, underlay.ifindex), want, underlay.name)
+    assert planned == [Repair("tc", "lo")]
+    assert apply(NODE, planned, progs.fds, underlay, progs, False) == [Repair("tc", "lo")]
+    assert bpf.tc_query(datapath.LOOPBACK_IFINDEX) == want.lo_prog
 
 
 def test_a_deleted_pin_is_pinned_again(progs, underlay):

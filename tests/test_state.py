@@ -1,4 +1,4 @@
-"""The cluster state under random change (issue 6, "State").
+"""The cluster state under random change.
 
 Stateful property tests: hypothesis drives random sequences of network / endpoint /
 service create, update and remove, valid and invalid, through the real SqliteStore and

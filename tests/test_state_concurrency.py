@@ -1,4 +1,4 @@
-"""Concurrent changes (issue 6, "State"): 8 processes add and remove endpoints and
+"""Concurrent changes: 8 processes add and remove endpoints and
 services at once, through the store and the model functions the CLI calls, against the
 lab's store (SQLite, and etcd) while its three agents plumb and reconcile. Every change
 re-checks, inside its update, the invariants of the state it read (so every committed

@@ -66,7 +66,7 @@ def test_the_nodes_run_their_own_kernel_and_attach_as_it_allows(vms):
         assert release.startswith("6.1.")
     snap = json.loads(run_xo(vms.state, "status", "--node", n1, "--json", timeout=GUEST_SECONDS).out)
     has_tcx = tuple(int(x) for x in release.split(".")[:2]) >= (6, 6)
-    assert [p["mode"] for p in snap["node"]["programs"][1:]] == ["tcx" if has_tcx else "cls_bpf"] * 2
+    assert [p["mode"] for p in snap["node"]["programs"][1:]] == ["tcx" if has_tcx else "cls_bpf"] * 3
     assert all(p["attached"] == p["places"] for p in snap["node"]["programs"] if p["mode"] != "off")
     # The VM lab runs the nodes' default, `--xdp auto`: no XDP on virtio-net (it would turn
     # the NIC's receive offloads off), and the reason is shown.
@@ -151,6 +151,21 @@ def test_the_mesh_answers_on_every_node_with_the_clients_address(vms):
     for node in vms.nodes():
         url, answer = vms.mesh_request(node)
         assert vms.client_ip in answer, f"{url}: {answer}"
+
+
+def test_every_node_reaches_its_own_published_port(vms):
+    """On 6.1 too: from each guest, its own IP:8080 and 127.0.0.1:8080 are answered by
+    backends of more than one node, each seeing the node's address (lo's program takes
+    the requests into the mesh, the replies come back through lo)."""
+    ips = {n: vms.store.read().nodes[n].underlay_ip for n in vms.nodes()}
+    client = os.path.join(REPO, "tests", "lb_client.py")
+    for node in vms.nodes():
+        for ip in (ips[node], "127.0.0.1"):
+            _, got, err = vms.run(node, [sys.executable, client, "http", ip, "8080", "12"], timeout=GUEST_SECONDS)
+            res = json.loads(got.decode().strip().splitlines()[-1])
+            assert res["errors"] == [] and len(res["answers"]) == 12, (node, ip, res["errors"], err)
+            assert {a.split()[2].split(":")[0] for a in res["answers"]} == {ips[node]}, (node, ip)
+            assert len({a.split()[0] for a in res["answers"]}) >= 2, (node, ip, res["answers"])
 
 
 def test_peer_ls_and_monitor_answer_from_the_guest(vms):

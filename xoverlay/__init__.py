@@ -6,9 +6,9 @@ this list (tests/test_package_layout.py checks it):
   maps/    the contract with the C side: every map's layout, the drop reasons, the event types
   core/    the rules, no I/O: the model and IPAM, the desired maps and their diff, Maglev, DNS answers
   kernel/  what touches the kernel: libbpf calls, pinned maps and counters, loading and attaching,
-           veths, netns, processes, teardown
+           endpoints' veths, the node's gateway and egress, netns, processes
   store/   where the cluster state lives: the interface, SQLite, etcd, and running an etcd server
-  agent/   the per-node agent: the reconcile loop, repair, the DNS responder, metrics
+  agent/   the per-node agent: up and down, the reconcile loop, repair, the DNS responder, metrics
   lab/     the namespace lab, the VM lab, and the demo server
   ui/      what a person sees: the CLI, status and its TUI, monitor, lints, service views
 """

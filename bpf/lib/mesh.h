@@ -13,6 +13,11 @@
  *   A decaps it (underlay_tc.c): XO_CT_REPLY gives the source the client talked to,
  *       A IP:published; out of A's underlay to the client (redirect_neigh)
  *
+ *   A itself as the client (its own published ports, on its IP or on 127.0.0.1: the
+ *   agent's nftables table turns the latter into the former): the request is seen on
+ *   A's loopback (loopback.c) and takes the tc path above; its replies, addressed to
+ *   A IP, go into A's stack through lo instead of out of the underlay (xo_mesh_reply_out)
+ *
  * Replies go back through the node the client talked to (not DSR): see docs/SERVICES.md. */
 #ifndef XO_MESH_H
 #define XO_MESH_H
@@ -32,6 +37,12 @@
  * neither gives a mesh packet (it is redirected or dropped), and on the underlay what
  * lets the stack have the packet. */
 #define XO_MESH_NOT_MESH TC_ACT_OK
+
+/* Replies to the node itself enter its stack through lo, marked so that loopback.c lets
+ * them through rather than taking one whose destination port is also published for a
+ * request. The mark lives from the redirect to loopback.c, which clears it. */
+#define XO_LOOPBACK_IFINDEX 1          /* lo, in every network namespace */
+#define XO_MARK_MESH_REPLY 0x786f6d72  /* "xomr" */
 
 /* The mesh parses the packet afresh. Without this, clang shares the headers parsed by
  * xo_classify_underlay (on the path where it found no VXLAN, nothing in between writes
@@ -236,6 +247,25 @@ static __always_inline int xo_mesh_tc(struct __sk_buff *skb, const struct xo_con
 
 /* --- replies ------------------------------------------------------------------------------- */
 
+/* A mesh reply, its source already the node IP:published port the client talked to, on
+ * its way to `client`: out of the underlay; or, when the client is this node itself, into
+ * its stack on lo. lo takes only frames for its own address, 00:00:00:00:00:00 (others
+ * would be PACKET_OTHERHOST, which IP drops), and lo is the one device where a packet
+ * from this node's own address is not a martian. Returns the verdict or -reason. */
+static __always_inline int xo_mesh_reply_out(struct __sk_buff *skb, const struct xo_config *cfg, __be32 client)
+{
+    if (client != cfg->node_ip)
+        return xo_redirect_underlay(skb, cfg, client);
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return -XO_DROP_MALFORMED_IP;
+    __builtin_memset(eth->h_dest, 0, ETH_ALEN);
+    skb->mark = XO_MARK_MESH_REPLY;
+    return bpf_redirect(XO_LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
 /* A backend's packet to an address outside every overlay network (endpoint.c): a reply
  * of a routing-mesh connection? Came in here: source := this node's IP:published port,
  * out of the underlay. Came in through another node: VXLAN back to it. Returns
@@ -247,7 +277,7 @@ static __always_inline int xo_mesh_reply(struct __sk_buff *skb, const struct xo_
     if (ret < 0)
         return ret;
     if (ret)
-        return xo_redirect_underlay(skb, cfg, f->daddr);
+        return xo_mesh_reply_out(skb, cfg, f->daddr);
     struct xo_ct_key k = xo_ct_key_make(f->saddr, f->daddr, f->sport, f->dport, f->proto, XO_CT_MESH);
     struct xo_ct *ct = xo_lb_ct.lookup(&k);
     if (!ct)

@@ -1,1 +1,1 @@
-"""The per-node agent: the reconcile loop, repair, the DNS responder, metrics."""
+"""The per-node agent: `up` and `down`, the reconcile loop, repair, the DNS responder, metrics."""

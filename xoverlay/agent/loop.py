@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from xoverlay.agent import dns_responder, repair
 from xoverlay.core import desired, model
 from xoverlay.errors import NodeRemoved, StoreError, XoError
-from xoverlay.kernel import datapath, ethtool, monitor_flag, veth
+from xoverlay.kernel import datapath, ethtool, gateway, monitor_flag, veth
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.store.base import Store, StoreUnavailable
 
@@ -125,7 +125,7 @@ class Agent:
                 self._join_and_register()
             # xo-gw exists whether or not our responder runs: DNS that endpoint.c sends
             # there must end on this node (an ICMP error at worst), never go onwards.
-            self.gateway_ifindex, changes = veth.ensure_gateway(self.ipr)
+            self.gateway_ifindex, changes = gateway.ensure_gateway(self.ipr)
             for change in changes:
                 log.info("%s", change)
         except BaseException:
@@ -182,19 +182,23 @@ class Agent:
             self.dns_server.set_state(state, generation)
         changes += self._repair()
         try:                      # repairs drift; never a reason to leave the maps alone
-            self.gateway_ifindex, gw_changes = veth.ensure_gateway(self.ipr)
+            self.gateway_ifindex, gw_changes = gateway.ensure_gateway(self.ipr)
             changes += gw_changes
         except Exception as e:
-            log.error("gateway device %s: %s", veth.GATEWAY_DEV, e)
+            log.error("gateway device %s: %s", gateway.GATEWAY_DEV, e)
         self._egress(state, changes)
         try:
-            self.fib_main_only = veth.fib_main_only(self.ipr)
+            changes += gateway.ensure_loopback()
+        except OSError as e:      # only the node's own connections to published ports need it
+            log.error("lo: %s", e)
+        try:
+            self.fib_main_only = gateway.fib_main_only(self.ipr)
         except Exception as e:    # the full lookup is always right, only slower
             self.fib_main_only = False
             log.error("reading the routing rules: %s", e)
         ifindexes, ready, gone = self._plumb(state, changes)
         try:
-            changes += veth.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
+            changes += gateway.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
             log.error("return paths of DNS replies: %s", e)
         veth.drop_unclaimed_replies(self.ipr)      # pyroute2's stray ACKs (see there)
@@ -209,12 +213,13 @@ class Agent:
 
     def _egress(self, state, changes: list[str]) -> None:
         """Masquerade, forwarding on xo-gw and the replies' rules, put (back) in place
-        (kernel/veth.py ensure_egress). Where it cannot be, the data path is told
+        (kernel/gateway.py ensure_egress). Where it cannot be, the data path is told
         (XO_CFG_EGRESS off: packets for outside are dropped as NO_ROUTE) and the log says
         why, once per cause; status lints it."""
         try:
-            problem, done = veth.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
-                                               desired.masquerade_ranges(state))
+            problem, done = gateway.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
+                                               desired.masquerade_ranges(state), self.underlay.ip,
+                                               desired.published_ports(state))
             changes += done
         except Exception as e:    # never a reason to leave the maps alone
             problem = f"egress: {e}"
@@ -304,7 +309,8 @@ class Agent:
     def _repair(self) -> list[str]:
         """Pins and underlay programs undone behind our back, put back (xoverlay/agent/repair.py)."""
         want = repair.Want(datapath.prog_id(self.progs.fds["prog_underlay_tc"]),
-                           datapath.prog_id(self.progs.fds["prog_underlay_xdp"]) if self.xdp_mode != "off" else 0)
+                           datapath.prog_id(self.progs.fds["prog_underlay_xdp"]) if self.xdp_mode != "off" else 0,
+                           datapath.prog_id(self.progs.fds["prog_loopback"]))
         todo = repair.plan(repair.observe(self.node, self.underlay.ifindex), want, self.underlay.name)
         if todo:
             fds = {**{name: m.fd for name, m in self.maps.items()}, **self.progs.fds}

@@ -1,7 +1,7 @@
 """What was undone behind the agent's back, and putting it back: pins deleted (the data
 path still runs, but `status`, the CLI and the next agent find nothing: the next agent
-would even start over with empty maps), the underlay's tc program or XDP program
-detached. Checked on every reconcile pass, cheaply: a stat per pin, two netlink
+would even start over with empty maps), the underlay's tc program or XDP program, or
+lo's, detached. Checked on every reconcile pass, cheaply: a stat per pin, three netlink
 queries. (An endpoint's veth or its tc program is put back by veth.plumb, which says
 what it fixed.) The decision is pure (plan); observe and apply are the side effects."""
 from __future__ import annotations
@@ -19,12 +19,14 @@ class Seen:
     missing_pins: frozenset     # names (maps and programs) absent from the node's pin dir
     tc_prog: int                # id of the program on the underlay's tc ingress (0: none)
     xdp_prog: int               # id of the underlay's XDP program (0: none)
+    lo_prog: int = 0            # id of the program on lo's tc ingress (0: none)
 
 
 @dataclass(frozen=True)
 class Want:
     tc_prog: int
     xdp_prog: int               # 0: XDP is off on this node, whatever is attached
+    lo_prog: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,8 @@ def plan(seen: Seen, want: Want, underlay: str) -> list[Repair]:
         out.append(Repair("tc", underlay))
     if want.xdp_prog and seen.xdp_prog != want.xdp_prog:
         out.append(Repair("xdp", underlay))
+    if seen.lo_prog != want.lo_prog:
+        out.append(Repair("tc", "lo"))
     return out
 
 
@@ -55,7 +59,8 @@ def pin_names() -> list[str]:
 def observe(node: str, underlay_ifindex: int) -> Seen:
     d = pin_dir(node)
     missing = frozenset(n for n in pin_names() if not os.path.exists(os.path.join(d, n)))
-    return Seen(missing, bpf.tc_query(underlay_ifindex), bpf.xdp_query(underlay_ifindex)[1])
+    return Seen(missing, bpf.tc_query(underlay_ifindex), bpf.xdp_query(underlay_ifindex)[1],
+                bpf.tc_query(datapath.LOOPBACK_IFINDEX))
 
 
 def apply(node: str, repairs: list[Repair], fds: dict[str, int], underlay, progs, xdp: bool) -> list[Repair]:
@@ -71,5 +76,5 @@ def apply(node: str, repairs: list[Repair], fds: dict[str, int], underlay, progs
             done.append(r)
     if any(r.kind in ("tc", "xdp") for r in repairs):
         attached = datapath.attach_underlay(underlay.ifindex, progs, xdp).attached   # leaves alone what is right
-        done += [Repair(kind, underlay.name) for kind in attached]
+        done += [Repair("tc", "lo") if kind == "lo" else Repair(kind, underlay.name) for kind in attached]
     return done

@@ -74,8 +74,8 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
     until they are (a map entry pointing at no veth would black-hole traffic). Peers, local
     endpoints and backends keep the counter slots they have in `actual` (the maps as they
     are): see assign_slots. `fib_main_only`: the node's routing rules let the data path
-    look underlay routes up in the main table (kernel/veth.py main_table_suffices).
-    `egress`: the node's masquerade is in place (kernel/veth.py ensure_egress), so
+    look underlay routes up in the main table (kernel/gateway.py main_table_suffices).
+    `egress`: the node's masquerade is in place (kernel/gateway.py ensure_egress), so
     endpoint.c may hand packets for the outside to xo-gw."""
     had = slots_in(actual or {})
     me = state.nodes[node]
@@ -300,7 +300,7 @@ def plan(desired: dict[str, dict], actual: dict[str, dict], want_tables: dict[in
 
 def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str, tuple[int, str]]:
     """Endpoint IP -> (host-side veth ifindex, endpoint MAC) for this node's plumbed endpoints:
-    where the node sends what leaves from the gateway address (xoverlay/kernel/veth.py)."""
+    where the node sends what leaves from the gateway address (xoverlay/kernel/gateway.py)."""
     out = {}
     for ep in state.endpoints.values():
         if ep.node == node and not ep.removing and ifindexes.get(ep.name):
@@ -308,9 +308,15 @@ def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str
     return out
 
 
+def published_ports(state: State) -> list[tuple[int, str]]:
+    """Every (port, protocol) published in the cluster, in order: what the node's own
+    connections on 127.0.0.1 are turned to its IP for (kernel/gateway.py egress_ruleset)."""
+    return sorted(model._published(state))
+
+
 def masquerade_ranges(state: State) -> dict[str, list[tuple[int, int]]]:
     """Per protocol with published ports, the ranges of source ports egress may give the
-    node's address (kernel/veth.py egress_ruleset): every port but the published ones.
+    node's address (kernel/gateway.py egress_ruleset): every port but the published ones.
     A reply to a published port would be taken for a routing-mesh request by the data
     path (XDP and tc see it before conntrack does), so no masqueraded connection may have
     one. The ranges are the gaps between published ports: a connection from a port of a

@@ -1,1 +1,1 @@
-"""What touches the kernel: libbpf calls, pinned maps, programs, veths, netns, teardown."""
+"""What touches the kernel: libbpf calls, pinned maps, programs, veths, the gateway, netns, processes."""

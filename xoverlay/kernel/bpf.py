@@ -572,8 +572,10 @@ _lib.bpf_prog_test_run_opts.argtypes = [ctypes.c_int, ctypes.POINTER(_TestRunOpt
 
 
 def prog_test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None,
-                  repeat: int = 1) -> tuple[int, bytes, int]:
-    """Run a program on one packet in the kernel. Returns (verdict, packet out, ns per run)."""
+                  repeat: int = 1, ctx_out=None) -> tuple[int, bytes, int]:
+    """Run a program on one packet in the kernel. Returns (verdict, packet out, ns per run);
+    `ctx_out`, a ctypes buffer at least the size of the program's whole context (struct
+    __sk_buff: else ENOSPC), receives the context as the program left it."""
     out = ctypes.create_string_buffer(len(packet) + 256)
     inbuf = ctypes.create_string_buffer(packet, len(packet))
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.cast(inbuf, ctypes.c_void_p),
@@ -583,6 +585,9 @@ def prog_test_run(prog_fd: int, packet: bytes, ctx: bytes | None = None,
         cbuf = ctypes.create_string_buffer(ctx, len(ctx))
         opts.ctx_in = ctypes.cast(cbuf, ctypes.c_void_p)
         opts.ctx_size_in = len(ctx)
+    if ctx_out is not None:
+        opts.ctx_out = ctypes.addressof(ctx_out)
+        opts.ctx_size_out = ctypes.sizeof(ctx_out)
     _check(_lib.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
     return opts.retval, out.raw[:opts.data_size_out], opts.duration
 

@@ -2,7 +2,7 @@
 decisions about what goes in the maps live in desired.py).
 
 Pinned under /sys/fs/bpf/xoverlay/<node>/: every map (BCC pins them at compile time) and
-the three programs. Programs and maps outlive the agent: a new agent with the same build
+the programs. Programs and maps outlive the agent: a new agent with the same build
 adopts them without touching the kernel; one with a new build replaces the programs in
 place (tcx replace, XDP replace), keeping the maps and their contents."""
 from __future__ import annotations
@@ -21,13 +21,14 @@ from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.maps import BPF_DIR
 from xoverlay.maps.layout import MAPS, PIN_ROOT, U32, pin_dir
 
-SOURCES = ("endpoint.c", "underlay_tc.c", "underlay_xdp.c")
+SOURCES = ("endpoint.c", "underlay_tc.c", "underlay_xdp.c", "loopback.c")
 
 # program pin name -> (function in the C source, program type)
 PROGRAMS = {
     "prog_endpoint": ("xo_endpoint_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
     "prog_underlay_tc": ("xo_underlay_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
     "prog_underlay_xdp": ("xo_underlay_xdp", bpf.BPF_PROG_TYPE_XDP),
+    "prog_loopback": ("xo_loopback_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
 }
 
 
@@ -174,7 +175,7 @@ def compile_programs(pin: str) -> dict[str, int]:
 
 @dataclass
 class Programs:
-    """Open fds of the three pinned programs of a node."""
+    """Open fds of the pinned programs of a node."""
     fds: dict
     build: int
     replaced: bool       # False: adopted from pins of the same build
@@ -276,22 +277,30 @@ def choose_xdp(request, driver: str | None) -> tuple[bool, str]:
     return False, f"off (auto: XDP not measured on {driver or 'this driver'}; the tc program filters the same)"
 
 
+LOOPBACK_IFINDEX = 1            # lo, in every network namespace
+
+
 @dataclass(frozen=True)
 class UnderlayAttached:
     mode: str                   # the XDP mode: 'native', 'generic', 'other' or 'off'
-    attached: tuple[str, ...]   # what this call attached ("tc", "xdp"): the rest was in place
+    attached: tuple[str, ...]   # what this call attached ("tc", "xdp", "lo"): the rest was in place
 
 
 def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> UnderlayAttached:
-    """tc ingress decap always; XDP filter natively if the driver can, else generic.
-    What is attached already is left alone: adopting a running node must not disturb its
-    traffic. Says what it attached, as found at the moment it looked (a repair reports
-    that, not what an earlier look planned)."""
+    """tc ingress decap always; XDP filter natively if the driver can, else generic; and
+    on lo's tc ingress the node's own connections to its published ports, which never
+    cross the underlay (bpf/loopback.c). What is attached already is left alone: adopting
+    a running node must not disturb its traffic. Says what it attached, as found at the
+    moment it looked (a repair reports that, not what an earlier look planned)."""
     tc_prog = progs.fds["prog_underlay_tc"]
     attached = []
     if bpf.tc_query(ifindex) != prog_id(tc_prog):
         bpf.tc_attach(ifindex, tc_prog)
         attached.append("tc")
+    lo_prog = progs.fds["prog_loopback"]
+    if bpf.tc_query(LOOPBACK_IFINDEX) != prog_id(lo_prog):
+        bpf.tc_attach(LOOPBACK_IFINDEX, lo_prog)
+        attached.append("lo")
     if not xdp:
         detach_xdp(ifindex)
         return UnderlayAttached("off", tuple(attached))
@@ -317,7 +326,9 @@ def detach_xdp(ifindex: int) -> None:
 
 
 def detach_underlay(ifindex: int) -> None:
+    """What attach_underlay attached, lo's program included."""
     bpf.tc_detach(ifindex)
+    bpf.tc_detach(LOOPBACK_IFINDEX)
     try:
         detach_xdp(ifindex)
     except bpf.BpfError:

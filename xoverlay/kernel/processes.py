@@ -123,11 +123,24 @@ def owner_alive(pid: int, start: int) -> bool:
     return pid > 0 and start > 0 and proc_start(pid) == start
 
 
-def terminate(pid: int, gone, timeout: float) -> None:
-    """SIGTERM, and SIGKILL if `gone()` is still false after `timeout` seconds."""
+def pid_in_file(path: str, tag: str) -> int | None:
+    """The pid written in `path` if that process is alive and its command line holds `tag`:
+    a pid file outlives its process, and by then the number may be another's."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    return pid if pid and alive(pid) and tag in cmdline(pid) else None
+
+
+def terminate(pid: int, gone, timeout: float, group: bool = False) -> None:
+    """SIGTERM, and SIGKILL if `gone()` is still false after `timeout` seconds. group: to
+    the process group `pid` leads (a session the caller started, with its children)."""
+    send = os.killpg if group else os.kill
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
-            os.kill(pid, sig)
+            send(pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
@@ -135,3 +148,28 @@ def terminate(pid: int, gone, timeout: float) -> None:
             if gone():
                 return
             time.sleep(0.05)
+
+
+def terminate_all(pids: list[int], timeout: float) -> None:
+    """SIGTERM to each, then SIGKILL to those still alive `timeout` seconds later."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    for pid in pids:
+        try:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_agent(node: str, timeout: float = 5.0) -> None:
+    """The node's agent, by its pid file: SIGTERM, SIGKILL after `timeout` seconds."""
+    pid = running_pid(node)
+    if pid:
+        terminate(pid, lambda: running_pid(node) is None, timeout)

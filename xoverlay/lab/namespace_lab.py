@@ -14,14 +14,14 @@ import hashlib
 import ipaddress
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 
+from xoverlay.agent.down import node_down
 from xoverlay.core import model
 from xoverlay.errors import XoError
-from xoverlay.kernel import netns, processes, teardown
+from xoverlay.kernel import netns, processes
 from xoverlay.store import etcd_server, open_store
 from xoverlay.store.base import DEFAULT_STATE, LAB_SUFFIX, default_path, is_etcd
 from xoverlay.store.memory import MemoryStore
@@ -34,6 +34,7 @@ READY_SECONDS = 20
 WEB_SERVICE = "web"
 WEB_PORTS = ("80/tcp", "80/udp")     # the demo server answers HTTP and UDP on 80
 WEB_PUBLISH = "8080:80"
+DEMO_SERVER = "xoverlay.lab.demo_server"   # its module: how its processes are found
 CLIENT_HOST = 200                    # the outside client: 192.0.2.200 (tests use .250 for a DNS upstream)
 # `lab up --store etcd`: Debian's etcd runs in the switch's netns, on 192.0.2.1 of the
 # underlay (where a real cluster's etcd would be: a machine of the underlay), and on a
@@ -337,7 +338,7 @@ class Lab:
         specs = [f"{b}={eps[b].netns}" for b in backends]
         want = {"specs": specs, "netns": [processes.inode(eps[b].netns) for b in backends]}
         data = self._load()
-        pid = _locked_pid(self.demo_pidfile)
+        pid = processes.pid_in_file(self.demo_pidfile, DEMO_SERVER)
         if pid and data.get("demo") == want:
             return
         self._stop_demo_server()
@@ -346,7 +347,7 @@ class Lab:
         log = os.path.join(processes.RUN_DIR, f"{self.demo_tag}.log")
         with open(log, "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "xoverlay.lab.demo_server", "--supervise", f"--ready-fd={write_fd}",
+                [sys.executable, "-m", DEMO_SERVER, "--supervise", f"--ready-fd={write_fd}",
                  f"--tag={self.demo_tag}", "--http=80", "--udp=80", "--echo=9000", *specs],
                 cwd=REPO, stdin=subprocess.DEVNULL,
                 stdout=logf, stderr=logf, pass_fds=(write_fd,), start_new_session=True)
@@ -363,19 +364,9 @@ class Lab:
 
     def _stop_demo_server(self) -> None:
         """The supervisor by its pid file, then anything left with our tag (a crash)."""
-        pids = [p for p in (_locked_pid(self.demo_pidfile),) if p]
-        pids += [p for p in processes.pids_with(["xoverlay.lab.demo_server", f"--tag={self.demo_tag}"]) if p not in pids]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and any(processes.alive(p) for p in pids):
-            time.sleep(0.05)
-        for pid in pids:
-            if processes.alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        pids = [p for p in (processes.pid_in_file(self.demo_pidfile, DEMO_SERVER),) if p]
+        pids += [p for p in processes.pids_with([DEMO_SERVER, f"--tag={self.demo_tag}"]) if p not in pids]
+        processes.terminate_all(pids, 5.0)
         for leftover in (self.demo_pidfile, os.path.join(processes.RUN_DIR, f"{self.demo_tag}.log")):
             if os.path.exists(leftover):
                 os.unlink(leftover)
@@ -384,7 +375,7 @@ class Lab:
         """An outside host on the underlay: its own netns, a port of the bridge, an
         address of the underlay range. Its checksums are finished (tx offload off), as a
         frame that crossed a real wire has them: between veths a TCP/UDP checksum may stay
-        partial, which XDP cannot see (DATAPATH-NOTES 4)."""
+        partial, which XDP cannot see."""
         ns = self.client_netns
         if os.path.exists(netns.resolve(ns)):
             return
@@ -439,7 +430,7 @@ class Lab:
         _run("ip", "-n", self.underlay_netns, "link", "set", port, "master", "br0", "up")
         # XDP_TX on the node's end (the routing mesh) sends into this one: a veth takes XDP
         # frames only with an XDP program of its own (measured: GRO's NAPI is not enough
-        # for XDP_TX; DATAPATH-NOTES 3). A switch port of a real NIC needs nothing. Only
+        # for XDP_TX). A switch port of a real NIC needs nothing. Only
         # with XDP: the program turns TSO off on the node's eth1 (veth), and a --no-xdp lab
         # serves the mesh in tc, without XDP_TX.
         if xdp:
@@ -493,7 +484,7 @@ class Lab:
         for node in sorted(nodes):
             path = netns.resolve(self.node_netns(node))
             try:
-                teardown.node_down(self.store, node, path if os.path.exists(path) else None)
+                node_down(self.store, node, path if os.path.exists(path) else None)
             except XoError:
                 pass
             netns.remove(path)
@@ -527,13 +518,3 @@ def _xdp_pass(ns_path: str, dev: str) -> None:
             bpf.xdp_attach(socket.if_nametoindex(dev), fd, bpf.XDP_FLAGS_DRV_MODE)
         finally:
             os.close(fd)
-
-
-def _locked_pid(path: str) -> int | None:
-    """The pid in `path` if that process is alive and still the demo server."""
-    try:
-        with open(path) as f:
-            pid = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        return None
-    return pid if pid and processes.alive(pid) and "xoverlay.lab.demo_server" in processes.cmdline(pid) else None

@@ -15,7 +15,6 @@ import glob
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -286,14 +285,7 @@ class VmLab(Lab):
         """qemu and virtme-ng, by the session the lab started them in (a crash leaves
         nothing else: the guest's filesystem is overlays in its memory)."""
         pid = vm["pid"]
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and processes.alive(pid):
-                time.sleep(0.1)
+        processes.terminate(pid, lambda: not processes.alive(pid), 5.0, group=True)
         shutil.rmtree(self.vm_dir(node), ignore_errors=True)
 
 

@@ -96,16 +96,12 @@ def start(cmd: list[str], log: str, host: str, port: int, netns_path: str | None
 
 def stop(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL: etcd syncs its WAL on SIGTERM."""
-    from xoverlay.kernel.processes import terminate
+    from xoverlay.kernel import processes
 
     def gone() -> bool:
         try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            return bool(done)
-        except ChildProcessError:       # not our child: it is gone when kill(0) fails
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            return False
-    terminate(pid, gone, timeout)
+            os.waitpid(pid, os.WNOHANG)        # our child: reap it, or it stays a zombie
+        except ChildProcessError:
+            pass
+        return not processes.alive(pid)
+    processes.terminate(pid, gone, timeout)

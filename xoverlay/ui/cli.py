@@ -143,13 +143,13 @@ def up(ctx, node, underlay, xdp, no_xdp, vxlan_port, detach, dns, dns_forward, d
 @click.pass_context
 def down(ctx, node):
     """Stop the node's agent, remove its programs, pins, veths and its place in the store."""
-    from xoverlay.kernel import teardown
+    from xoverlay.agent.down import node_down
     if _in_vm(ctx, node, ["down", "--node", node]):
         return
     store = _store(ctx)
     lab = open_lab(store, ctx.obj["state"])
     path = netns.resolve(lab.node_netns(node)) if node in lab.nodes() else None
-    teardown.node_down(store, node, path)
+    node_down(store, node, path)
     click.echo(f"node {node} is down")
 
 

@@ -286,7 +286,7 @@ def gather(state: State, node: str) -> dict:
         return facts
     facts["egress"] = bool(cfg.flags & CFG_EGRESS)
     facts["nft"] = shutil.which("nft") is not None
-    from xoverlay.kernel.datapath import PROGRAMS
+    from xoverlay.kernel.datapath import LOOPBACK_IFINDEX, PROGRAMS
     facts["program_ids"] = {name: _pinned_prog_id(node, name) for name in PROGRAMS}
     facts["our_xdp_id"] = facts["program_ids"]["prog_underlay_xdp"]
 
@@ -307,6 +307,7 @@ def gather(state: State, node: str) -> dict:
             underlay["xdp_mode"], underlay["xdp_id"] = XDP_MODES.get(mode, f"mode {mode}"), prog
             facts["tc_attach"] = bpf.tc_attach_kind()
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
+            facts["loopback_tc_id"] = bpf.tc_query(LOOPBACK_IFINDEX)
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["forwarding"] = _forwarding(dev["name"])
             facts["conntrack"] = _conntrack()

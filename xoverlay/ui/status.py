@@ -85,6 +85,10 @@ def program_rows(facts: dict) -> list[dict]:
          "where": "endpoint veths", "mode": facts.get("tc_attach"),
          "attached": count(ids.get("prog_endpoint"), None if veths is None else list(veths.values())),
          "places": len(veths) if veths is not None else None},
+        {"program": "prog_loopback", "id": ids.get("prog_loopback"), "hook": "tc ingress", "where": "lo",
+         "mode": facts.get("tc_attach"),
+         "attached": count(ids.get("prog_loopback"), [facts["loopback_tc_id"]] if "loopback_tc_id" in facts else None),
+         "places": 1},
     ]
 
 

@@ -1,4 +1,5 @@
-"""Taking a node down: agent, veths, programs, pins, and its place in the store."""
+"""`xoverlay down`: a node taken down, everything `up` made for it (agent, veths, the
+gateway, programs, pins) and its place in the store."""
 from __future__ import annotations
 
 import contextlib
@@ -6,15 +7,9 @@ import os
 
 from xoverlay.core import model
 from xoverlay.errors import XoError
-from xoverlay.kernel import datapath, netns, processes, veth
+from xoverlay.kernel import datapath, gateway, netns, processes, veth
 from xoverlay.kernel.pinned import PinnedMap
 from xoverlay.maps.layout import MAPS, U32, pin_dir
-
-
-def stop_agent(node: str, timeout: float = 5.0) -> None:
-    pid = processes.running_pid(node)
-    if pid:
-        processes.terminate(pid, lambda: processes.running_pid(node) is None, timeout)
 
 
 def _pinned_underlay(node: str) -> int | None:
@@ -33,7 +28,7 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
     known = node in state.nodes or os.path.isdir(pin_dir(node)) or processes.running_pid(node)
     if not known:
         raise XoError(f"node {node} does not exist")
-    stop_agent(node)
+    processes.stop_agent(node)
     with (netns.entered(netns_path) if netns_path else contextlib.nullcontext()):
         with netns.iproute() as ipr:
             for ep in state.endpoints.values():
@@ -42,7 +37,8 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
             for ifname in veth.our_veths(ipr):
                 veth.unplumb(ipr, ifname)
             veth.remove_headroom_bridge(ipr)
-            veth.remove_gateway(ipr)
+            gateway.remove_gateway(ipr)
+            gateway.remove_loopback()
             ifindex = _pinned_underlay(node)
             if ifindex:
                 datapath.detach_underlay(ifindex)
