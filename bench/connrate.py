@@ -6,21 +6,29 @@ is left behind on either end; netperf's TCP_CRR closes politely instead).
 
     connrate.py serve --port P [--workers W]             # in the server's netns
     connrate.py connect --ip IP [--ip IP2 ...] --port P --seconds S [--procs N] [--batch K]
-                                                         # prints one JSON line
+                        [--netns PATH --netns PATH2 ...] # prints one JSON line
 
 Blocking sockets, one connection at a time per process, several processes: per
 connection Python costs ~15-20 µs of CPU on each side, so on a 2-CPU machine this is
 bounded by CPU, not by waiting; the path's own per-connection cost (a conntrack entry,
 NAT rules, BPF) adds to the same CPUs and shows in the rate. Python's share is the same
-on every path, so differences between paths are the paths'. Run by bench/services.
+on every path, so differences between paths are the paths'. Run by bench/services and
+bench/egress.py.
 
 Several --ip: every client process alternates between them, K connections at a time
 (~10 ms), in order and then in reverse, and each target's rate is its connections over
 the time spent on them: the targets are measured in the same seconds, as in
-bench/pairrate.py (this VM's CPU speed swings too much between two tests in turn)."""
+bench/pairrate.py (this VM's CPU speed swings too much between two tests in turn).
+
+--netns, one per --ip and in the same order: each target's connections are made from
+that network namespace (several sources to one server, as bench/egress.py compares
+them). A client process enters the target's namespace before each of its batches; a
+socket stays in the namespace it was made in. One setns per batch of K connections, the
+same on every target."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import multiprocessing as mp
 import os
@@ -31,6 +39,14 @@ import sys
 import time
 
 LINGER_RESET = struct.pack("ii", 1, 0)
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, path: str) -> None:
+    if _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns {path}: {os.strerror(err)}")
 
 
 def serve(port: int, workers: int) -> None:
@@ -95,8 +111,11 @@ def _connect_once(ip: str, port: int) -> str:
         s.close()
 
 
-def _client(ips: list[str], port: int, start: float, seconds: float, batch: int, out) -> None:
+def _client(ips: list[str], port: int, start: float, seconds: float, batch: int, out,
+            netns: list[str] | None = None) -> None:
     n = len(ips)
+    # This process only (forked): entering a target's namespace moves no one else.
+    fds = [os.open(path, os.O_RDONLY) for path in netns] if netns else None
     ok, errors, spent = [0] * n, [0] * n, [0.0] * n
     cycles = []                           # per cycle, each target's rate (connections/s)
     first_error = ""
@@ -107,6 +126,8 @@ def _client(ips: list[str], port: int, start: float, seconds: float, batch: int,
     while time.monotonic() < end:
         rates = [0.0] * n
         for i in (range(n) if forward else range(n - 1, -1, -1)):
+            if fds:
+                _setns(fds[i], netns[i])
             t0 = time.monotonic()
             done = 0
             for _ in range(batch):
@@ -125,10 +146,11 @@ def _client(ips: list[str], port: int, start: float, seconds: float, batch: int,
     out.put((ok, errors, spent, first_error, cycles))
 
 
-def connect(ips: list[str], port: int, seconds: float, procs: int, batch: int) -> dict:
+def connect(ips: list[str], port: int, seconds: float, procs: int, batch: int,
+            netns: list[str] | None = None) -> dict:
     q = mp.Queue()
     start = time.monotonic() + 0.3
-    ps = [mp.Process(target=_client, args=(ips, port, start, seconds, batch, q)) for _ in range(procs)]
+    ps = [mp.Process(target=_client, args=(ips, port, start, seconds, batch, q, netns)) for _ in range(procs)]
     for p in ps:
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in ps]
@@ -157,11 +179,18 @@ def main() -> int:
     c.add_argument("--seconds", type=float, default=5.0)
     c.add_argument("--procs", type=int, default=2)
     c.add_argument("--batch", type=int, default=40, help="connections in a row to one target (several --ip)")
+    c.add_argument("--netns", action="append", metavar="PATH",
+                   help="the namespace each target's connections leave from (one per --ip, in order)")
     a = p.parse_args()
     if a.cmd == "serve":
         serve(a.port, a.workers)
         return 0
-    print(json.dumps(connect(a.ip, a.port, a.seconds, a.procs, a.batch)))
+    if a.netns and len(a.netns) != len(a.ip):
+        p.error(f"{len(a.netns)} --netns for {len(a.ip)} --ip: one each, or none")
+    for path in a.netns or []:
+        if not os.path.exists(path):
+            p.error(f"--netns {path}: no such namespace")
+    print(json.dumps(connect(a.ip, a.port, a.seconds, a.procs, a.batch, a.netns)))
     return 0
 
 

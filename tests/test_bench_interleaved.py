@@ -1,8 +1,9 @@
 """The interleaved measurements the benchmarks judge their bars on, bench/pairrate.py
 (packet rate) and bench/connrate.py (connection rate): every target's packets or
-connections are counted as its own, the time a batch takes is charged to the target it
-was sent to, and a target whose packets never arrive shows as loss. On two namespaces of
-the test's own, in 10.251.0.0/24."""
+connections are counted as its own (and a target's connections leave from its own
+client netns), the time a batch takes is charged to the target it was sent to, and a
+target whose packets never arrive shows as loss. On two namespaces of the test's own, in
+10.251.0.0/24."""
 import json
 import os
 import subprocess
@@ -117,6 +118,19 @@ def test_connections_are_counted_and_timed_per_target(conn_server):
     assert 0.8 < again["conn_rate"] / fast["conn_rate"] < 1.25, (fast, again)
     assert cycle_ratio(slow["conn_cycle_rates"], fast["conn_cycle_rates"]) < 0.8
     assert 0.8 < cycle_ratio(again["conn_cycle_rates"], fast["conn_cycle_rates"]) < 1.25
+
+
+def test_connections_leave_from_each_targets_own_netns(conn_server):
+    # 127.0.0.1 has the server only in SERVER's netns: from there every connection is
+    # made, from CLIENT's every one is refused. So each target's connections left from
+    # its own client netns, interleaved with a target of another client.
+    here = Target("server-loopback", "server-loopback", f"/run/netns/{SERVER}", "127.0.0.1")
+    fast, local = conn_rate([_target("fast", FAST), here], 1.0, 1)
+    for row in (fast, local):
+        assert row["conn_rate"] > 0 and row["conn_errors"] == 0, (fast, local)
+    assert len(fast["conn_cycle_rates"]) == len(local["conn_cycle_rates"])
+    with pytest.raises(BenchError, match="client-loopback: connrate"):
+        conn_rate([here, _target("client-loopback", "127.0.0.1")], 0.5, 1)
 
 
 def test_connections_that_fail_are_an_error(conn_server):

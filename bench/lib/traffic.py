@@ -270,12 +270,20 @@ def interleaved_rate(targets: list[Target], secs: float) -> list[dict]:
 
 
 def conn_rate(targets: list[Target], secs: float, procs: int) -> list[dict]:
-    """Short TCP connections per second from the targets' (common) client netns to each
-    target's server_ip:CONN_PORT, the targets interleaved (bench/connrate.py)."""
-    if len({t.client for t in targets}) != 1:
-        raise BenchError("conn_rate: interleaved targets must share a client")
-    cmd = in_ns(targets[0].client, sys.executable, os.path.join(BENCH, "connrate.py"), "connect", "--port",
-                str(CONN_PORT), "--seconds", str(secs), "--procs", str(procs))
+    """Short TCP connections per second from each target's client netns to its
+    server_ip:CONN_PORT, the targets interleaved (bench/connrate.py). Targets of one
+    client: the tool runs in it; of several (bench/egress.py: several sources, one
+    server): it enters each target's client netns for that target's batches (--netns).
+    The clients share a machine."""
+    if any(t.client_at is not targets[0].client_at for t in targets):
+        raise BenchError("conn_rate: the targets' clients must be on one machine")
+    cmd = [sys.executable, os.path.join(BENCH, "connrate.py"), "connect", "--port", str(CONN_PORT),
+           "--seconds", str(secs), "--procs", str(procs)]
+    if len({t.client for t in targets}) == 1:
+        cmd = in_ns(targets[0].client, *cmd)
+    else:
+        for t in targets:
+            cmd += ["--netns", t.client]
     for t in targets:
         cmd += ["--ip", t.server_ip]
     _, stdout, stderr = targets[0].client_at.run(cmd, timeout=secs + 90)
