@@ -218,8 +218,8 @@ class Agent:
         why, once per cause; status lints it."""
         try:
             problem, done = gateway.ensure_egress(self.ipr, [n.subnet for n in state.networks.values()],
-                                               desired.masquerade_ranges(state), self.underlay.ip,
-                                               desired.published_ports(state))
+                                                  desired.masquerade_ranges(state), self.underlay.ip,
+                                                  desired.published_ports(state))
             changes += done
         except Exception as e:    # never a reason to leave the maps alone
             problem = f"egress: {e}"

@@ -13,7 +13,7 @@ import subprocess
 
 from xoverlay.core import desired
 from xoverlay.core.model import GATEWAY_IP
-from xoverlay.kernel.veth import GW_MAC, IFF_UP, NUD_PERMANENT, RT_SCOPE_LINK, write_sysctl, our_veths
+from xoverlay.kernel.veth import GW_MAC, IFF_UP, NUD_PERMANENT, RT_SCOPE_LINK, our_veths, write_sysctl
 
 log = logging.getLogger("xoverlay.links")
 
