@@ -58,9 +58,13 @@ def test_terminate_a_group_reaches_the_leaders_children():
             children = [int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == leader.pid]
             time.sleep(0.05)
         assert children
-        processes.terminate(leader.pid, lambda: not any(processes.alive(c) for c in children) and _gone(leader),
-                            0.5, group=True)
+        # The leader dies of SIGTERM at once; its child ignores it: only a wait for the
+        # whole group gets the child its SIGKILL. Its end is counted when it is reaped (by
+        # pid 1, the leader being gone: here that took ~2 s), hence the longer timeout.
+        processes.terminate(leader.pid, lambda: _gone(leader) and not processes.group_alive(leader.pid), 3.0,
+                            group=True)
         assert _gone(leader) and not any(processes.alive(c) for c in children)
+        assert not processes.group_alive(leader.pid)
     finally:
         if not _gone(leader):
             leader.kill()

@@ -150,6 +150,15 @@ def terminate(pid: int, gone, timeout: float, group: bool = False) -> None:
             time.sleep(0.05)
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process is left in process group `pgid` (its leader may be gone)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def terminate_all(pids: list[int], timeout: float) -> None:
     """SIGTERM to each, then SIGKILL to those still alive `timeout` seconds later."""
     for pid in pids:

@@ -289,7 +289,7 @@ class VmLab(Lab):
         """qemu and virtme-ng, by the session the lab started them in (a crash leaves
         nothing else: the guest's filesystem is overlays in its memory)."""
         pid = vm["pid"]
-        processes.terminate(pid, lambda: not processes.alive(pid), 5.0, group=True)
+        processes.terminate(pid, lambda: not processes.group_alive(pid), 5.0, group=True)
         shutil.rmtree(self.vm_dir(node), ignore_errors=True)
 
 
