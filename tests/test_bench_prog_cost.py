@@ -3,6 +3,7 @@ alternating order; a revision that is no commit, or whose programs do not fit th
 map layouts, is one line and exit status 1, with nothing left behind."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -11,11 +12,11 @@ import sys
 import tempfile
 
 import pytest
+from conftest import skip_if_bench_locked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROG_COST = os.path.join(REPO, "bench", "prog-cost")
 sys.path.insert(0, REPO)
-from bench.lib.shell import LOCK_PATH  # noqa: E402
 
 SMALL = ["--rounds", "2", "--samples", "200", "--repeat", "2000"]
 # The data path before bpf/lib/maps.h was split: its programs know no loopback.c.
@@ -24,8 +25,7 @@ OLD_LAYOUT = "d376e25"
 
 def _prog_cost(*args: str) -> subprocess.CompletedProcess:
     r = subprocess.run([sys.executable, PROG_COST, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
-    if f"another benchmark holds {LOCK_PATH}" in r.stderr:
-        pytest.skip(f"a benchmark is running ({LOCK_PATH})")
+    skip_if_bench_locked(r.stderr)
     return r
 
 
@@ -68,3 +68,23 @@ def test_programs_of_another_layout_are_refused(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"prog-cost: {OLD_LAYOUT}: "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr and not out.exists() and not _left_behind()
+
+
+def test_refused_by_the_lock_it_leaves_nothing(tmp_path):
+    import fcntl
+
+    from bench.lib.shell import LOCK_PATH, LOCKED
+    fd = os.open(LOCK_PATH, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pytest.skip(f"a benchmark is running ({LOCK_PATH})")
+        r = subprocess.run([sys.executable, PROG_COST, "HEAD", *SMALL, "--out", str(tmp_path / "p.json")], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(LOCK_PATH)
+    assert r.returncode == 1 and LOCKED in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "p.json").exists() and not _left_behind()
