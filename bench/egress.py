@@ -89,6 +89,7 @@ from bench.lib.shell import (  # noqa: E402
     sh,
 )
 from bench.lib.stats import cycle_ratio, summary, write_json  # noqa: E402
+from bench.lib.topologies import agent_pids, drops_by_reason, signal_pids  # noqa: E402
 from bench.lib.traffic import (  # noqa: E402
     CONN_PORT,
     RECEIVER_CPU,
@@ -301,27 +302,6 @@ def _f3(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def xo_drops(node: str) -> dict[str, int]:
-    """The node's data path drop counters, by reason."""
-    from xoverlay.kernel.counters import drop_counts
-    from xoverlay.maps.drops import REASONS
-    return {(REASONS[code].name if code in REASONS else str(code)): packets
-            for code, (packets, _bytes) in drop_counts(node).items()}
-
-
-def agent_pids(lab) -> list[int]:
-    from xoverlay.kernel.processes import running_pid
-    return [p for p in (running_pid(n) for n in lab.nodes()) if p]
-
-
-def signal_agents(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 # --- results ----------------------------------------------------------------------------
 
 def summarize(res: dict, runs: dict, rounds: list) -> None:
@@ -456,7 +436,7 @@ def main() -> int:
         paused: list[int] = []
 
         def cleanup():
-            signal_agents(paused, signal.SIGCONT)   # a stopped agent would never act on `lab down`
+            signal_pids(paused, signal.SIGCONT)   # a stopped agent would never act on `lab down`
             servers.stop()
             docker.down()
 
@@ -469,11 +449,11 @@ def main() -> int:
             res["lab"][f"node_{UNDERLAY_DEV}_tso"] = _tso(ns_path(node_ns))
             servers.start()
             if not args.agents_running:
-                paused[:] = agent_pids(lab)
-                signal_agents(paused, signal.SIGSTOP)
-            before = xo_drops(node)
+                paused[:] = agent_pids(lab.nodes())
+                signal_pids(paused, signal.SIGSTOP)
+            before = drops_by_reason(node)
             runs, rounds = measure(targets, args)
-            after = xo_drops(node)
+            after = drops_by_reason(node)
             res["lab"]["drop_deltas"] = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
         summarize(res, runs, rounds)
 

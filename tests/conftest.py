@@ -156,6 +156,14 @@ class LabHandle:
         return {REASONS[k].name: v[0] for k, v in drop_counts(node).items()}
 
 
+def skip_if_bench_locked(stderr: str) -> None:
+    """A bench script refused to start because another benchmark runs (bench/lib/shell.py
+    Lock): this machine is busy, which says nothing of the script."""
+    from bench.lib.shell import LOCK_PATH, LOCKED
+    if LOCKED in stderr:
+        pytest.skip(f"a benchmark is running ({LOCK_PATH})")
+
+
 def ping_loss(proc: subprocess.Popen, finish: bool = False) -> tuple[int, int]:
     """(sent, received) of a ping_stream: stopped first if it still runs, or with
     finish=True, waited for until its `seconds` are over."""

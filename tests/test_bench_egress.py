@@ -14,11 +14,11 @@ import sys
 import time
 
 import pytest
+from conftest import skip_if_bench_locked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from bench.egress import DOCKER_BRIDGE, DOCKER_NETNS, DOCKER_TABLE, DOCKER_VETH  # noqa: E402
-from bench.lib.shell import LOCK_PATH  # noqa: E402
 
 EGRESS = os.path.join(REPO, "bench", "egress.py")
 pytestmark = pytest.mark.lab
@@ -58,16 +58,11 @@ def _stopped_agents(lab) -> list[str]:
     return out
 
 
-def _skip_if_locked(err: str) -> None:
-    if f"another benchmark holds {LOCK_PATH}" in err:
-        pytest.skip(f"a benchmark is running ({LOCK_PATH})")
-
-
 def test_a_short_run_measures_three_paths_and_leaves_nothing(sqlite_lab, tmp_path):
     out = tmp_path / "egress.json"
     p = _egress(sqlite_lab, "--rounds", "1", "--seconds", "1", "--out", str(out))
     stdout, stderr = p.communicate(timeout=180)
-    _skip_if_locked(stderr)
+    skip_if_bench_locked(stderr)
     assert p.returncode == 0, stderr[-2000:]
     res = json.loads(out.read_text())
     assert set(res["paths"]) == {"node", "endpoint", "docker"}
@@ -92,7 +87,7 @@ def test_interrupted_in_a_round_it_removes_everything(sqlite_lab, tmp_path):
         while "round 1/1" not in err:
             if p.poll() is not None:
                 err += p.stderr.read()
-                _skip_if_locked(err)
+                skip_if_bench_locked(err)
             assert p.poll() is None and time.monotonic() < deadline, err[-2000:]
             if select.select([p.stderr], [], [], 1)[0]:
                 err += p.stderr.readline()

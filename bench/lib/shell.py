@@ -16,6 +16,7 @@ import sys
 PREFIX = "xbench-"                       # every netns we create
 STATE_ROOT = "/tmp/xoverlay-bench"       # state stores of our xoverlay labs
 LOCK_PATH = "/run/xoverlay-bench.lock"   # one benchmark at a time
+LOCKED = f"another benchmark holds {LOCK_PATH}"    # how a second one is refused
 BPF_NODE = "xbench-bpf"                  # pin directory of the cost measurement
 
 
@@ -104,7 +105,7 @@ class Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise BenchError(f"another benchmark holds {LOCK_PATH}; wait for it to finish") from None
+            raise BenchError(f"{LOCKED}; wait for it to finish") from None
         return self
 
     def __exit__(self, *exc):

@@ -192,6 +192,30 @@ class KernelVxlan(Path):
         self.u.remove()
 
 
+def drops_by_reason(node: str) -> dict[str, int]:
+    """Packets a lab node's data path dropped, by reason name (a code without a name by
+    its number)."""
+    from xoverlay.kernel.counters import drop_counts
+    from xoverlay.maps.drops import REASONS
+    return {(REASONS[code].name if code in REASONS else str(code)): packets
+            for code, (packets, _bytes) in drop_counts(node).items()}
+
+
+def agent_pids(nodes: list[str]) -> list[int]:
+    """The running agents of these lab nodes."""
+    from xoverlay.kernel.processes import running_pid
+    return [p for p in (running_pid(node) for node in nodes) if p]
+
+
+def signal_pids(pids: list[int], sig: int) -> None:
+    """`sig` to each of pids; one that is gone meanwhile has nothing to stop or continue."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def xoverlay_cmd() -> list[str]:
     """The installed CLI next to this interpreter (the venv's), else the one on PATH."""
     mine = os.path.join(os.path.dirname(sys.executable), "xoverlay")
@@ -245,32 +269,19 @@ class XoverlayLab(Path):
         return [f"lab {self.state}"]
 
     def counters(self) -> dict:
-        from xoverlay.kernel.counters import drop_counts
-        from xoverlay.maps.drops import REASONS
-        out = {}
-        for node in self.nodes:
-            for code, (packets, _bytes) in drop_counts(node).items():
-                name = REASONS[code].name if code in REASONS else str(code)
-                out[f"{node} drop {name}"] = packets
-        return out
+        return {f"{node} drop {name}": packets for node in self.nodes for name, packets in drops_by_reason(node).items()}
 
     def agent_pids(self) -> list[int]:
-        from xoverlay.kernel.processes import running_pid
-        return [p for p in (running_pid(node) for node in self.nodes) if p]
+        return agent_pids(self.nodes)
 
     def pause_agents(self) -> None:
         """SIGSTOP the agents: the data path forwards without them (their periodic full
         resync costs CPU that the measurements would share, both nodes' agents on this
         machine's 2 CPUs). resume_agents() must follow, also on errors."""
-        for pid in self.agent_pids():
-            os.kill(pid, signal.SIGSTOP)
+        signal_pids(self.agent_pids(), signal.SIGSTOP)
 
     def resume_agents(self) -> None:
-        for pid in self.agent_pids():
-            try:
-                os.kill(pid, signal.SIGCONT)
-            except ProcessLookupError:
-                pass
+        signal_pids(self.agent_pids(), signal.SIGCONT)
 
     def agent_cpu(self) -> float:
         """CPU seconds the nodes' agents have used so far (utime + stime)."""
