@@ -156,3 +156,15 @@ int xo_underlay_ingress(struct __sk_buff *skb)
         return ret;
     return xo_drop(skb, XO_HOOK_UNDERLAY_TC, -ret, len);
 }
+
+/* tc ingress on xo-gro: a collect-metadata VXLAN device on our port that the agent keeps
+ * up and idle. Its UDP socket is what lets GRO merge tunnel frames (the kernel merges a
+ * UDP flow's inner packets only for a socket with a tunnel GRO handler), so a TCP stream
+ * from another node reaches the program above in 64 KB aggregates rather than 1,450-byte
+ * segments. The program above decides every frame of the underlay before the socket
+ * could; a frame that still gets here was decapsulated by the kernel, unchecked, after
+ * arriving through another device: it is dropped, counted. */
+int xo_tunnel_device_ingress(struct __sk_buff *skb)
+{
+    return xo_drop(skb, XO_HOOK_TUNNEL_DEVICE, XO_DROP_TUNNEL_DEVICE, skb->len);
+}

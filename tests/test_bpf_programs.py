@@ -375,6 +375,15 @@ UNDERLAY_XDP = [
 ]
 
 
+# xo-gro's ingress (a frame the kernel's vxlan socket decapsulated: it came in through
+# another device than the underlay): whatever it is, dropped and counted.
+TUNNEL_DEVICE = [
+    Case("drop: a frame the kernel decapsulated", container(T.WEB2, T.WEB1.ip), TC_ACT_SHOT, drop="TUNNEL_DEVICE"),
+    Case("drop: anything else, ARP included", underlay(ARP(psrc=T.PEER_B, pdst=T.NODE_IP)), TC_ACT_SHOT,
+         drop="TUNNEL_DEVICE"),
+]
+
+
 def _ids(cases):
     return [c.desc for c in cases]
 
@@ -411,6 +420,11 @@ def test_underlay_xdp(dp, case):
     run_case(dp, "prog_underlay_xdp", case)
 
 
+@pytest.mark.parametrize("case", TUNNEL_DEVICE, ids=_ids(TUNNEL_DEVICE))
+def test_tunnel_device(dp, case):
+    run_case(dp, "prog_tunnel_device", case)
+
+
 def test_dns_without_a_gateway_device_is_dropped(dp):
     """Before the agent has made xo-gw (config says ifindex 0), DNS to 169.254.1.1 goes
     the way of anything else sent to that address."""
@@ -430,7 +444,7 @@ def test_every_drop_reason_is_covered():
     DECAP_FAILED are kernel failures we cannot provoke from a frame; UNDERLAY_UNREACHABLE
     comes from the node's routes, in test_bpf_route.py)."""
     from xoverlay.maps.drops import REASONS
-    covered = {c.drop for c in ENDPOINT + UNDERLAY_TC + UNDERLAY_XDP if c.drop}
+    covered = {c.drop for c in ENDPOINT + UNDERLAY_TC + UNDERLAY_XDP + TUNNEL_DEVICE if c.drop}
     # Services' reasons have their rows in test_bpf_services.py, the mesh's in test_bpf_mesh.py,
     # egress's in test_bpf_egress.py.
     lb = {r.name for r in REASONS.values() if r.name.startswith(("LB_", "MESH_", "EGRESS_"))}

@@ -142,7 +142,8 @@ def test_agent_sigkilled_mid_reconcile_20_times_converges_and_loses_nothing(lab)
 # --- undone behind the agent's back -----------------------------------------------------------
 
 def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
-    """Pins deleted, an endpoint's veth deleted, tc programs and XDP detached: within a
+    """Pins deleted, an endpoint's veth deleted, tc programs and XDP detached, xo-gro
+    deleted: within a
     resync or two the agent has put everything back, says so in its log, and traffic
     that does not cross node1 never noticed."""
     from xoverlay.agent.loop import RESYNC_SECONDS
@@ -162,11 +163,13 @@ def test_agent_repairs_pins_veth_and_filters_undone_behind_its_back(lab):
             for dev in (host_ifname(f"{n1}-a"), "eth1"):
                 bpf.tc_detach(socket.if_nametoindex(dev))
         in_netns(ns, "ip", "link", "set", "eth1", "xdp", "off")
+        in_netns(ns, "ip", "link", "del", "xo-gro")
         t0 = time.monotonic()
         wanted = [f"repaired: pin {name} was deleted" for name in pins] + [
             f"repaired: endpoint {n1}-b: created veth {host_ifname(f'{n1}-b')}",
             f"repaired: endpoint {n1}-a: attached the endpoint program",
-            "repaired: the tc program on eth1", "repaired: the XDP program on eth1"]
+            "repaired: the tc program on eth1", "repaired: the XDP program on eth1",
+            "created xo-gro (a tunnel socket on UDP 4789, for GRO)", "attached prog_tunnel_device to xo-gro"]
         missing = lambda: [w for w in wanted if w not in log_of(n1)[logged:]]   # noqa: E731
         wait_for("the repairs in the log", lambda: not missing(), timeout=2 * RESYNC_SECONDS + 3,
                  detail=lambda: f"; missing {missing()}; the log since:\n{log_of(n1)[logged:][-3000:]}")

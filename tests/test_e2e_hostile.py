@@ -252,3 +252,35 @@ def test_compromised_container_gets_nothing_through_and_neighbours_keep_talking(
     assert {name: c for name, c in seen.items() if any(c)} == {}, "the container's packets reached others"
     for s, r in losses:
         assert s >= 100 and r == s, f"neighbours lost {s - r} of {s}"
+
+
+# VXLAN sent to the node's own tunnel socket from inside the node: it never crosses the
+# underlay's program, and the kernel (xo-gro's socket) decapsulates it.
+LOCAL_VXLAN = r"""
+import socket, struct, sys
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+dst_mac, src_ip, dst_ip, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+inner = bytes(Ether(dst=dst_mac, src="02:00:00:00:00:66") / IP(src=src_ip, dst=dst_ip) /
+              UDP(sport=4242, dport=9) / Raw(b"XO-ROGUE-PAYLOAD"))
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(count):
+    s.sendto(struct.pack("!BBHI", 0x08, 0, 0, 1 << 8) + inner, ("127.0.0.1", 4789))
+"""
+
+
+def test_vxlan_that_reaches_the_kernels_tunnel_socket_is_dropped_and_counted(lab):
+    """xo-gro holds UDP 4789 so that GRO merges tunnel frames; a frame that gets to its
+    socket without crossing the underlay (here: from the node itself, through lo) is
+    decapsulated by the kernel, unchecked, and must still deliver nothing: xo-gro's
+    program drops it under its own reason."""
+    n1, n2, _ = lab.nodes()
+    target = lab.ep(f"{n1}-a")
+    before = lab.drops(n1).get("TUNNEL_DEVICE", 0)
+    in_netns(lab.node_netns(n1), sys.executable, "-c", LOCAL_VXLAN, target["mac"], lab.ep(f"{n2}-a")["ip"],
+             target["ip"], "50")
+    deadline = time.monotonic() + 5
+    while lab.drops(n1).get("TUNNEL_DEVICE", 0) - before < 50 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert lab.drops(n1).get("TUNNEL_DEVICE", 0) - before == 50

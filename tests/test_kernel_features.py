@@ -60,3 +60,18 @@ def test_xdp_is_attached_by_default_only_where_it_costs_no_offloads(request_, dr
 def test_a_driver_measured_to_keep_its_offloads_gets_xdp_by_default(monkeypatch):
     monkeypatch.setattr(datapath, "XDP_KEEPS_OFFLOADS", frozenset({"mlx5_core"}))
     assert datapath.choose_xdp("auto", "mlx5_core") == (True, "on (auto: mlx5_core keeps its offloads with XDP)")
+
+
+@pytest.mark.parametrize("driver, features, make", [
+    ("virtio_net", {"tx-udp_tnl-segmentation": False}, True),     # Debian 12's 6.1 guests
+    ("veth", {"tx-udp_tnl-segmentation": True}, True),            # hands the skb to its peer as it is
+    ("ixgbe", {"tx-udp_tnl-segmentation": True}, False),          # would segment a "tunnel" that is none
+    (None, {}, True),
+])
+def test_the_tunnel_socket_for_gro_only_where_no_device_segments_a_decapsulated_aggregate(driver, features, make):
+    made, why = datapath.choose_gro(driver, features, 4789)
+    assert made is make
+    if make:
+        assert why == "on: xo-gro's socket on UDP 4789 lets GRO merge tunnel frames before the tc program"
+    else:
+        assert why.startswith("off: ixgbe segments UDP tunnels itself (tx-udp_tnl-segmentation)")

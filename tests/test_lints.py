@@ -97,6 +97,13 @@ def test_vxlan_port():
     assert "pid 7 (dockerd)" in x["message"] and "a kernel socket (a vxlan device" in x["message"]
     [x] = lints.lint_vxlan_port(4789, "192.0.2.12", socks[1:2] + socks[:1])
     assert "a kernel socket" not in x["message"], "only sockets on our address or on all addresses"
+    # xo-gro's own socket (0.0.0.0, no process holds it) is not a clash; another one still is.
+    ours = {"ip": "0.0.0.0", "port": 4789, "inode": 9001}
+    assert lints.lint_vxlan_port(4789, "192.0.2.11", [ours], tunnel_device=True) == []
+    assert lints.lint_vxlan_port(4789, "192.0.2.11", [ours], tunnel_device=False) != []
+    [x] = lints.lint_vxlan_port(4789, "192.0.2.11", [ours, dict(socks[0], owner="pid 7 (dockerd)")],
+                                tunnel_device=True)
+    assert "pid 7 (dockerd)" in x["message"] and "inode 9001" not in x["message"]
 
 
 def test_underlay_not_forwarding():

@@ -76,43 +76,50 @@ def test_per_cpu_counters_add_up_but_times_take_the_latest():
     assert (total.rx_packets, total.rx_bytes, total.last_rx_ns) == (5, 100, 90)
 
 
-FACTS = {"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": 12, "prog_endpoint": 13, "prog_loopback": 14},
+FACTS = {"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": 12, "prog_endpoint": 13, "prog_loopback": 14,
+                         "prog_tunnel_device": 15},
          "underlay": {"name": "eth1", "xdp_mode": "native", "xdp_id": 11, "tc_id": 12},
-         "endpoint_tc_ids": {7: 13, 8: 13}, "loopback_tc_id": 14}
+         "endpoint_tc_ids": {7: 13, 8: 13}, "loopback_tc_id": 14, "tunnel_tc_id": 15}
 
 
 def test_programs_are_shown_where_they_run():
     rows = status.program_rows(FACTS)
     assert [(r["program"], r["id"], r["where"], r["mode"], r["attached"], r["places"]) for r in rows] == [
         ("prog_underlay_xdp", 11, "eth1", "native", 1, 1), ("prog_underlay_tc", 12, "eth1", None, 1, 1),
-        ("prog_endpoint", 13, "endpoint veths", None, 2, 2), ("prog_loopback", 14, "lo", None, 1, 1)]
+        ("prog_endpoint", 13, "endpoint veths", None, 2, 2), ("prog_loopback", 14, "lo", None, 1, 1),
+        ("prog_tunnel_device", 15, "xo-gro", None, 1, 1)]
     assert [status.program_summary(r) for r in rows] == [
         ("xdp #11 native on eth1", True), ("tc ingress #12 on eth1", True),
-        ("tc ingress #13 on 2/2 endpoint veths", True), ("tc ingress #14 on lo", True)]
+        ("tc ingress #13 on 2/2 endpoint veths", True), ("tc ingress #14 on lo", True),
+        ("tc ingress #15 on xo-gro", True)]
+    # A node without xo-gro (datapath.choose_gro said no): nothing is missing.
+    none = status.program_rows(dict(FACTS, tunnel_tc_id=None))[-1]
+    assert (none["places"], status.program_summary(none)) == (0, ("no xo-gro", True))
 
 
 def test_the_tc_programs_say_how_they_are_attached():
     for kind in ("tcx", "cls_bpf"):
         rows = status.program_rows(dict(FACTS, tc_attach=kind))
-        assert [r["mode"] for r in rows] == ["native", kind, kind, kind]
+        assert [r["mode"] for r in rows] == ["native", kind, kind, kind, kind]
         assert [status.program_summary(r)[0] for r in rows[1:]] == [
             f"tc ingress #12 {kind} on eth1", f"tc ingress #13 {kind} on 2/2 endpoint veths",
-            f"tc ingress #14 {kind} on lo"]
+            f"tc ingress #14 {kind} on lo", f"tc ingress #15 {kind} on xo-gro"]
 
 
 def test_a_detached_or_foreign_program_is_a_fault_but_xdp_off_is_a_choice():
     facts = dict(FACTS, underlay=dict(FACTS["underlay"], xdp_id=99, tc_id=0), endpoint_tc_ids={7: 13, 8: 0},
-                 loopback_tc_id=0)
+                 loopback_tc_id=0, tunnel_tc_id=0)
     assert [status.program_summary(r) for r in status.program_rows(facts)] == [
         ("xdp #11 native NOT on eth1", False), ("tc ingress #12 NOT on eth1", False),
-        ("tc ingress #13 on 1/2 endpoint veths", False), ("tc ingress #14 NOT on lo", False)]
+        ("tc ingress #13 on 1/2 endpoint veths", False), ("tc ingress #14 NOT on lo", False),
+        ("tc ingress #15 NOT on xo-gro", False)]
     off = dict(FACTS, underlay=dict(FACTS["underlay"], xdp_mode="off", xdp_id=0))
     assert status.program_summary(status.program_rows(off)[0]) == ("xdp off on eth1", True)
 
 
 def test_programs_seen_from_outside_the_node_or_not_pinned():
     rows = status.program_rows({"program_ids": {"prog_underlay_xdp": 11, "prog_underlay_tc": None}})
-    assert [r["attached"] for r in rows] == [None, None, None, None]
+    assert [r["attached"] for r in rows] == [None, None, None, None, None]
     assert status.program_summary(rows[0]) == ("xdp #11 (? not visible from here)", True)
     assert status.program_summary(rows[1]) == ("tc ingress not pinned", False)
 
@@ -128,10 +135,11 @@ def test_status_json_counts_traffic_and_sees_drift(lab):
     assert [(p["program"], p["hook"], p["where"], p["attached"], p["places"]) for p in snap["node"]["programs"]] == [
         ("prog_underlay_xdp", "xdp", "eth1", 1, 1), ("prog_underlay_tc", "tc ingress", "eth1", 1, 1),
         ("prog_endpoint", "tc ingress", "endpoint veths", len(local), len(local)),
-        ("prog_loopback", "tc ingress", "lo", 1, 1)]
+        ("prog_loopback", "tc ingress", "lo", 1, 1), ("prog_tunnel_device", "tc ingress", "xo-gro", 1, 1)]
     assert snap["node"]["programs"][0]["mode"] == "native" and all(p["id"] for p in snap["node"]["programs"])
     from xoverlay.kernel.bpf import tc_attach_kind
-    assert [p["mode"] for p in snap["node"]["programs"][1:]] == [tc_attach_kind()] * 3
+    assert [p["mode"] for p in snap["node"]["programs"][1:]] == [tc_attach_kind()] * 4
+    assert snap["node"]["gro"].startswith("on: xo-gro's socket on UDP 4789"), snap["node"]["gro"]
     peer_before = {p["node"]: p for p in snap["peers"]}[n2]
     ep_before = {e["name"]: e for e in snap["endpoints"]}[f"{n1}-a"]
     assert lab.ping(f"{n1}-a", lab.ep(f"{n2}-b")["ip"], count=5)

@@ -10,10 +10,9 @@ the same wire (each guest's virtio-net eth1, a tap on the lab's switch).
                   --no-xdp: the data path of the default `--xdp auto` on virtio-net
   xoverlay-xdp    the same, with the pinned prog_underlay_xdp attached natively on both
                   guests' eth1 for its tests only (entered and left around them, checked)
-  xoverlay-grosock  (not by default: a diagnostic) the default path with an idle
-                  collect-metadata vxlan device on 4789 in both guests for its tests only:
-                  its UDP socket gives GRO a VXLAN handler, which xoverlay has none of, so
-                  the receiver merges an inner flow's frames before tc decaps them
+  xoverlay-nogro  (not by default: a diagnostic) the default path with xo-gro, the
+                  node's tunnel socket, down in both guests for its tests only: without
+                  it GRO has no VXLAN handler and each segment is decapsulated alone
 
 One lab for all four, so the paths share the guests, their CPUs and the wire; a path's
 commands run in the guests through the lab's control channel (Guest). The guests share
@@ -31,6 +30,7 @@ import time
 
 from bench.lib.shell import STATE_ROOT, BenchError, Host, log, sh
 from bench.lib.topologies import CONTAINER_MTU, GW_IP, Path, xoverlay_cmd
+from xoverlay.kernel.gateway import TUNNEL_DEV
 
 VM_STATE = os.path.join(STATE_ROOT, "vms", "state.db")
 KERNEL_VXLAN_PORT = 4790
@@ -396,6 +396,13 @@ class VmXoverlay(_VmPath):
             time.sleep(1)            # virtio-net resets its queues to attach: let the link settle
         else:
             self._check("off")
+        self._check_gro()
+
+    def _check_gro(self) -> None:
+        """The guests' xo-gro up, with its socket: what the default path runs with."""
+        for g in self.cluster.guests:
+            if ",UP" not in g.script([f"ip -br link show {TUNNEL_DEV}"]).replace("<", ","):
+                raise BenchError(f"{self.key}: {g.node} has no {TUNNEL_DEV} up (status says why)")
 
     def leave(self) -> None:
         if self.xdp:
@@ -414,31 +421,32 @@ class VmXoverlay(_VmPath):
         return self.cluster.counters() if self.counts_drops else {}
 
 
-class VmXoverlayGroSocket(VmXoverlay):
-    """The default path with GRO for VXLAN on 4789: an idle collect-metadata vxlan device
-    in each guest while this path is measured (it forwards nothing: tc decaps first).
-    A diagnostic of the receive side on virtio-net, not a way xoverlay runs. Exclusive:
-    it changes what the default path's frames meet."""
-    DEVICE = "xbgro"
+class VmXoverlayNoGro(VmXoverlay):
+    """The default path with xo-gro, the node's tunnel socket for GRO, down in both guests
+    while this path is measured (the agents are stopped: nothing brings it back before
+    leave() does): the receive side as it was without one, each 1,450-byte segment
+    decapsulated on its own. A diagnostic of what the socket gives, not a way xoverlay
+    runs. Exclusive: it changes what the default path's frames meet."""
 
     def __init__(self, cluster: VmCluster):
         super().__init__(cluster, xdp=False, counts_drops=False)
-        self.key = "xoverlay-grosock"
-        self.label = "xoverlay default + an idle vxlan device on 4789 (GRO for VXLAN; diagnostic)"
+        self.key = "xoverlay-nogro"
+        self.label = "xoverlay default with xo-gro down (no tunnel socket, no GRO for VXLAN; diagnostic)"
         self.exclusive = True
 
     def up(self) -> None:
         super().up()
-        self.info["vxlan_socket"] = f"{self.DEVICE}: collect-metadata vxlan, dstport 4789, for this path's tests"
+        self.info["tunnel_socket"] = f"{TUNNEL_DEV} down for this path's tests"
 
     def enter(self) -> None:
         super().enter()
         for g in self.cluster.guests:
-            g.script([f"ip link add {self.DEVICE} type vxlan external dstport 4789", f"ip link set {self.DEVICE} up"])
+            g.script([f"ip link set {TUNNEL_DEV} down"])
 
     def leave(self) -> None:
         for g in self.cluster.guests:
-            g.script([f"! ip link show {self.DEVICE} >/dev/null 2>&1 || ip link del {self.DEVICE}"])
+            g.script([f"ip link set {TUNNEL_DEV} up"])
+        self._check_gro()
 
 
 def vm_paths(kernel: str) -> list[Path]:
@@ -446,4 +454,4 @@ def vm_paths(kernel: str) -> list[Path]:
     xoverlay paths share its counters: the default path reports them."""
     cluster = VmCluster(kernel)
     return [VmPlainRouting(cluster), VmKernelVxlan(cluster), VmXoverlay(cluster, xdp=False, counts_drops=True),
-            VmXoverlay(cluster, xdp=True, counts_drops=False), VmXoverlayGroSocket(cluster)]
+            VmXoverlay(cluster, xdp=True, counts_drops=False), VmXoverlayNoGro(cluster)]

@@ -39,7 +39,8 @@
     XO_DROP(MESH_NO_CONNECTION, 24, "routing-mesh reply for a connection this node has no entry for") \
     XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated") \
     XO_DROP(UNDERLAY_UNREACHABLE, 26, "the underlay's routing has a blackhole, unreachable or prohibit route to the peer") \
-    XO_DROP(EGRESS_INTERNAL, 27, "destination is outside the overlay, and the endpoint's network is --internal (no way out)")
+    XO_DROP(EGRESS_INTERNAL, 27, "destination is outside the overlay, and the endpoint's network is --internal (no way out)") \
+    XO_DROP(TUNNEL_DEVICE, 28, "VXLAN decapsulated by the kernel's socket on our port, not by our program: it came in through another device than the underlay (xo-gro holds that socket only so that GRO merges tunnel frames)")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

@@ -16,7 +16,8 @@
     XO_HOOK(ENDPOINT, 1, "tc ingress of an endpoint's host-side veth (bpf/endpoint.c)") \
     XO_HOOK(UNDERLAY_TC, 2, "tc ingress of the underlay device (bpf/underlay_tc.c)") \
     XO_HOOK(UNDERLAY_XDP, 3, "XDP on the underlay device (bpf/underlay_xdp.c)") \
-    XO_HOOK(LOOPBACK, 4, "tc ingress of the node's loopback device (bpf/loopback.c)")
+    XO_HOOK(LOOPBACK, 4, "tc ingress of the node's loopback device (bpf/loopback.c)") \
+    XO_HOOK(TUNNEL_DEVICE, 5, "tc ingress of xo-gro, the idle VXLAN device that gives GRO a tunnel socket (bpf/underlay_tc.c)")
 
 /* struct xo_event.reason of a FORWARD event: where the packet went. */
 #define XO_FWD_ACTIONS(XO_FWD) \

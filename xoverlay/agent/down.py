@@ -1,5 +1,5 @@
 """`xoverlay down`: a node taken down, everything `up` made for it (agent, veths, the
-gateway, programs, pins) and its place in the store."""
+gateway, xo-gro, programs, pins) and its place in the store."""
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +38,7 @@ def node_down(store, node: str, netns_path: str | None = None) -> None:
                 veth.unplumb(ipr, ifname)
             veth.remove_headroom_bridge(ipr)
             gateway.remove_gateway(ipr)
+            gateway.remove_tunnel_device(ipr)
             gateway.remove_loopback()
             ifindex = _pinned_underlay(node)
             if ifindex:

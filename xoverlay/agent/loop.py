@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 from xoverlay.agent import dns_responder, repair
 from xoverlay.core import desired, model
 from xoverlay.errors import NodeRemoved, StoreError, XoError
-from xoverlay.kernel import datapath, ethtool, gateway, monitor_flag, veth
+from xoverlay.kernel import bpf, datapath, ethtool, gateway, monitor_flag, veth
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.store.base import Store, StoreUnavailable
 
@@ -72,6 +72,9 @@ class Agent:
     store: Store
     xdp: bool | str = "auto"           # True/"on", False/"off", or "auto" (datapath.choose_xdp)
     xdp_reason: str = ""               # why XDP is on or off here, for status
+    gro: bool = False                  # keep xo-gro, the tunnel socket for GRO (datapath.choose_gro)
+    gro_reason: str = ""               # why it is there or not (as chosen, or as it went), for status
+    gro_chosen: str = ""               # why, as chosen
     vxlan_port: int = model.DEFAULT_VXLAN_PORT
     ipr: IPRoute = field(default_factory=IPRoute)
     stopping: bool = False
@@ -104,7 +107,10 @@ class Agent:
         during a store outage): it adopts the pins, touches no map and joins later."""
         # Every check first, so that a refusal leaves the kernel and the store as they were.
         self.underlay = find_underlay(self.ipr, self.underlay_name)
-        self.xdp, self.xdp_reason = datapath.choose_xdp(self.xdp, ethtool.driver(self.underlay.name))
+        driver = ethtool.driver(self.underlay.name)
+        self.xdp, self.xdp_reason = datapath.choose_xdp(self.xdp, driver)
+        self.gro, self.gro_chosen = datapath.choose_gro(driver, ethtool.features(self.underlay.name), self.vxlan_port)
+        self.gro_reason = self.gro_chosen
         datapath.check_bpffs()
         try:
             self._join(self.store.read())
@@ -118,6 +124,8 @@ class Agent:
         try:
             self.progs = datapath.load(self.node)
             self.xdp_mode = datapath.attach_underlay(self.underlay.ifindex, self.progs, self.xdp).mode
+            for change in self._tunnel_device():
+                log.info("%s", change)
             self.maps = datapath.open_maps(self.node)
             self.headroom_bridge = veth.ensure_headroom_bridge(self.ipr)
             self.tables = MaglevTables(self.maps[desired.MAGLEV])
@@ -147,7 +155,7 @@ class Agent:
         self.store.update(self._join)
         self.store.register(self.node, self.lease_ttl, {"pid": os.getpid(), "host": socket.gethostname(),
                                                         "underlay_ip": self.underlay.ip, "since": time.time(),
-                                                        "xdp": self.xdp_reason})
+                                                        "xdp": self.xdp_reason, "gro": self.gro_reason})
         self.alive_nodes = self.store.alive()
         self.joined, self.renewed = True, time.monotonic()
 
@@ -187,6 +195,7 @@ class Agent:
         except Exception as e:
             log.error("gateway device %s: %s", gateway.GATEWAY_DEV, e)
         self._egress(state, changes)
+        changes += self._tunnel_device()
         try:
             changes += gateway.ensure_loopback()
         except OSError as e:      # only the node's own connections to published ports need it
@@ -209,6 +218,31 @@ class Agent:
                            "no longer writes events nobody reads")
         # Tell the store after the maps are in place: `endpoint add` waits for this.
         self.record(ready, gone)
+        return changes
+
+    def _tunnel_device(self) -> list[str]:
+        """xo-gro in place with its program on tc ingress, or gone where choose_gro said
+        no. Another socket on the port leaves the node without one: the reason shows in
+        status, and the vxlan-port-in-use lint names the socket."""
+        changes = []
+        try:
+            if not self.gro:
+                if gateway.remove_tunnel_device(self.ipr):
+                    changes.append(f"removed {gateway.TUNNEL_DEV}: {self.gro_reason}")
+                return changes
+            index, changes = gateway.ensure_tunnel_device(self.ipr, self.vxlan_port)
+            prog = self.progs.fds["prog_tunnel_device"]
+            if bpf.tc_query(index) != datapath.prog_id(prog):
+                bpf.tc_attach(index, prog)
+                changes.append(f"attached prog_tunnel_device to {gateway.TUNNEL_DEV}")
+            self.gro_reason = self.gro_chosen
+        except gateway.PortInUse as e:
+            reason = f"off: {e}"
+            if reason != self.gro_reason:
+                log.error("no tunnel socket for GRO: %s", e)
+            self.gro_reason = reason
+        except Exception as e:    # TCP is only slower without it: never a reason to stop
+            log.error("%s: %s", gateway.TUNNEL_DEV, e)
         return changes
 
     def _egress(self, state, changes: list[str]) -> None:

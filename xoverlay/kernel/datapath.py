@@ -29,6 +29,7 @@ PROGRAMS = {
     "prog_underlay_tc": ("xo_underlay_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
     "prog_underlay_xdp": ("xo_underlay_xdp", bpf.BPF_PROG_TYPE_XDP),
     "prog_loopback": ("xo_loopback_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
+    "prog_tunnel_device": ("xo_tunnel_device_ingress", bpf.BPF_PROG_TYPE_SCHED_CLS),
 }
 
 
@@ -275,6 +276,27 @@ def choose_xdp(request, driver: str | None) -> tuple[bool, str]:
     if driver in XDP_COSTS:
         return False, f"off (auto: {XDP_COSTS[driver]}; the tc program filters the same)"
     return False, f"off (auto: XDP not measured on {driver or 'this driver'}; the tc program filters the same)"
+
+
+# --- whether the node gets a tunnel socket for GRO (xo-gro, kernel/gateway.py) ---------
+#
+# With the socket, GRO hands the decap program a TCP stream's frames merged (up to 64 KB)
+# and the program decapsulates the aggregate. The kernel's own tunnel devices then clear
+# the aggregate's UDP-tunnel GSO state; bpf_skb_adjust_room cannot on the kernels tested
+# (the flag that does, BPF_F_ADJ_ROOM_DECAP_L4_UDP, is newer), so it stays. Delivered
+# into a container, that is harmless; sent out of the underlay again (a routing-mesh
+# reply) it is segmented by the kernel, which reads the headers afresh, unless the device
+# segments UDP tunnels itself: a NIC would be handed a "tunnel" packet that is none. So
+# the socket only where the underlay cannot do that.
+
+def choose_gro(driver: str | None, features: dict[str, bool], port: int) -> tuple[bool, str]:
+    """(make xo-gro?, why) for an underlay device of this driver and `ethtool -k`
+    features: what status shows."""
+    if driver != "veth" and features.get("tx-udp_tnl-segmentation"):
+        return False, (f"off: {driver or 'the underlay'} segments UDP tunnels itself (tx-udp_tnl-segmentation), "
+                       "and an aggregate the program decapsulates keeps its tunnel flags on this kernel: a "
+                       "routing-mesh reply leaving again could be cut wrong")
+    return True, f"on: xo-gro's socket on UDP {port} lets GRO merge tunnel frames before the tc program"
 
 
 LOOPBACK_IFINDEX = 1            # lo, in every network namespace

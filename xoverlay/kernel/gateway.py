@@ -1,15 +1,19 @@
 """The node's side of the overlay, beside its endpoints' veths: the gateway device xo-gw
 and the routing rules and tables that bring replies back to endpoints, egress (the
-nftables table that masquerades what endpoint.c hands to xo-gw), and lo's settings for
-the routing mesh's replies to the node itself. Runs in the node's netns; every ensure_*
+nftables table that masquerades what endpoint.c hands to xo-gw), lo's settings for the
+routing mesh's replies to the node itself, and xo-gro, the idle tunnel device whose
+socket lets GRO merge VXLAN. Runs in the node's netns; every ensure_*
 is idempotent and the agent calls it each pass."""
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import shutil
 import socket
 import subprocess
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from xoverlay.core import desired
 from xoverlay.core.model import GATEWAY_IP
@@ -130,6 +134,67 @@ def remove_gateway(ipr) -> None:
             ipr.route("del", table=RETURN_TABLE, dst=route.get_attr("RTA_DST"), dst_len=route["dst_len"])
     for index in ipr.link_lookup(ifname=GATEWAY_DEV):
         ipr.link("del", index=index)
+
+
+# --- xo-gro: a tunnel socket, for GRO ----------------------------------------------------
+#
+# The kernel merges a UDP flow's frames, inner TCP included, only for a UDP socket with a
+# tunnel GRO handler on their port; without one each 1,450-byte segment crosses the tc
+# decap program, and the container's TCP, on its own (TCP between VMs at 0.77x the kernel
+# vxlan device's: docs/BENCHMARKS.md). xo-gro is a collect-metadata vxlan device on the
+# node's VXLAN port, up, with no address and a program on its tc ingress that drops what
+# reaches it (bpf/underlay_tc.c): it exists for its socket. The underlay's tc program
+# decides every frame before that socket could see one.
+TUNNEL_DEV = "xo-gro"
+
+
+class PortInUse(Exception):
+    """Another socket holds the VXLAN port: xo-gro cannot have one of its own."""
+
+
+def _tunnel_port(link) -> tuple[bool, int | None]:
+    """(a collect-metadata vxlan device?, its UDP port) of a link message."""
+    info = link.get_attr("IFLA_LINKINFO")
+    if not info or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return False, None
+    data = info.get_attr("IFLA_INFO_DATA")
+    return bool(data.get_attr("IFLA_VXLAN_COLLECT_METADATA")), data.get_attr("IFLA_VXLAN_PORT")
+
+
+def ensure_tunnel_device(ipr, port: int) -> tuple[int, list[str]]:
+    """xo-gro, up, on UDP `port`, no IPv6 (no link-local address, nothing sent through
+    it). One of another shape (a port changed by `up --vxlan-port`) is made anew. Returns
+    its ifindex and what changed; raises PortInUse when another socket holds `port`."""
+    changes = []
+    found = ipr.link_lookup(ifname=TUNNEL_DEV)
+    if found and _tunnel_port(ipr.get_links(found[0])[0]) != (True, port):
+        ipr.link("del", index=found[0])
+        changes.append(f"removed {TUNNEL_DEV} of another port or kind")
+        found = []
+    if not found:
+        ipr.link("add", ifname=TUNNEL_DEV, kind="vxlan", vxlan_collect_metadata=1, vxlan_port=port,
+                 vxlan_learning=0)
+        found = ipr.link_lookup(ifname=TUNNEL_DEV)
+        changes.append(f"created {TUNNEL_DEV} (a tunnel socket on UDP {port}, for GRO)")
+    index = found[0]
+    write_sysctl(f"/proc/sys/net/ipv6/conf/{TUNNEL_DEV}/disable_ipv6", "1")
+    if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+        try:
+            ipr.link("set", index=index, state="up")      # opens the socket
+        except NetlinkError as e:
+            if e.code != errno.EADDRINUSE:
+                raise
+            ipr.link("del", index=index)
+            raise PortInUse(f"UDP {port} is held by another socket on this node") from None
+    return index, changes
+
+
+def remove_tunnel_device(ipr) -> bool:
+    """Returns whether there was one."""
+    found = ipr.link_lookup(ifname=TUNNEL_DEV)
+    for index in found:
+        ipr.link("del", index=index)
+    return bool(found)
 
 
 # --- lo: where the routing mesh's replies to the node itself come in -------------------

@@ -117,9 +117,12 @@ def parse_proc_udp(text: str) -> list[dict]:
     return out
 
 
-def lint_vxlan_port(port: int, node_ip: str, sockets: list[dict]) -> list[dict]:
-    """sockets: [{"ip", "port", "inode", "owner"}] bound in the node's netns."""
+def lint_vxlan_port(port: int, node_ip: str, sockets: list[dict], tunnel_device: bool = False) -> list[dict]:
+    """sockets: [{"ip", "port", "inode", "owner"}] bound in the node's netns;
+    tunnel_device: xo-gro is there, and one socket on 0.0.0.0 held by no process is its."""
     clash = [s for s in sockets if s["port"] == port and s["ip"] in ("0.0.0.0", node_ip)]
+    ours = next((s for s in clash if s["ip"] == "0.0.0.0" and not s.get("owner")), None) if tunnel_device else None
+    clash = [s for s in clash if s is not ours]
     if not clash:
         return []
     who = "; ".join(s.get("owner") or ("a kernel socket (a vxlan device: Docker's overlay, flannel.1, "
@@ -189,7 +192,8 @@ def evaluate(facts: dict) -> list[dict]:
         out += lint_mtu(u["name"], u["mtu"], facts.get("smallest_peer_mtu"), facts.get("endpoint_mtus", {}))
         out += lint_forwarding(u["name"], u.get("forwarding"))
         if facts.get("vxlan_port") and facts.get("node_ip"):
-            out += lint_vxlan_port(facts["vxlan_port"], facts["node_ip"], facts.get("udp_sockets", []))
+            out += lint_vxlan_port(facts["vxlan_port"], facts["node_ip"], facts.get("udp_sockets", []),
+                                   facts.get("tunnel_tc_id") is not None)
     out += lint_egress(facts["node"], facts.get("egress"), facts.get("nft", True))
     if facts.get("monitor"):
         out += lint_monitor(facts["monitor"]["state"], facts["monitor"]["pid"])
@@ -287,6 +291,7 @@ def gather(state: State, node: str) -> dict:
     facts["egress"] = bool(cfg.flags & CFG_EGRESS)
     facts["nft"] = shutil.which("nft") is not None
     from xoverlay.kernel.datapath import LOOPBACK_IFINDEX, PROGRAMS
+    from xoverlay.kernel.gateway import TUNNEL_DEV
     facts["program_ids"] = {name: _pinned_prog_id(node, name) for name in PROGRAMS}
     facts["our_xdp_id"] = facts["program_ids"]["prog_underlay_xdp"]
 
@@ -308,6 +313,8 @@ def gather(state: State, node: str) -> dict:
             facts["tc_attach"] = bpf.tc_attach_kind()
             underlay["tc_id"] = bpf.tc_query(cfg.underlay_ifindex)
             facts["loopback_tc_id"] = bpf.tc_query(LOOPBACK_IFINDEX)
+            tunnel = [i for i, d in devices.items() if d["name"] == TUNNEL_DEV]
+            facts["tunnel_tc_id"] = bpf.tc_query(tunnel[0]) if tunnel else None
             facts["endpoint_tc_ids"] = {k.value: bpf.tc_query(k.value) for k in local if k.value in devices}
             underlay["forwarding"] = _forwarding(dev["name"])
             facts["conntrack"] = _conntrack()

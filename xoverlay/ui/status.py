@@ -11,6 +11,7 @@ from xoverlay.core import desired
 from xoverlay.core.model import State, peers_of
 from xoverlay.core.rates import ago
 from xoverlay.kernel import monitor_flag, processes
+from xoverlay.kernel.gateway import TUNNEL_DEV
 from xoverlay.kernel.maglev_maps import outer_slots
 from xoverlay.kernel.counters import drop_rows, endpoint_rows, liveness, peer_rows, service_rows
 from xoverlay.kernel.pinned import PinnedMap
@@ -89,6 +90,12 @@ def program_rows(facts: dict) -> list[dict]:
          "mode": facts.get("tc_attach"),
          "attached": count(ids.get("prog_loopback"), [facts["loopback_tc_id"]] if "loopback_tc_id" in facts else None),
          "places": 1},
+        # xo-gro, where the node has one (datapath.choose_gro); tunnel_tc_id None: it has none.
+        {"program": "prog_tunnel_device", "id": ids.get("prog_tunnel_device"), "hook": "tc ingress",
+         "where": TUNNEL_DEV, "mode": facts.get("tc_attach"),
+         "attached": None if "tunnel_tc_id" not in facts else count(
+             ids.get("prog_tunnel_device"), [] if facts["tunnel_tc_id"] is None else [facts["tunnel_tc_id"]]),
+         "places": 0 if "tunnel_tc_id" in facts and facts["tunnel_tc_id"] is None else 1},
     ]
 
 
@@ -103,6 +110,8 @@ def program_summary(row: dict) -> tuple[str, bool]:
     mode = f" {row['mode']}" if row["mode"] else ""
     if row["attached"] is None:
         return f"{row['hook']} #{row['id']}{mode} ({where} not visible from here)", True
+    if row["places"] == 0:
+        return f"no {where}", True
     if row["places"] == 1:
         ok = row["attached"] == 1
         return f"{row['hook']} #{row['id']}{mode} {'on' if ok else 'NOT on'} {where}", ok
@@ -139,7 +148,8 @@ def snapshot(state: State, node: str, alive: dict | None = None, store: dict | N
                  "pinned": bool(cfg), "build": f"{cfg.build_id:x}" if cfg else None,
                  "build_current": bool(cfg) and cfg.build_id == build_id(),
                  "programs": program_rows(facts), "liveness": liveness(alive, node),
-                 "xdp": ((alive or {}).get(node) or {}).get("xdp")},     # why XDP is on or off, as up chose
+                 "xdp": ((alive or {}).get(node) or {}).get("xdp"),      # why XDP is on or off, as up chose
+                 "gro": ((alive or {}).get(node) or {}).get("gro")},     # whether xo-gro is there, and why
         "store": store,
         "peers": peer_rows(state, node, alive),
         "endpoints": endpoint_rows(state, node),
@@ -219,6 +229,8 @@ def render(snap: dict):
         head.append("\nprograms: " + " · ".join(program_summary(r)[0] for r in n["programs"]), style="")
         if n.get("xdp"):
             head.append(f"\nXDP {n['xdp']}", style="")
+        if n.get("gro"):
+            head.append(f"\nGRO for tunnel frames {n['gro']}", style="")
     store = snap.get("store")
     if store:
         head.append(f"\nstore {store['where']}: " + ("reachable" if store["reachable"] else
