@@ -178,6 +178,33 @@ def test_lab_down_leaves_nothing_even_after_a_crash(tmp_path, store):
     assert leftovers(lab.prefix) == []
 
 
+def test_down_takes_everything_up_made_out_of_the_node(tmp_path):
+    """`xoverlay down --node`: the agent stops, and the node's netns keeps only what was
+    there before `up` (lo and the underlay), with nothing attached to either; its pins
+    and its place in the store are gone."""
+    state = str(tmp_path / "state.db")
+    run_xo(state, "lab", "up", "--nodes", "2", "--no-xdp", timeout=120)
+    try:
+        from xoverlay.kernel.processes import running_pid
+        from xoverlay.lab.namespace_lab import Lab
+        from xoverlay.maps.layout import pin_dir
+        from xoverlay.store import open_store
+        lab = Lab(open_store(state), state)
+        n2 = lab.nodes()[1]
+        ns = f"/run/netns/{lab.node_netns(n2)}"
+        links = lambda: sorted(line.split(":")[1].strip().split("@")[0]            # noqa: E731
+                               for line in in_netns(ns, "ip", "-o", "link").stdout.splitlines())
+        assert {"xo-gw", "xo-gro", "xo-headroom"} <= set(links())
+        run_xo(state, "down", "--node", n2, timeout=120)
+        assert links() == ["eth1", "lo"]
+        attached = in_netns(ns, "bpftool", "net", "show").stdout       # tcx, tc filters and XDP
+        assert "xo_" not in attached, attached
+        assert running_pid(n2) is None and not os.path.exists(pin_dir(n2))
+        assert n2 not in open_store(state).read().nodes
+    finally:
+        run_xo(state, "lab", "down", check=False, timeout=120)
+
+
 def test_new_build_replaces_programs_in_place_without_loss(lab):
     """An agent of another build (faked: the pinned build id changed) loads its programs
     and swaps them in with tc/XDP replace while traffic runs: nothing lost."""

@@ -168,6 +168,7 @@ def test_lints_on_a_misconfigured_lab_node(lab):
     # TCP is said; nothing else is wrong.
     assert sorted(status_lints()) == ["xdp-costs-offloads"]
     stop_agent(n3)                       # it would clear the stale flag at once
+    in_netns(node_ns, "ip", "link", "del", "xo-gro")     # its socket holds 4789: another user cannot bind it
     holder = subprocess.Popen(["nsenter", f"--net={node_ns}", "--", PY, "-c", HOLD_PORT], stdout=subprocess.PIPE,
                               text=True)
     try:
