@@ -228,6 +228,12 @@ def test_an_endpoint_being_removed_neither_resolves_nor_asks():
     assert rcode(query("web1", asker=WEB2, view=view)) == "REFUSED"
 
 
+def test_a_gone_endpoint_neither_resolves_nor_asks():
+    s = model.mark_endpoint_gone(STATE, "web2", 1000.0)
+    assert rcode(query("web2", view=dns.build_view(s, "n1"))) == "NXDOMAIN"
+    assert rcode(query("web1", asker=WEB2, view=dns.build_view(s, "n2"))) == "REFUSED"
+
+
 def test_endpoint_names_that_are_no_dns_names_are_skipped():
     s = model.add_endpoint(STATE, "odd.", "demo", "n1", "/run/netns/odd", True)
     s = model.add_endpoint(s, "a..b", "demo", "n1", "/run/netns/ab", True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import socket
 import sqlite3
 import subprocess
@@ -285,3 +286,49 @@ def test_store_locked_corrupt_or_unreadable_one_line_errors_and_the_data_path_ru
     # corrupt, unreadable.
     assert len(errors) <= 3 * len(nodes), f"the agents repeat themselves: {errors}"
     assert sent >= 500 and received == sent
+
+
+def test_an_endpoint_whose_container_is_gone_leaves_the_maps_then_gives_its_address_back(lab):
+    """An endpoint attached by hand to a process's netns, as a container runtime's would
+    be. The process dies: the endpoint shows `gone`, leaves every node's maps and DNS at
+    once, the agent says so in one log line (not one a pass), and after the grace its
+    address is released."""
+    import dataclasses
+
+    from xoverlay.agent.loop import RESYNC_SECONDS
+    from xoverlay.core import model
+    from xoverlay.kernel.datapath import open_maps
+    from xoverlay.maps.layout import EndpointKey, ip_be
+    n1, n2, _ = lab.nodes()
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    path = f"/proc/{proc.pid}/ns/net"
+    store = lab.store()
+    try:
+        wait_for("the process's own netns", lambda: os.stat(path).st_ino != os.stat("/proc/self/ns/net").st_ino)
+        lab.xo("endpoint", "add", "procx", "--network", "demo", "--node", n1, "--netns", path)
+        ep = lab.ep("procx")
+        assert ep["state"] == "ready" and lab.ping(f"{n2}-a", ep["ip"], count=2)
+        key = EndpointKey(vni=store.read().networks["demo"].vni, ip=ip_be(ep["ip"]))
+        logged = len(log_of(n1))
+        proc.kill()
+        proc.wait()
+        wait_for("procx shown gone", lambda: lab.ep("procx")["state"] == "gone", timeout=2 * RESYNC_SECONDS + 3)
+        wait_for("procx out of every node's maps",
+                 lambda: all(open_maps(n)["xo_endpoints"].get(key) is None for n in lab.nodes()))
+        asker = os.path.basename(lab.ep(f"{n1}-a")["netns"])       # its resolv.conf: the node's responder
+        assert subprocess.run(["ip", "netns", "exec", asker, "getent", "hosts", "procx"]).returncode != 0
+        assert subprocess.run(["ip", "netns", "exec", asker, "getent", "hosts", f"{n2}-a"],
+                              capture_output=True).returncode == 0
+        time.sleep(2 * RESYNC_SECONDS + 1)                        # passes go by
+        assert log_of(n1)[logged:].count("endpoint procx: netns") == 1, log_of(n1)[logged:][-2000:]
+        assert lab.ep("procx")["state"] == "gone" and lab.drift(n1) == []
+        # The grace run out (found gone that long ago): the address is released.
+        store.update(lambda s: s.with_("endpoint", "procx", dataclasses.replace(
+            s.endpoints["procx"], gone_since=time.time() - model.GONE_GRACE_SECONDS - 1)))
+        wait_for("procx released", lambda: "procx" not in lab.endpoints(), timeout=3 * RESYNC_SECONDS + 3)
+        assert re.search(rf"endpoint procx: gone \d+ s, released {ep['ip']}\n", log_of(n1)[logged:])
+    finally:
+        proc.kill()
+        proc.wait()
+        lab.xo("endpoint", "rm", "procx", check=False)
+        store.close()

@@ -184,3 +184,35 @@ class TestIpam:
 def test_mtu_is_smallest_underlay_less_50():
     s = model.join_node(cluster(), "n3", "192.0.2.3", underlay_mtu=9000)
     assert model.endpoint_mtu(s) == 1450
+
+
+class TestGoneEndpoints:
+    def test_gone_then_back(self):
+        s = model.set_endpoint_ready(add(cluster(), "a"), "a")
+        assert model.endpoint_state(s.endpoints["a"]) == "ready" and model.endpoint_live(s.endpoints["a"])
+        s = model.mark_endpoint_gone(s, "a", 1234.5)
+        ep = s.endpoints["a"]
+        assert (ep.gone_since, ep.ready, model.endpoint_state(ep), model.endpoint_live(ep)) == \
+            (1234.5, False, "gone", False)
+        assert model.mark_endpoint_gone(s, "a", 9999.0) is s, "the first time it was found gone counts"
+        s = model.mark_endpoint_back(s, "a")
+        assert s.endpoints["a"].gone_since == 0.0 and model.endpoint_state(s.endpoints["a"]) == "pending"
+
+    def test_a_removing_endpoint_is_not_marked_gone(self):
+        s = model.mark_endpoint_removing(add(cluster(), "a"), "a")
+        assert model.mark_endpoint_gone(s, "a", 1.0) is s
+        assert model.endpoint_state(s.endpoints["a"]) == "removing"
+
+    def test_only_a_named_netns_may_come_back(self):
+        s = model.add_endpoint(cluster(), "p", "app", "n1", "/proc/4242/ns/net", False)
+        assert not model.netns_may_return(s.endpoints["p"])
+        assert model.netns_may_return(add(s, "a").endpoints["a"])
+
+    def test_a_gone_process_netns_can_be_attached_again(self):
+        """/proc/PID/ns/net of a process that is gone may be another process's now: a new
+        endpoint may take it while the old one waits out its grace."""
+        s = model.add_endpoint(cluster(), "p", "app", "n1", "/proc/4242/ns/net", False)
+        with pytest.raises(XoError, match="already used by endpoint p"):
+            model.add_endpoint(s, "q", "app", "n1", "/proc/4242/ns/net", False)
+        s = model.add_endpoint(model.mark_endpoint_gone(s, "p", 1.0), "q", "app", "n1", "/proc/4242/ns/net", False)
+        assert s.endpoints["q"].ip != s.endpoints["p"].ip, "the gone one keeps its address until released"

@@ -43,6 +43,22 @@ def test_removing_endpoint_is_left_out_everywhere():
     assert EndpointKey(vni=4096, ip=ip_be(s.endpoints["b"].ip)) not in m["xo_endpoints"]
 
 
+def test_a_gone_endpoint_is_left_out_everywhere_and_back_in_when_it_returns():
+    s = model.mark_endpoint_gone(state(), "b", 1000.0)
+    key = EndpointKey(vni=4096, ip=ip_be(s.endpoints["b"].ip))
+    assert key not in desired.desired_maps(s, "n1", {"a": 7}, 2, 1)["xo_endpoints"]
+    assert key not in desired.desired_maps(s, "n2", {"b": 9, "c": 8}, 2, 1)["xo_endpoints"]
+    s = model.mark_endpoint_back(s, "b")
+    assert key in desired.desired_maps(s, "n1", {"a": 7}, 2, 1)["xo_endpoints"]
+
+
+def test_a_gone_backend_takes_no_new_connections():
+    s = model.create_service(state(), "web", "app", ["80/tcp"], ["a", "b"])
+    both = desired.desired_maps(s, "n1", {"a": 7}, 2, 1)
+    gone = desired.desired_maps(model.mark_endpoint_gone(s, "b", 1000.0), "n1", {"a": 7}, 2, 1)
+    assert len(gone["xo_lb_backends"]) == len(both["xo_lb_backends"]) - 1
+
+
 def test_config_in_network_byte_order():
     cfg = desired.desired_maps(state(), "n1", {}, 5, 99)["xo_config"][U32(0)]
     assert bytes(cfg)[:4] == bytes([192, 0, 2, 1])

@@ -3,6 +3,7 @@ store (endpoints plumbed, maps reconciled) until stopped. Everything it sets up 
 forwarding when it is gone."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from pyroute2 import IPRoute
 from xoverlay.agent import dns_responder, repair
 from xoverlay.core import desired, model
 from xoverlay.errors import NodeRemoved, StoreError, XoError
-from xoverlay.kernel import bpf, datapath, ethtool, gateway, monitor_flag, veth
+from xoverlay.kernel import bpf, datapath, ethtool, gateway, monitor_flag, netns, veth
 from xoverlay.kernel.maglev_maps import MaglevTables
 from xoverlay.store.base import Store, StoreUnavailable
 
@@ -314,7 +315,7 @@ class Agent:
 
         def change(s):
             for name in ready:
-                s = model.set_endpoint_ready(s, name)
+                s = model.set_endpoint_ready(model.mark_endpoint_back(s, name), name)
             for name in gone:
                 if name in s.endpoints and s.endpoints[name].removing:
                     s = model.remove_endpoint(s, name)
@@ -354,16 +355,26 @@ class Agent:
         return [str(r) for r in todo]
 
     def _plumb(self, state, changes):
-        """Create the veths of this node's endpoints, remove those of endpoints gone."""
-        ifindexes, ready, gone = {}, [], []
+        """Create the veths of this node's endpoints, remove those of endpoints removed.
+        An endpoint whose netns has gone (its container's, not ours) is marked gone, which
+        takes it out of every map; its address is released GONE_GRACE_SECONDS later, or
+        it is plumbed again if its named netns comes back first."""
+        ifindexes, ready, removed, lost = {}, [], [], []
         mine = {e.name: e for e in state.endpoints.values() if e.node == self.node}
-        wanted = {veth.host_ifname(name): e for name, e in mine.items() if not e.removing}
+        now = time.time()
         for ep in mine.values():
             if ep.removing:
                 veth.remove_endpoint(self.ipr, ep)
                 changes.append(f"removed endpoint {ep.name}")
-                gone.append(ep.name)
+                removed.append(ep.name)
                 self._step()
+            elif ep.gone_since and (not model.netns_may_return(ep) or not netns.exists(ep.netns)) and \
+                    now - ep.gone_since >= model.GONE_GRACE_SECONDS:
+                self.store.update(lambda s, name=ep.name: model.mark_endpoint_removing(s, name)
+                                  if name in s.endpoints and s.endpoints[name].gone_since else s)
+                changes.append(f"endpoint {ep.name}: gone {now - ep.gone_since:.0f} s, released {ep.ip}")
+        wanted = {veth.host_ifname(name): e for name, e in mine.items() if not e.removing and
+                  (not e.gone_since or (model.netns_may_return(e) and netns.exists(e.netns)))}
         for ifname, index in veth.our_veths(self.ipr).items():
             if ifname not in wanted:
                 veth.unplumb(self.ipr, ifname)
@@ -372,10 +383,20 @@ class Agent:
             try:
                 ifindexes[ep.name], did = veth.plumb(self.ipr, state, ep, self.progs.fds["prog_endpoint"],
                                                       self.headroom_bridge)
+            except veth.NetnsGone as e:
+                if not ep.owns_netns:
+                    lost.append(ep.name)
+                    changes.append(f"{e} (its container stopped?): out of the maps, {ep.ip} released in "
+                                   f"{model.GONE_GRACE_SECONDS:.0f} s unless it is back")
+                    continue
+                log.error("%s", e)
+                continue
             except XoError as e:
                 log.error("%s", e)
                 continue
-            if not ep.ready:
+            if ep.gone_since:
+                changes.append(f"endpoint {ep.name}: netns {ep.netns} is back: plumbed again")
+            if not ep.ready or ep.gone_since:
                 ready.append(ep.name)
                 changes.append(f"plumbed endpoint {ep.name} ({ep.ip})")
                 self._step()
@@ -383,7 +404,9 @@ class Agent:
                 changes += [f"repaired: endpoint {ep.name}: {d}" for d in did]
                 if did and self.observer is not None:
                     self.observer.repaired([repair.Repair("endpoint", ep.name)] * len(did))
-        return ifindexes, ready, gone
+        if lost:
+            self.store.update(lambda s: functools.reduce(lambda s, n: model.mark_endpoint_gone(s, n, now), lost, s))
+        return ifindexes, ready, removed
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from xoverlay.core import maglev, model
-from xoverlay.core.model import State, parse_port
+from xoverlay.core.model import State, endpoint_live, parse_port
 from xoverlay.maps.layout import (
     CFG_EGRESS,
     CFG_FIB_MAIN_ONLY,
@@ -93,7 +93,7 @@ def desired_maps(state: State, node: str, ifindexes: dict[str, int], underlay_if
         maps["xo_subnets"][subnet_key(net.subnet)] = Subnet(vni=net.vni)
     flags_of = endpoint_flags(state)
     live = [ep for ep in state.endpoints.values()
-            if not ep.removing and ep.network in state.networks and ep.node in state.nodes]
+            if endpoint_live(ep) and ep.network in state.networks and ep.node in state.nodes]
     # Sorted: the same endpoints get the same new slots whatever order the store gave.
     plumbed = sorted((state.networks[ep.network].vni, ip_be(ep.ip)) for ep in live
                      if ep.node == node and ifindexes.get(ep.name))
@@ -182,7 +182,7 @@ def endpoint_flags(state: State) -> dict[str, int]:
 def _live_backends(state: State, svc):
     for b in svc.backends:
         ep = state.endpoints.get(b.endpoint)
-        if ep is not None and not ep.removing and ep.network == svc.network:
+        if ep is not None and endpoint_live(ep) and ep.network == svc.network:
             yield b, ep
 
 
@@ -303,7 +303,7 @@ def return_paths(state: State, node: str, ifindexes: dict[str, int]) -> dict[str
     where the node sends what leaves from the gateway address (xoverlay/kernel/gateway.py)."""
     out = {}
     for ep in state.endpoints.values():
-        if ep.node == node and not ep.removing and ifindexes.get(ep.name):
+        if ep.node == node and endpoint_live(ep) and ifindexes.get(ep.name):
             out[ep.ip] = (ifindexes[ep.name], ep.mac)
     return out
 

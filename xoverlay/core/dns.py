@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from dnslib import EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSHeader, DNSRecord
 from dnslib.buffer import Buffer
 
+from xoverlay.core.model import endpoint_live
+
 CLUSTER_DOMAIN = "xoverlay"
 TTL = 10                     # seconds: endpoints come and go; containers rarely cache
 EDNS_PAYLOAD = 1232          # the UDP size we advertise (DNS flag day 2020)
@@ -68,7 +70,7 @@ def build_view(state, node: str | None, domain: str = CLUSTER_DOMAIN) -> View:
         names[net] = {}
         suffixes[net] = labels_of(net)
     # Endpoints first, services after: a service overwrites an endpoint of its name.
-    records = [(e.name, e.network, e.ip) for e in state.endpoints.values() if not e.removing]
+    records = [(e.name, e.network, e.ip) for e in state.endpoints.values() if endpoint_live(e)]
     records.sort()
     endpoints = {}
     for name, network, ip in records:
@@ -83,7 +85,7 @@ def build_view(state, node: str | None, domain: str = CLUSTER_DOMAIN) -> View:
         if svc.network in names and key and svc.vip:
             names[svc.network][key] = (str(svc.vip),)
     for e in state.endpoints.values():
-        if e.node == node and not e.removing and e.network in names:
+        if e.node == node and endpoint_live(e) and e.network in names:
             askers[e.ip] = e.network
     dom = labels_of(domain) if domain else ()
     return View(askers, names, suffixes, dom or ())

@@ -63,6 +63,7 @@ class Endpoint:
     owns_netns: bool = False    # we created it, we remove it
     ready: bool = False         # the node's agent has plumbed it
     removing: bool = False      # tombstone: the agent tears it down, then deletes it
+    gone_since: float = 0.0     # when its node's agent found its netns gone (epoch s; 0: it is there)
 
 
 PROTOCOLS = ("tcp", "udp")
@@ -284,7 +285,7 @@ def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
     net = _network_of(state, network)
     _node_of(state, node)
     for e in state.endpoints.values():
-        if e.netns == netns:
+        if e.netns == netns and not (e.gone_since and not netns_may_return(e)):
             raise XoError(f"netns {netns} is already used by endpoint {e.name}")
     if len(state.endpoints) >= MAX_ENDPOINTS:
         raise XoError(f"map full: xo_endpoints holds at most {MAX_ENDPOINTS} endpoints")
@@ -317,6 +318,48 @@ def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
             state, _, ip = allocate_slice(state, net, node, used)
     ep = Endpoint(name, network, node, ip, mac_for(ip), netns, owns_netns)
     return state.with_("endpoint", name, ep)
+
+
+# An endpoint whose netns went away (its container stopped or was removed) leaves every
+# map, DNS and its services' balancing at once, but keeps its address this long: the
+# flows and DNS answers that named it have died by then (our DNS answers live 10 s), so
+# the next container given the address does not receive their stragglers. A runtime that
+# says the endpoint is gone (CNI DEL, Docker's Leave) removes it at once.
+GONE_GRACE_SECONDS = 60.0
+
+
+def endpoint_live(ep: Endpoint) -> bool:
+    """In the maps, DNS and the balancers: neither being removed nor gone."""
+    return not ep.removing and not ep.gone_since
+
+
+def endpoint_state(ep: Endpoint) -> str:
+    """As `endpoint ls` and status show it."""
+    if ep.removing:
+        return "removing"
+    if ep.gone_since:
+        return "gone"
+    return "ready" if ep.ready else "pending"
+
+
+def netns_may_return(ep: Endpoint) -> bool:
+    """A named netns (/run/netns/NAME) can be made again under its name; a process's
+    (/proc/PID/ns/net) cannot: the PID may be another process's by then."""
+    return not ep.netns.startswith("/proc/")
+
+
+def mark_endpoint_gone(state: State, name: str, when: float) -> State:
+    ep = state.endpoints.get(name)
+    if ep is None or ep.removing or ep.gone_since:
+        return state
+    return state.with_("endpoint", name, replace(ep, gone_since=when, ready=False))
+
+
+def mark_endpoint_back(state: State, name: str) -> State:
+    ep = state.endpoints.get(name)
+    if ep is None or not ep.gone_since:
+        return state
+    return state.with_("endpoint", name, replace(ep, gone_since=0.0))
 
 
 def mark_endpoint_removing(state: State, name: str) -> State:

@@ -181,12 +181,16 @@ def _adopt_resolv_conf(ep: Endpoint) -> None:
             log.error("%s", e)
 
 
+class NetnsGone(XoError):
+    """The endpoint's netns is not there (not ours to make: its container's)."""
+
+
 def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) -> int:
     from xoverlay.core.model import endpoint_mtu
     if ep.owns_netns and not os.path.exists(ep.netns):
         netns.create(os.path.basename(ep.netns))
     if not netns.exists(ep.netns):
-        raise XoError(f"endpoint {ep.name}: netns {ep.netns} does not exist")
+        raise NetnsGone(f"endpoint {ep.name}: netns {ep.netns} does not exist")
     mtu = endpoint_mtu(state)
     tmp = creating_ifname(host)
     for stale in ipr.link_lookup(ifname=tmp):

@@ -284,8 +284,7 @@ def endpoint_ls(ctx, as_json, network, node):
                   if (network is None or e.network == network) and (node is None or e.node == node)),
                  key=lambda e: (e.network, e.node, e.name))
 
-    def status(e):
-        return "removing" if e.removing else ("ready" if e.ready else "pending")
+    status = model.endpoint_state
     _print_table("endpoints", ["NAME", "NETWORK", "NODE", "IP", "MAC", "NETNS", "STATE"],
                  [[e.name, e.network, e.node, e.ip, e.mac, e.netns, status(e)] for e in eps], as_json,
                  [dict(dataclasses.asdict(e), state=status(e)) for e in eps])

@@ -2,13 +2,13 @@
 endpoints and, where this machine has a node's pinned maps, the data path's counters."""
 from __future__ import annotations
 
-from xoverlay.core.model import Service, State
+from xoverlay.core.model import Service, State, endpoint_live
 from xoverlay.errors import XoError
 
 
 def _backend_state(state: State, b) -> str:
     ep = state.endpoints.get(b.endpoint)
-    if ep is None or ep.removing:
+    if ep is None or not endpoint_live(ep):
         return "gone"
     return "draining" if b.draining else "active"
 

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from xoverlay.core import desired
-from xoverlay.core.model import State, peers_of
+from xoverlay.core.model import State, endpoint_state, peers_of
 from xoverlay.core.rates import ago
 from xoverlay.kernel import monitor_flag, processes
 from xoverlay.kernel.gateway import TUNNEL_DEV
@@ -171,8 +171,7 @@ def snapshot(state: State, node: str, alive: dict | None = None, store: dict | N
 def endpoints_by_peer(state: State, node: str) -> dict[str, list[dict]]:
     """The endpoints each peer of `node` hosts, as the store has them: what the dashboard
     shows when you drill into a peer."""
-    def ep_state(ep):
-        return "removing" if ep.removing else ("ready" if ep.ready else "pending")
+    ep_state = endpoint_state
     out = {peer.name: [] for peer in peers_of(state, node)}
     for ep in sorted(state.endpoints.values(), key=lambda e: e.name):
         if ep.node in out:

@@ -88,7 +88,7 @@ def ordered(rows: list[dict], key: str, rates: dict, sort: str) -> list[dict]:
 
 PEER_FIELDS = ("node", "underlay_ip", "subnets", "liveness")
 LIVENESS_STYLE = {"up": "green", "down": "bold red", "unknown": "yellow"}
-STATE_STYLE = {"ready": "green", "pending": "yellow", "removing": "red"}
+STATE_STYLE = {"ready": "green", "pending": "yellow", "removing": "red", "gone": "red"}
 ENDPOINT_FIELDS = ("name", "network", "ip", "state")
 BACKEND_STYLE = {"active": "green", "draining": "yellow", "gone": "red"}
 
