@@ -17,7 +17,7 @@ BENCH = os.path.join(REPO, "bench")
 sys.path.insert(0, REPO)
 from bench.lib.shell import BenchError  # noqa: E402
 from bench.lib.stats import cycle_ratio, json_text  # noqa: E402
-from bench.lib.traffic import CONN_PORT, Target, conn_rate, interleaved_rate  # noqa: E402
+from bench.lib.traffic import CONN_PORT, TCP_PORT, UDP_PORT, Target, conn_rate, interleaved_rate, tcp_together  # noqa: E402
 
 CLIENT, SERVER = "xtpr-client", "xtpr-server"
 FAST, SLOW, DROPPED = "10.251.0.2", "10.251.0.3", "10.251.0.4"
@@ -88,6 +88,39 @@ def test_a_target_that_cannot_be_sent_to_is_an_error(pair):
     with pytest.raises(BenchError, match=r"10\.252\.0\.1:5400 .*unreachable"):
         interleaved_rate([_target("fast", FAST), Target("unroutable", "unroutable", f"/run/netns/{CLIENT}",
                                                         "10.252.0.1", f"/run/netns/{SERVER}")], 0.5)
+
+
+@pytest.fixture
+def tcp_servers(pair):
+    """iperf3 in the server netns, where tcp_together sends its first, second and third
+    stream."""
+    servers = [subprocess.Popen(["nsenter", f"--net=/run/netns/{SERVER}", "--", "iperf3", "-s", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for port in (TCP_PORT, UDP_PORT + 1, UDP_PORT + 2)]
+    try:
+        deadline = time.monotonic() + 10
+        while not all(str(port) in subprocess.run(["nsenter", f"--net=/run/netns/{SERVER}", "--", "ss", "-Hltn"],
+                                                  capture_output=True, text=True).stdout
+                      for port in (TCP_PORT, UDP_PORT + 1, UDP_PORT + 2)):
+            assert time.monotonic() < deadline, "iperf3 servers not listening"
+            time.sleep(0.1)
+        yield
+    finally:
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
+
+
+def test_tcp_streams_together_each_counted_as_its_own(tcp_servers):
+    """Two paths' streams and a second stream on the first (the control), all at once:
+    each row is its own stream's, and the two on one path share alike."""
+    rows = tcp_together([_target("fast", FAST), _target("slow", SLOW), _target("fast", FAST)], 2.0)
+    assert len(rows) == 3 and all(r["tcp_together_gbps"] > 0.1 for r in rows), rows
+    assert 0.5 < rows[2]["tcp_together_gbps"] / rows[0]["tcp_together_gbps"] < 2, rows
+
+
+def test_a_tcp_stream_together_that_cannot_connect_is_an_error(tcp_servers):
+    with pytest.raises(BenchError, match="refused|unable to connect"):
+        tcp_together([_target("fast", FAST), _target("dropped", DROPPED)], 1.0)
 
 
 @pytest.fixture

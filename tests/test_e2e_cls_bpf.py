@@ -63,7 +63,8 @@ def test_the_programs_are_cls_bpf_filters_and_status_says_so(lab):
         assert bpf.tcx_programs(socket.if_nametoindex("eth1")) == []
     snap = json.loads(lab.xo("status", "--node", n1, "--json").out)
     tc_rows = snap["node"]["programs"][1:]
-    assert [(p["mode"], p["attached"] == p["places"]) for p in tc_rows] == [("cls_bpf", True)] * 3
+    assert [(p["mode"], p["attached"] == p["places"]) for p in tc_rows] == [("cls_bpf", True)] * 4
+    assert "xo_tunnel_devic" in tc_filters(lab, n1, "xo-gro")     # xo-gro's program, a filter too
 
 
 def test_a_new_build_replaces_the_filters_in_place_without_loss(lab):

@@ -145,6 +145,39 @@ def tcp(path: Path, secs: float) -> dict:
             "tcp_retransmits": out["sum_sent"].get("retransmits", 0)}
 
 
+def tcp_together(paths: list, secs: float) -> list[dict]:
+    """One TCP stream on each of `paths`, all in the same seconds. Where the machines'
+    CPUs are what limits TCP (a TCG guest's are: every instruction is emulated), the
+    streams share them, so each stream's rate against the others' is its path's cost
+    per byte against theirs, free of the drift between tests taken in turn. A path listed
+    twice gets a second stream (the method's own noise). An iperf3 server runs one test at
+    a time: the first stream into a server netns goes to TCP_PORT, the next ones to the
+    UDP test's servers, UDP_PORT + 1, + 2 (idle during this)."""
+    into: dict = {}
+    procs = []
+    for p in paths:
+        n = into[(p.server_at.name, p.server)] = into.get((p.server_at.name, p.server), -1) + 1
+        port = UDP_PORT + n if n else TCP_PORT
+        procs.append(p.client_at.start(in_ns(p.client, "iperf3", "-c", p.server_ip, "-p", str(port),
+                                             "-t", str(secs), "-J"), limit=secs + 30))
+    rows = []
+    for p, proc in zip(paths, procs):
+        try:
+            stdout, stderr = proc.communicate(timeout=secs + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+        try:
+            out = json.loads(stdout)
+        except ValueError:
+            out = {"error": stderr.strip() or "no output"}
+        if "error" in out:
+            raise BenchError(f"{p.key}: iperf3 (TCP, together) failed: {out['error']}")
+        rows.append({"tcp_together_gbps": out["end"]["sum_received"]["bits_per_second"] / 1e9,
+                     "tcp_together_retransmits": out["end"]["sum_sent"].get("retransmits", 0)})
+    return rows
+
+
 def udp(path: Path, secs: float, streams: int, key: str = "udp") -> dict:
     """`streams` iperf3 clients at once, each unlimited (-b 0) with 64-byte payloads; the
     rate that arrives counts. One sender is the bottleneck itself (little loss): on veths

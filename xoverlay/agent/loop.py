@@ -3,7 +3,6 @@ store (endpoints plumbed, maps reconciled) until stopped. Everything it sets up 
 forwarding when it is gone."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import signal
@@ -206,7 +205,7 @@ class Agent:
         except Exception as e:    # the full lookup is always right, only slower
             self.fib_main_only = False
             log.error("reading the routing rules: %s", e)
-        ifindexes, ready, gone = self._plumb(state, changes)
+        ifindexes, ready, removed = self._plumb(state, changes)
         try:
             changes += gateway.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
@@ -218,7 +217,7 @@ class Agent:
             changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
                            "no longer writes events nobody reads")
         # Tell the store after the maps are in place: `endpoint add` waits for this.
-        self.record(ready, gone)
+        self.record(ready, removed)
         return changes
 
     def _tunnel_device(self) -> list[str]:
@@ -308,15 +307,16 @@ class Agent:
             self._step(len(run))
         return changes
 
-    def record(self, ready: list[str], gone: list[str]) -> None:
-        """Endpoints now plumbed are ready; those torn down leave the store."""
-        if not (ready or gone):
+    def record(self, ready: list[str], removed: list[str]) -> None:
+        """Endpoints now plumbed are ready (and no longer gone); those torn down leave the
+        store."""
+        if not (ready or removed):
             return
 
         def change(s):
             for name in ready:
                 s = model.set_endpoint_ready(model.mark_endpoint_back(s, name), name)
-            for name in gone:
+            for name in removed:
                 if name in s.endpoints and s.endpoints[name].removing:
                     s = model.remove_endpoint(s, name)
             return s
@@ -362,19 +362,21 @@ class Agent:
         ifindexes, ready, removed, lost = {}, [], [], []
         mine = {e.name: e for e in state.endpoints.values() if e.node == self.node}
         now = time.time()
+
+        def returned(ep):         # a gone endpoint's named netns, there again
+            return model.netns_may_return(ep) and netns.exists(ep.netns)
         for ep in mine.values():
             if ep.removing:
                 veth.remove_endpoint(self.ipr, ep)
                 changes.append(f"removed endpoint {ep.name}")
                 removed.append(ep.name)
                 self._step()
-            elif ep.gone_since and (not model.netns_may_return(ep) or not netns.exists(ep.netns)) and \
-                    now - ep.gone_since >= model.GONE_GRACE_SECONDS:
+            elif ep.gone_since and not returned(ep) and now - ep.gone_since >= model.GONE_GRACE_SECONDS:
                 self.store.update(lambda s, name=ep.name: model.mark_endpoint_removing(s, name)
                                   if name in s.endpoints and s.endpoints[name].gone_since else s)
                 changes.append(f"endpoint {ep.name}: gone {now - ep.gone_since:.0f} s, released {ep.ip}")
-        wanted = {veth.host_ifname(name): e for name, e in mine.items() if not e.removing and
-                  (not e.gone_since or (model.netns_may_return(e) and netns.exists(e.netns)))}
+        wanted = {veth.host_ifname(name): e for name, e in mine.items()
+                  if not e.removing and (not e.gone_since or returned(e))}
         for ifname, index in veth.our_veths(self.ipr).items():
             if ifname not in wanted:
                 veth.unplumb(self.ipr, ifname)
@@ -405,7 +407,11 @@ class Agent:
                 if did and self.observer is not None:
                     self.observer.repaired([repair.Repair("endpoint", ep.name)] * len(did))
         if lost:
-            self.store.update(lambda s: functools.reduce(lambda s, n: model.mark_endpoint_gone(s, n, now), lost, s))
+            def mark(s):
+                for name in lost:
+                    s = model.mark_endpoint_gone(s, name, now)
+                return s
+            self.store.update(mark)
         return ifindexes, ready, removed
 
     # --- the loop -----------------------------------------------------------------------
