@@ -145,6 +145,19 @@ def tcp(path: Path, secs: float) -> dict:
             "tcp_retransmits": out["sum_sent"].get("retransmits", 0)}
 
 
+def _iperf3_result(proc: subprocess.Popen, timeout: float) -> dict:
+    """A started `iperf3 -J` client's report (killed after `timeout`), or {"error": why}."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+    try:
+        return json.loads(stdout)
+    except ValueError:
+        return {"error": stderr.strip() or "no output"}
+
+
 def tcp_together(paths: list, secs: float) -> list[dict]:
     """One TCP stream on each of `paths`, all in the same seconds. Where the machines'
     CPUs are what limits TCP (a TCG guest's are: every instruction is emulated), the
@@ -162,15 +175,7 @@ def tcp_together(paths: list, secs: float) -> list[dict]:
                                              "-t", str(secs), "-J"), limit=secs + 30))
     rows = []
     for p, proc in zip(paths, procs):
-        try:
-            stdout, stderr = proc.communicate(timeout=secs + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-        try:
-            out = json.loads(stdout)
-        except ValueError:
-            out = {"error": stderr.strip() or "no output"}
+        out = _iperf3_result(proc, secs + 30)
         if "error" in out:
             raise BenchError(f"{p.key}: iperf3 (TCP, together) failed: {out['error']}")
         rows.append({"tcp_together_gbps": out["end"]["sum_received"]["bits_per_second"] / 1e9,
@@ -189,17 +194,7 @@ def udp(path: Path, secs: float, streams: int, key: str = "udp") -> dict:
                   "-l", str(UDP_PAYLOAD), "-t", str(secs), "-J") for i in range(streams)]
     for attempt in range(3):
         procs = [path.client_at.start(c, limit=secs + 30) for c in cmds]
-        outs = []
-        for p in procs:
-            try:
-                stdout, stderr = p.communicate(timeout=secs + 30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                stdout, stderr = p.communicate()
-            try:
-                outs.append(json.loads(stdout))
-            except ValueError:
-                outs.append({"error": stderr.strip() or "no output"})
+        outs = [_iperf3_result(p, secs + 30) for p in procs]
         errors = [o["error"] for o in outs if "error" in o]
         if not errors:
             break
