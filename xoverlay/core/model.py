@@ -323,8 +323,8 @@ def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
 # An endpoint whose netns went away (its container stopped or was removed) leaves every
 # map, DNS and its services' balancing at once, but keeps its address this long: the
 # flows and DNS answers that named it have died by then (our DNS answers live 10 s), so
-# the next container given the address does not receive their stragglers. A runtime that
-# says the endpoint is gone (CNI DEL, Docker's Leave) removes it at once.
+# the next container given the address does not receive their stragglers. `endpoint rm`
+# releases it at once.
 GONE_GRACE_SECONDS = 60.0
 
 
