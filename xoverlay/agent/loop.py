@@ -73,8 +73,8 @@ class Agent:
     xdp: bool | str = "auto"           # True/"on", False/"off", or "auto" (datapath.choose_xdp)
     xdp_reason: str = ""               # why XDP is on or off here, for status
     gro: bool = False                  # keep xo-gro, the tunnel socket for GRO (datapath.choose_gro)
-    gro_reason: str = ""               # why it is there or not (as chosen, or as it went), for status
-    gro_chosen: str = ""               # why, as chosen
+    gro_reason: str = ""               # why it is there or not, as chosen
+    gro_problem: str | None = None     # why it could not be made after all (another socket on the port)
     vxlan_port: int = model.DEFAULT_VXLAN_PORT
     ipr: IPRoute = field(default_factory=IPRoute)
     stopping: bool = False
@@ -109,8 +109,7 @@ class Agent:
         self.underlay = find_underlay(self.ipr, self.underlay_name)
         driver = ethtool.driver(self.underlay.name)
         self.xdp, self.xdp_reason = datapath.choose_xdp(self.xdp, driver)
-        self.gro, self.gro_chosen = datapath.choose_gro(driver, ethtool.features(self.underlay.name), self.vxlan_port)
-        self.gro_reason = self.gro_chosen
+        self.gro, self.gro_reason = datapath.choose_gro(driver, ethtool.features(self.underlay.name), self.vxlan_port)
         datapath.check_bpffs()
         try:
             self._join(self.store.read())
@@ -155,7 +154,7 @@ class Agent:
         self.store.update(self._join)
         self.store.register(self.node, self.lease_ttl, {"pid": os.getpid(), "host": socket.gethostname(),
                                                         "underlay_ip": self.underlay.ip, "since": time.time(),
-                                                        "xdp": self.xdp_reason, "gro": self.gro_reason})
+                                                        "xdp": self.xdp_reason, "gro": self.gro_problem or self.gro_reason})
         self.alive_nodes = self.store.alive()
         self.joined, self.renewed = True, time.monotonic()
 
@@ -205,7 +204,7 @@ class Agent:
         except Exception as e:    # the full lookup is always right, only slower
             self.fib_main_only = False
             log.error("reading the routing rules: %s", e)
-        ifindexes, ready, removed = self._plumb(state, changes)
+        ifindexes, told = self._plumb(state, changes)
         try:
             changes += gateway.sync_return_paths(self.ipr, desired.return_paths(state, self.node, ifindexes))
         except Exception as e:    # DNS replies only: never a reason to leave the maps alone
@@ -217,7 +216,7 @@ class Agent:
             changes.append(f"cleared the monitor flag left by pid {stale.pid}, which is gone: the data path "
                            "no longer writes events nobody reads")
         # Tell the store after the maps are in place: `endpoint add` waits for this.
-        self.record(ready, removed)
+        self.record(**told)
         return changes
 
     def _tunnel_device(self) -> list[str]:
@@ -231,16 +230,13 @@ class Agent:
                     changes.append(f"removed {gateway.TUNNEL_DEV}: {self.gro_reason}")
                 return changes
             index, changes = gateway.ensure_tunnel_device(self.ipr, self.vxlan_port)
-            prog = self.progs.fds["prog_tunnel_device"]
-            if bpf.tc_query(index) != datapath.prog_id(prog):
-                bpf.tc_attach(index, prog)
+            if bpf.tc_ensure(index, self.progs.fds["prog_tunnel_device"]):
                 changes.append(f"attached prog_tunnel_device to {gateway.TUNNEL_DEV}")
-            self.gro_reason = self.gro_chosen
+            self.gro_problem = None
         except gateway.PortInUse as e:
-            reason = f"off: {e}"
-            if reason != self.gro_reason:
+            if f"off: {e}" != self.gro_problem:
                 log.error("no tunnel socket for GRO: %s", e)
-            self.gro_reason = reason
+            self.gro_problem = f"off: {e}"
         except Exception as e:    # TCP is only slower without it: never a reason to stop
             log.error("%s: %s", gateway.TUNNEL_DEV, e)
         return changes
@@ -307,10 +303,11 @@ class Agent:
             self._step(len(run))
         return changes
 
-    def record(self, ready: list[str], removed: list[str]) -> None:
-        """Endpoints now plumbed are ready (and no longer gone); those torn down leave the
-        store."""
-        if not (ready or removed):
+    def record(self, ready=(), removed=(), lost=(), expired=(), now: float = 0.0) -> None:
+        """What the pass found, told to the store in one update: endpoints now plumbed are
+        ready (and no longer gone); those torn down leave the store; those whose netns is
+        gone are marked so (as of `now`); those gone past the grace become tombstones."""
+        if not (ready or removed or lost or expired):
             return
 
         def change(s):
@@ -319,6 +316,11 @@ class Agent:
             for name in removed:
                 if name in s.endpoints and s.endpoints[name].removing:
                     s = model.remove_endpoint(s, name)
+            for name in lost:
+                s = model.mark_endpoint_gone(s, name, now)
+            for name in expired:
+                if name in s.endpoints and s.endpoints[name].gone_since:
+                    s = model.mark_endpoint_removing(s, name)
             return s
         self.store.update(change)
 
@@ -358,8 +360,9 @@ class Agent:
         """Create the veths of this node's endpoints, remove those of endpoints removed.
         An endpoint whose netns has gone (its container's, not ours) is marked gone, which
         takes it out of every map; its address is released GONE_GRACE_SECONDS later, or
-        it is plumbed again if its named netns comes back first."""
-        ifindexes, ready, removed, lost = {}, [], [], []
+        it is plumbed again if its named netns comes back first. Returns the ifindexes of
+        the plumbed ones and, for record(), what to tell the store."""
+        ifindexes, ready, removed, lost, expired = {}, [], [], [], []
         mine = {e.name: e for e in state.endpoints.values() if e.node == self.node}
         now = time.time()
 
@@ -372,8 +375,7 @@ class Agent:
                 removed.append(ep.name)
                 self._step()
             elif ep.gone_since and not returned(ep) and now - ep.gone_since >= model.GONE_GRACE_SECONDS:
-                self.store.update(lambda s, name=ep.name: model.mark_endpoint_removing(s, name)
-                                  if name in s.endpoints and s.endpoints[name].gone_since else s)
+                expired.append(ep.name)
                 changes.append(f"endpoint {ep.name}: gone {now - ep.gone_since:.0f} s, released {ep.ip}")
         wanted = {veth.host_ifname(name): e for name, e in mine.items()
                   if not e.removing and (not e.gone_since or returned(e))}
@@ -406,13 +408,7 @@ class Agent:
                 changes += [f"repaired: endpoint {ep.name}: {d}" for d in did]
                 if did and self.observer is not None:
                     self.observer.repaired([repair.Repair("endpoint", ep.name)] * len(did))
-        if lost:
-            def mark(s):
-                for name in lost:
-                    s = model.mark_endpoint_gone(s, name, now)
-                return s
-            self.store.update(mark)
-        return ifindexes, ready, removed
+        return ifindexes, {"ready": ready, "removed": removed, "lost": lost, "expired": expired, "now": now}
 
     # --- the loop -----------------------------------------------------------------------
 

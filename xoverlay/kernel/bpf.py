@@ -468,6 +468,15 @@ def tc_attach(ifindex: int, prog_fd: int, point: int = BPF_TCX_INGRESS) -> None:
     _cls_detach(ifindex, point)         # the filter an earlier build attached, if any
 
 
+def tc_ensure(ifindex: int, prog_fd: int) -> bool:
+    """prog_fd on the tc ingress of ifindex, attached (in place of ours) unless it already
+    is: adopting a running node must not disturb its traffic. Returns whether it attached."""
+    if tc_query(ifindex) == prog_info(prog_fd).id:
+        return False
+    tc_attach(ifindex, prog_fd)
+    return True
+
+
 def tc_detach(ifindex: int, point: int = BPF_TCX_INGRESS) -> None:
     """Detach ours from the tc hook of ifindex, whichever way it was attached (gone
     already is fine)."""

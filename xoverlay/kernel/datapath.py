@@ -314,14 +314,10 @@ def attach_underlay(ifindex: int, progs: Programs, xdp: bool) -> UnderlayAttache
     cross the underlay (bpf/loopback.c). What is attached already is left alone: adopting
     a running node must not disturb its traffic. Says what it attached, as found at the
     moment it looked (a repair reports that, not what an earlier look planned)."""
-    tc_prog = progs.fds["prog_underlay_tc"]
     attached = []
-    if bpf.tc_query(ifindex) != prog_id(tc_prog):
-        bpf.tc_attach(ifindex, tc_prog)
+    if bpf.tc_ensure(ifindex, progs.fds["prog_underlay_tc"]):
         attached.append("tc")
-    lo_prog = progs.fds["prog_loopback"]
-    if bpf.tc_query(LOOPBACK_IFINDEX) != prog_id(lo_prog):
-        bpf.tc_attach(LOOPBACK_IFINDEX, lo_prog)
+    if bpf.tc_ensure(LOOPBACK_IFINDEX, progs.fds["prog_loopback"]):
         attached.append("lo")
     if not xdp:
         detach_xdp(ifindex)

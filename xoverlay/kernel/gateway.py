@@ -167,18 +167,19 @@ def ensure_tunnel_device(ipr, port: int) -> tuple[int, list[str]]:
     its ifindex and what changed; raises PortInUse when another socket holds `port`."""
     changes = []
     found = ipr.link_lookup(ifname=TUNNEL_DEV)
-    if found and _tunnel_port(ipr.get_links(found[0])[0]) != (True, port):
-        ipr.link("del", index=found[0])
+    link = ipr.get_links(found[0])[0] if found else None
+    if link is not None and _tunnel_port(link) != (True, port):
+        ipr.link("del", index=link["index"])
         changes.append(f"removed {TUNNEL_DEV} of another port or kind")
-        found = []
-    if not found:
+        link = None
+    if link is None:
         ipr.link("add", ifname=TUNNEL_DEV, kind="vxlan", vxlan_collect_metadata=1, vxlan_port=port,
                  vxlan_learning=0)
-        found = ipr.link_lookup(ifname=TUNNEL_DEV)
+        link = ipr.get_links(ipr.link_lookup(ifname=TUNNEL_DEV)[0])[0]
         changes.append(f"created {TUNNEL_DEV} (a tunnel socket on UDP {port}, for GRO)")
-    index = found[0]
+    index = link["index"]
     write_sysctl(f"/proc/sys/net/ipv6/conf/{TUNNEL_DEV}/disable_ipv6", "1")
-    if not ipr.get_links(index)[0]["flags"] & IFF_UP:
+    if not link["flags"] & IFF_UP:
         try:
             ipr.link("set", index=index, state="up")      # opens the socket
         except NetlinkError as e:

@@ -163,8 +163,7 @@ def plumb(ipr, state: State, ep: Endpoint, prog_fd: int, headroom_bridge: int) -
     else:
         ifindex = _create(ipr, state, ep, host, headroom_bridge)
         did.append(f"created veth {host}")
-    if bpf.tc_query(ifindex) != bpf.prog_info(prog_fd).id:
-        bpf.tc_attach(ifindex, prog_fd)
+    if bpf.tc_ensure(ifindex, prog_fd):
         did.append(f"attached the endpoint program to {host}")
     return ifindex, did
 
