@@ -1,5 +1,7 @@
 /* tc ingress on each endpoint's host-side veth: every packet a container sends.
  *
+ *   ARP request, for any
+ *   address but its own       -> answered with the gateway's MAC, back into it (lib/arp.h)
  *   to a service (VIP:port)   -> DNAT to a backend (lib/lb.h), then as below
  *   same network, this node   -> straight into the other container (redirect_peer),
  *                                with the VIP put back if it is a service's reply
@@ -21,6 +23,7 @@
 #include "lib/mesh.h"
 #include "lib/route.h"
 #include "lib/deliver.h"
+#include "lib/arp.h"
 
 /* Why a packet to no endpoint of its network is dropped. Returns -reason. */
 static __always_inline int xo_unroutable(__u32 vni, __be32 daddr)
@@ -150,7 +153,10 @@ static __always_inline int xo_from_container(struct __sk_buff *skb, __u32 len, s
         return -XO_DROP_UNKNOWN_INTERFACE;
     struct xo_cursor c = { .pos = data, .end = data_end };
     struct ethhdr *eth;
-    if (xo_parse_eth(&c, &eth) != bpf_htons(ETH_P_IP))
+    int proto = xo_parse_eth(&c, &eth);
+    if (proto == bpf_htons(ETH_P_ARP))
+        return xo_arp_answer(skb, &c, eth, self, ifindex, len);
+    if (proto != bpf_htons(ETH_P_IP))
         return -XO_DROP_NOT_IPV4;
     struct iphdr *ip;
     int ret = xo_parse_ipv4(&c, &ip);

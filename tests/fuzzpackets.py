@@ -281,13 +281,37 @@ class Generator:
             v6 = (struct.pack("!IHBB", 0x60000000, len(ip) - 20, 17, 64) + bytes(15) + b"\1" + bytes(15) + b"\2"
                   + ip[20:])
             return Case(prog, l2[:12] + b"\x86\xdd" + v6, ifindex, desc + ", IPv6", False)
-        if x < 0.07:
-            arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, l2[6:12], ip[12:16], bytes(6), ip[16:20])
-            return Case(prog, b"\xff" * 6 + l2[6:12] + b"\x08\x06" + arp, ifindex, desc + ", ARP", False)
+        if x < 0.08:
+            return self._arp(prog, l2, ip, ifindex, desc)
         hl = (ip[0] & 0xf) * 4 if len(ip) else 20
         frame, how = self.mutate_frame(l2 + ip, [ETH_, ETH_ + 20, ETH_ + hl, ETH_ + hl + 4, ETH_ + hl + 8,
                                                  ETH_ + hl + 20])
         return Case(prog, frame, ifindex, desc + (", " + how if how else ""), clean and not how)
+
+    def _arp(self, prog, l2: bytes, ip: bytes, ifindex, desc: str) -> Case:
+        """ARP from the frame's sender: mostly a request from the IP packet's source for its
+        destination (an endpoint's is answered); also replies and other operations, probes
+        (sender 0.0.0.0), announcements (target = sender), another format, cut short or
+        padded."""
+        r = self.r
+        op = r.choices((1, 2, 3), (80, 15, 5))[0]
+        spa = ip[12:16] if r.random() < 0.9 else bytes(4)
+        tpa = ip[16:20] if r.random() < 0.9 else r.choice((spa, ip[12:16]))
+        fmt = (1, 0x0800, 6, 4)
+        if r.random() < 0.08:
+            fmt = r.choice(((6, 0x0800, 6, 4), (1, 0x86dd, 6, 4), (1, 0x0800, 8, 4), (1, 0x0800, 6, 16)))
+        sha = l2[6:12] if r.random() < 0.95 else mac_bytes("02:58:0a:0a:01:63")
+        dst = b"\xff" * 6 if r.random() < 0.8 else M.GW_MAC
+        frame = dst + l2[6:12] + b"\x08\x06" + struct.pack("!HHBBH6s4s6s4s", *fmt, op, sha, spa, bytes(6), tpa)
+        how = ""
+        x = r.random()
+        if x < 0.08:
+            cut = r.randrange(ETH_, len(frame))
+            frame, how = frame[:cut], f", cut at {cut}"
+        elif x < 0.15:
+            frame, how = frame + bytes(18), ", padded"
+        return Case(prog, frame, ifindex, f"{desc}, ARP op {op} {socket.inet_ntoa(spa)} asks for "
+                    f"{socket.inet_ntoa(tpa)}{how}", False)
 
     # -- underlay programs --
 

@@ -23,7 +23,8 @@ from xoverlay.core.maglev import _mix32, flow_hash, slot_of
 
 ETH_HLEN = 14
 ENCAP_LEN = 20 + 8 + 8 + 14          # outer IPv4 + UDP + VXLAN + inner Ethernet
-ETH_IPV4 = 0x0800
+ETH_IPV4, ETH_ARP = 0x0800, 0x0806
+ARP_HLEN = 28                        # RFC 826, IPv4 over Ethernet
 TCP, UDP = 6, 17
 GW_MAC = b"\xee" * 6
 GW_IP = bytes([169, 254, 1, 1])
@@ -531,13 +532,36 @@ def _outside(maps: Maps, me: EndpointEntry, daddr: bytes) -> Outcome:
     return Outcome("redirect", path="egress to the node's stack")
 
 
+def _arp(frame: bytes, me: EndpointEntry, self_ip: bytes) -> Outcome:
+    """ARP from a container, answered as Cilium's bpf_lxc does: a request for IPv4 over
+    Ethernet from its own addresses (Ethernet source, sender MAC and IP) for any other
+    address gets the gateway's MAC, back to it. A sender address not its own is spoofing
+    (0.0.0.0, a probe's "no address yet", is not); every other ARP is not answered."""
+    if len(frame) < ETH_HLEN + ARP_HLEN:
+        return drop("ARP_NOT_ANSWERED")
+    htype, ptype, hlen, plen, op = struct.unpack_from("!HHBBH", frame, ETH_HLEN)
+    sha, spa, tpa = frame[22:28], frame[28:32], frame[38:42]
+    if (htype, ptype, hlen, plen) != (1, ETH_IPV4, 6, 4):
+        return drop("ARP_NOT_ANSWERED")
+    if frame[6:12] != me.mac or sha != me.mac or spa not in (self_ip, bytes(4)):
+        return drop("SPOOFED_SOURCE")
+    if op != 1 or spa == bytes(4) or tpa == self_ip:
+        return drop("ARP_NOT_ANSWERED")
+    reply = struct.pack("!HHBBH", 1, ETH_IPV4, 6, 4, 2) + GW_MAC + tpa + me.mac + self_ip
+    return Outcome("redirect", out=me.mac + GW_MAC + frame[12:14] + reply + frame[ETH_HLEN + ARP_HLEN:],
+                   path="ARP answered")
+
+
 def endpoint(frame: bytes, maps: Maps, ifindex: int) -> Outcome:
     """tc on an endpoint's host veth: everything its container sends."""
     if ifindex not in maps.local:
         return drop("UNKNOWN_INTERFACE")
     vni, self_ip = maps.local[ifindex]
     me = maps.endpoints[(vni, self_ip)]
-    if len(frame) < ETH_HLEN or struct.unpack_from("!H", frame, 12)[0] != ETH_IPV4:
+    etype = struct.unpack_from("!H", frame, 12)[0] if len(frame) >= ETH_HLEN else None
+    if etype == ETH_ARP:
+        return _arp(frame, me, self_ip)
+    if etype != ETH_IPV4:
         return drop("NOT_IPV4")
     ip = parse_ipv4(frame, ETH_HLEN)
     if ip is None:

@@ -14,6 +14,7 @@ every frame that is not dropped must leave all drop counters alone."""
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from dataclasses import dataclass
 from typing import Callable
@@ -40,7 +41,7 @@ from xoverlay.maps.layout import U32, mac_bytes, sum_percpu
 pytest.importorskip("scapy")
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP  # noqa: E402
 from scapy.layers.inet6 import IPv6  # noqa: E402
-from scapy.layers.l2 import ARP, Ether  # noqa: E402
+from scapy.layers.l2 import ARP, Dot1Q, Ether  # noqa: E402
 from scapy.layers.vxlan import VXLAN  # noqa: E402
 
 pytestmark = [
@@ -111,6 +112,22 @@ def bad_ihl(frame: bytes, ihl: int) -> bytes:
     return frame[:ETH] + bytes([0x40 | ihl]) + frame[ETH + 1:]
 
 
+BROADCAST = "ff:ff:ff:ff:ff:ff"
+
+
+def arp(ep=T.WEB1, target=T.WEB2.ip, *, op=1, src_mac=None, sha=None, sender=None, dst=BROADCAST) -> bytes:
+    """An ARP frame as a container's stack sends it: by default, ep's request (who has
+    `target`?) from its own addresses, broadcast."""
+    return bytes(Ether(src=src_mac or ep.mac, dst=dst) /
+                 ARP(op=op, hwsrc=sha or src_mac or ep.mac, psrc=ep.ip if sender is None else sender, pdst=target))
+
+
+def arp_field(frame: bytes, offset: int, value: bytes) -> bytes:
+    """`frame` with the ARP header's bytes at `offset` (from its start) replaced."""
+    at = ETH + offset
+    return frame[:at] + value + frame[at + len(value):]
+
+
 # --- expected outputs -------------------------------------------------------------------------
 
 UNCHANGED = "unchanged"
@@ -120,6 +137,17 @@ def delivered(frame: bytes, to_ep) -> bytes:
     """What a container receives from its gateway: the same IP packet, Ethernet from
     ee:ee:ee:ee:ee:ee to its own MAC."""
     return mac_bytes(to_ep.mac) + mac_bytes(GW_MAC) + b"\x08\x00" + frame[ETH:]
+
+
+def arp_reply(to_ep, target: str, trailer: bytes = b"") -> bytes:
+    """The gateway's answer to to_ep's request for `target`, byte by byte: Ethernet from
+    ee:ee:ee:ee:ee:ee to the requester; ARP reply (op 2) for IPv4 over Ethernet, sender
+    ee:ee:ee:ee:ee:ee at `target`, target the requester's MAC and address; whatever
+    followed the request (padding) left as it was."""
+    return (mac_bytes(to_ep.mac) + mac_bytes(GW_MAC) + b"\x08\x06" +
+            struct.pack("!HHBBH", 1, 0x0800, 6, 4, 2) +
+            mac_bytes(GW_MAC) + socket.inet_aton(target) +
+            mac_bytes(to_ep.mac) + socket.inet_aton(to_ep.ip) + trailer)
 
 
 def decapsulated(frame: bytes, to_ep) -> bytes:
@@ -181,6 +209,78 @@ _web1_to_db1 = container(T.WEB1, T.DB1.ip, l4=TCP(sport=40001, dport=443, flags=
 _red1_to_red2 = container(T.RED1, T.RED2.ip, l4=ICMP() / PAYLOAD)
 _dns_udp = container(T.WEB1, GW_IP, l4=UDP(sport=40000, dport=53) / PAYLOAD)
 _truncated_ip = bad_ihl(container(T.WEB1, T.WEB2.ip)[:ETH + IPH], 6)
+
+# ARP (bpf/lib/arp.h): a request from the endpoint's own addresses, for any address but
+# its own, is answered from the gateway's MAC and sent back out of the same veth (the
+# target, bpf_redirect to the veth it came in on, is not seen by a test run: the lab test
+# test_e2e_lab.py::test_a_container_that_arps_gets_the_gateway_mac_for_every_address shows
+# it arrives). Every other ARP is dropped: a sender not its own as SPOOFED_SOURCE, the rest
+# as ARP_NOT_ANSWERED.
+_arp_web2 = arp()
+_arp_padded = _arp_web2 + bytes(18)              # to the Ethernet minimum of 60 bytes
+ARP_CASES = [
+    endpoint_case("ARP: who has web2 (same node)? the gateway's MAC, back to web1",
+                  _arp_web2, TC_ACT_REDIRECT, arp_reply(T.WEB1, T.WEB2.ip)),
+    endpoint_case("ARP: who has api1 (another node)?",
+                  arp(target=T.API1.ip), TC_ACT_REDIRECT, arp_reply(T.WEB1, T.API1.ip)),
+    endpoint_case("ARP: who has the gateway 169.254.1.1?",
+                  arp(target=GW_IP), TC_ACT_REDIRECT, arp_reply(T.WEB1, GW_IP)),
+    endpoint_case("ARP: who has an address nobody has? answered too (its packets are judged as IPv4)",
+                  arp(target="10.10.9.9"), TC_ACT_REDIRECT, arp_reply(T.WEB1, "10.10.9.9")),
+    endpoint_case("ARP: who has an address outside every network?",
+                  arp(target="8.8.8.8"), TC_ACT_REDIRECT, arp_reply(T.WEB1, "8.8.8.8")),
+    endpoint_case("ARP: unicast to the gateway's MAC (the kernel re-checking a stale entry)",
+                  arp(dst=GW_MAC), TC_ACT_REDIRECT, arp_reply(T.WEB1, T.WEB2.ip)),
+    endpoint_case("ARP: a target MAC already filled in is overwritten",
+                  arp_field(_arp_web2, 18, mac_bytes("02:00:00:00:00:99")), TC_ACT_REDIRECT,
+                  arp_reply(T.WEB1, T.WEB2.ip)),
+    endpoint_case("ARP: padded to 60 bytes, the padding left as it was",
+                  _arp_padded, TC_ACT_REDIRECT, arp_reply(T.WEB1, T.WEB2.ip, bytes(18))),
+    endpoint_case("ARP: red1, in another network, asks for red2",
+                  arp(T.RED1, T.RED2.ip), TC_ACT_REDIRECT, arp_reply(T.RED1, T.RED2.ip), ep=T.RED1),
+    endpoint_case("drop: ARP reply",
+                  arp(op=2), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP reply from its own addresses to the gateway's MAC",
+                  arp(op=2, target=GW_IP, dst=GW_MAC), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: gratuitous ARP request (an announcement: who has my own address?)",
+                  arp(target=T.WEB1.ip), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: gratuitous ARP reply (an announcement)",
+                  arp(op=2, target=T.WEB1.ip), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP probe of its own address (sender 0.0.0.0, RFC 5227)",
+                  arp(sender="0.0.0.0", target=T.WEB1.ip), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP probe of another address (sender 0.0.0.0)",
+                  arp(sender="0.0.0.0"), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP operation 3 (a RARP request)",
+                  arp(op=3), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP for a hardware type other than Ethernet (6, IEEE 802)",
+                  arp_field(_arp_web2, 0, b"\x00\x06"), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP for a protocol other than IPv4",
+                  arp_field(_arp_web2, 2, b"\x86\xdd"), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP with a hardware address length of 8",
+                  arp_field(_arp_web2, 4, b"\x08"), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP with a protocol address length of 16",
+                  arp_field(_arp_web2, 5, b"\x10"), TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP cut short inside the target address",
+                  _arp_web2[:ETH + 26], TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP ethertype, Ethernet header only",
+                  _arp_web2[:ETH], TC_ACT_SHOT, drop="ARP_NOT_ANSWERED"),
+    endpoint_case("drop: ARP with the sender address of another endpoint (spoofing)",
+                  arp(sender=T.WEB2.ip), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP with a sender address nobody has",
+                  arp(sender="10.10.1.99"), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP reply claiming another endpoint's address (cache poisoning)",
+                  arp(op=2, sender=T.WEB2.ip, target=T.WEB2.ip), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP from another Ethernet source",
+                  arp(src_mac="02:58:0a:0a:01:63", sha=T.WEB1.mac), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP with another sender hardware address",
+                  arp(sha="02:58:0a:0a:01:63"), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP probe from another sender hardware address",
+                  arp(sha="02:58:0a:0a:01:63", sender="0.0.0.0"), TC_ACT_SHOT, drop="SPOOFED_SOURCE"),
+    endpoint_case("drop: ARP from red1's veth with web1's addresses",
+                  _arp_web2, TC_ACT_SHOT, drop="SPOOFED_SOURCE", ifindex=T.RED1.ifindex),
+    endpoint_case("drop: ARP on a veth of no endpoint",
+                  _arp_web2, TC_ACT_SHOT, drop="UNKNOWN_INTERFACE", ifindex=T.UNKNOWN_IFINDEX),
+]
 
 ENDPOINT = [
     # desc, frame, verdict, expected output, drop reason
@@ -257,12 +357,11 @@ ENDPOINT = [
     endpoint_case("drop: DNS to a resolver outside the overlay",
                   container(T.WEB1, "8.8.8.8", l4=UDP(sport=40000, dport=53) / PAYLOAD), TC_ACT_SHOT,
                   drop="NO_ROUTE"),
-    endpoint_case("drop: ARP",
-                  bytes(Ether(src=T.WEB1.mac, dst="ff:ff:ff:ff:ff:ff") /
-                        ARP(hwsrc=T.WEB1.mac, psrc=T.WEB1.ip, pdst=T.WEB2.ip)),
-                  TC_ACT_SHOT, drop="NOT_IPV4"),
     endpoint_case("drop: IPv6",
                   bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / IPv6(src="fd00::2", dst="fd00::3") /
+                        UDP() / PAYLOAD), TC_ACT_SHOT, drop="NOT_IPV4"),
+    endpoint_case("drop: VLAN-tagged IPv4",
+                  bytes(Ether(src=T.WEB1.mac, dst=GW_MAC) / Dot1Q(vlan=7) / IP(src=T.WEB1.ip, dst=T.WEB2.ip) /
                         UDP() / PAYLOAD), TC_ACT_SHOT, drop="NOT_IPV4"),
     # (An IPv4 frame shorter than 34 bytes cannot be run on a tc program: the kernel
     # refuses it, see bpfrun. A header cut short is an IHL that runs past the frame.)
@@ -279,6 +378,7 @@ ENDPOINT = [
                   _web1_to_web2, TC_ACT_SHOT, drop="UNKNOWN_INTERFACE", ifindex=T.UNKNOWN_IFINDEX),
     endpoint_case("drop: no ingress interface at all",
                   _web1_to_web2, TC_ACT_SHOT, drop="UNKNOWN_INTERFACE", ifindex=0),
+    *ARP_CASES,
 ]
 
 _ok = vxlan()
@@ -507,6 +607,18 @@ def test_traffic_counters(dp):
         ("xo_endpoint_stats", endpoint_slot(T.WEB2)): (0, 0, 2, len(_web1_to_web2) + len(_from_c) - ENCAP),
         ("xo_peer_stats", peer_slot(T.PEER_B)): (1, len(_web1_to_api1) + ENCAP, 1, len(_ok)),
         ("xo_peer_stats", peer_slot(T.PEER_C)): (0, 0, 1, len(_from_c)),
+    }
+
+
+def test_an_answered_arp_counts_as_sent_and_received(dp):
+    """As a local delivery counts, whose receiver here is the sender: the request in
+    web1's tx, the reply in its rx, nothing anywhere else; a dropped ARP counts nowhere."""
+    from bpfrun import endpoint_slot
+    before = _all_slots(dp)
+    dp.run("prog_endpoint", _arp_web2, T.WEB1.ifindex)
+    dp.run("prog_endpoint", arp(op=2), T.WEB1.ifindex)
+    assert _moved(before, _all_slots(dp)) == {
+        ("xo_endpoint_stats", endpoint_slot(T.WEB1)): (1, len(_arp_web2), 1, len(_arp_web2)),
     }
 
 

@@ -85,7 +85,7 @@ def test_glibc_resolves_endpoint_names_with_and_without_the_network_suffix(lab):
                         "-W", "2", f"{n2}-b.demo"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
     # The replies came back without the node ever ARPing for the container (its ARP reply
-    # would have been dropped as NOT_IPV4): no drop at all on the asking node.
+    # would have been dropped as ARP_NOT_ANSWERED): no drop at all on the asking node.
     assert lab.drops(n1) == before
 
 

@@ -29,6 +29,38 @@ def test_ping_same_node_and_across_nodes(lab):
         assert lab.ping(src, eps[dst]["ip"]), f"{src} cannot ping {dst}"
 
 
+def test_a_container_that_arps_gets_the_gateway_mac_for_every_address(lab):
+    """A container plumbed as Docker's network plugin does it: its address with the prefix
+    (a connected route: it ARPs for every peer of its subnet) and no permanent neighbour
+    for 169.254.1.1 (it ARPs for its gateway). The endpoint program answers each request
+    with ee:ee:ee:ee:ee:ee, back out of the same veth, and traffic flows: to this node's
+    endpoints, to another node's, and through the gateway (DNS)."""
+    from xoverlay.kernel.veth import GW_MAC
+    n1, n2, _ = names(lab)
+    subnet = next(n["subnet"] for n in json.loads(lab.xo("network", "ls", "--json").out) if n["name"] == "demo")
+    lab.xo("endpoint", "add", "arp-x", "--network", "demo", "--node", n1)
+    try:
+        ep = lab.ep("arp-x")
+        before = lab.drops(n1)
+        in_netns(ep["netns"], "ip", "neigh", "del", "169.254.1.1", "dev", "eth0")
+        in_netns(ep["netns"], "ip", "route", "add", subnet, "dev", "eth0", "scope", "link", "src", ep["ip"])
+        peers = {name: lab.ep(name)["ip"] for name in (f"{n1}-a", f"{n2}-a")}
+        for name, ip in peers.items():
+            assert lab.ping("arp-x", ip, count=2), f"arp-x cannot ping {name} ({ip})"
+        r = subprocess.run(["ip", "netns", "exec", os.path.basename(ep["netns"]), "getent", "ahostsv4", f"{n2}-b"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.stdout.split()[:1] == [lab.ep(f"{n2}-b")["ip"]], r.stdout + r.stderr
+        neigh = json.loads(in_netns(ep["netns"], "ip", "-j", "neigh", "show", "dev", "eth0").stdout)
+        learnt = {n["dst"]: (n.get("lladdr"), n["state"]) for n in neigh}
+        for ip in (*peers.values(), "169.254.1.1"):
+            assert ip in learnt, f"no neighbour entry for {ip}: {learnt}"
+            lladdr, state = learnt[ip]
+            assert lladdr == GW_MAC and set(state) & {"REACHABLE", "STALE"}, (ip, learnt[ip])
+        assert lab.drops(n1) == before, "nothing the container sent was dropped"
+    finally:
+        lab.xo("endpoint", "rm", "arp-x", check=False)
+
+
 SERVER = """
 import hashlib, socket, sys
 s = socket.create_server(("0.0.0.0", 5201)); print("listening", flush=True)

@@ -3,8 +3,9 @@
 Generated frames (tests/fuzzpackets.py: valid traffic of the fixed cluster, services,
 the routing mesh and the connections made on the way, and malformed frames: cut at
 every header boundary, bad IHL, IP options, fragments, TTL 0/1, bad checksums and
-lengths, wrong VXLAN flags, VNI 0 and 2^24-1, nested VXLAN, VLAN tags, IPv6, ARP, runts,
-jumbo frames) run through BPF_PROG_TEST_RUN and through the model; they must agree on
+lengths, wrong VXLAN flags, VNI 0 and 2^24-1, nested VXLAN, VLAN tags, IPv6, ARP
+(requests, replies, probes, announcements, other formats, cut short), runts, jumbo
+frames) run through BPF_PROG_TEST_RUN and through the model; they must agree on
 every verdict and every output frame, every drop must be counted once under the
 model's reason, and what is forwarded must be well formed (scapy).
 
@@ -119,7 +120,8 @@ def test_kernel_agrees_with_the_model(differ):
     paths = {reason for (_, verdict, reason) in differ.outcomes if verdict != "drop"}
     assert {"local + reverse NAT", "decap + reverse NAT", "mesh reply: VXLAN to the ingress node",
             "mesh reply: decap, source := node:port", "mesh: DNAT + VXLAN to the backend's node",
-            "service, VXLAN", "service, local", "DNS to the gateway", "mesh request: decap"} <= paths
+            "service, VXLAN", "service, local", "DNS to the gateway", "mesh request: decap",
+            "ARP answered"} <= paths
 
 
 def test_well_formed_check_catches_what_both_could_get_wrong():

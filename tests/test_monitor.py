@@ -90,8 +90,8 @@ def test_addresses_behind_an_unknown_vni_are_nobodys():
 
 
 def test_decode_non_ipv4_and_unknown_numbers():
-    ev = monitor.decode(record(type=1, hook=1, reason=BY_NAME["NOT_IPV4"].code, ethertype=socket.htons(0x0806),
-                               ifindex=99, len=42), NAMES)
+    ev = monitor.decode(record(type=1, hook=1, reason=BY_NAME["ARP_NOT_ANSWERED"].code,
+                               ethertype=socket.htons(0x0806), ifindex=99, len=42), NAMES)
     assert (ev["src"], ev["ethertype"], ev["interface"], ev["vni"]) == (None, "0x0806", None, None)
     assert "ethertype 0x0806 (ARP)" in monitor.line(ev) and "if99" in monitor.line(ev)
     odd = monitor.decode(record(type=9, hook=9, reason=200), NAMES)
@@ -311,12 +311,16 @@ def _provoke_every_reason(lab, n1, n2, iso_ip):
     lab.ping(f"{n1}-a", iso_ip, count=1)                             # OTHER_NETWORK
     lab.ping(f"{n1}-a", "169.254.9.9", count=1)                      # NO_ROUTE (link-local never leaves)
     from scapy.layers.inet import ICMP, IP, UDP
+    from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import ARP, Ether
     from scapy.layers.vxlan import VXLAN
     spoofed = Ether(src=src["mac"], dst="ee:ee:ee:ee:ee:ee") / IP(src="10.10.0.99", dst=lab.ep(f"{n1}-b")["ip"]) / \
         UDP(sport=1111, dport=2222) / b"forged"
-    arp = Ether(src=src["mac"], dst="ff:ff:ff:ff:ff:ff") / ARP(hwsrc=src["mac"], psrc=src["ip"], pdst="10.10.0.2")
-    send_frames(src["netns"], "eth0", spoofed, arp)                  # SPOOFED_SOURCE, NOT_IPV4
+    v6 = Ether(src=src["mac"], dst="33:33:00:00:00:01") / IPv6(src="fe80::66", dst="ff02::1") / UDP()
+    # A reply: a request from the container's own addresses would be answered.
+    arp = Ether(src=src["mac"], dst="ff:ff:ff:ff:ff:ff") / \
+        ARP(op="is-at", hwsrc=src["mac"], psrc=src["ip"], pdst="10.10.0.2")
+    send_frames(src["netns"], "eth0", spoofed, v6, arp)              # SPOOFED_SOURCE, NOT_IPV4, ARP_NOT_ANSWERED
     lab_ = lab.lab()
     underlay = f"/run/netns/{lab_.underlay_netns}"
     node_ip = lab_.node_ip(1)
@@ -340,7 +344,7 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
     try:
         lab.xo("endpoint", "add", "mon-iso-x", "--network", "mon-iso", "--node", n2)
         iso_ip = lab.ep("mon-iso-x")["ip"]
-        mon = Monitoring(lab, "--node", n1, "--json", "--count", "7")
+        mon = Monitoring(lab, "--node", n1, "--json", "--count", "8")
         assert monitor_flag.read_flag(n1).events == MON_DROPS | MON_SERVICES, "the flag is set while it runs"
         node_ip = _provoke_every_reason(lab, n1, n2, iso_ip)
         code, events, err = mon.finish()
@@ -352,10 +356,11 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
     assert code == 0, err
     by_reason = {e["reason"]: e for e in events}
     assert sorted(by_reason) == sorted(["UNKNOWN_DESTINATION", "OTHER_NETWORK", "NO_ROUTE", "SPOOFED_SOURCE",
-                                        "NOT_IPV4", "UNKNOWN_PEER", "UNKNOWN_VNI"]), events
+                                        "NOT_IPV4", "ARP_NOT_ANSWERED", "UNKNOWN_PEER", "UNKNOWN_VNI"]), events
     a = lab.ep(f"{n1}-a")
     veth = host_ifname(f"{n1}-a")
-    for reason in ("UNKNOWN_DESTINATION", "OTHER_NETWORK", "NO_ROUTE", "SPOOFED_SOURCE", "NOT_IPV4"):
+    for reason in ("UNKNOWN_DESTINATION", "OTHER_NETWORK", "NO_ROUTE", "SPOOFED_SOURCE", "NOT_IPV4",
+                   "ARP_NOT_ANSWERED"):
         e = by_reason[reason]
         assert (e["type"], e["hook"], e["interface"], e["endpoint"], e["network"]) == \
             ("drop", "endpoint", veth, f"{n1}-a", "demo"), e
@@ -368,7 +373,8 @@ def test_monitor_sees_a_drop_of_each_reason_it_can_be_given(lab):
     spoofed = by_reason["SPOOFED_SOURCE"]
     assert (spoofed["src"], spoofed["dst_endpoint"], spoofed["protocol"], spoofed["sport"], spoofed["dport"]) == \
         ("10.10.0.99", f"{n1}-b", "udp", 1111, 2222)
-    assert by_reason["NOT_IPV4"]["ethertype"] == "0x0806" and by_reason["NOT_IPV4"]["src"] is None
+    assert by_reason["NOT_IPV4"]["ethertype"] == "0x86dd" and by_reason["NOT_IPV4"]["src"] is None
+    assert by_reason["ARP_NOT_ANSWERED"]["ethertype"] == "0x0806" and by_reason["ARP_NOT_ANSWERED"]["src"] is None
     peer, vni = by_reason["UNKNOWN_PEER"], by_reason["UNKNOWN_VNI"]
     for e in (peer, vni):
         assert (e["hook"], e["interface"], e["outer"]["dst"], e["outer"]["dst_node"]) == \

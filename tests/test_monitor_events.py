@@ -147,8 +147,10 @@ def test_icmp_event_carries_type_and_code(dp):
 
 
 def test_non_ipv4_event_has_the_ethertype_and_no_addresses(dp):
-    frame = bytes(Ether(src=T.WEB1.mac, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=T.WEB1.ip, pdst=T.WEB2.ip))
+    frame = bytes(Ether(src=T.WEB1.mac, dst="ff:ff:ff:ff:ff:ff") /
+                  ARP(op="is-at", hwsrc=T.WEB1.mac, psrc=T.WEB1.ip, pdst=T.WEB2.ip))
     ev = _ev(dp, "prog_endpoint", frame, T.WEB1.ifindex)
+    assert ev.reason == BY_NAME["ARP_NOT_ANSWERED"].code
     assert socket.ntohs(ev.ethertype) == 0x0806
     assert ev.flags == EVF_VNI and ev.saddr == ev.daddr == 0
 
@@ -216,6 +218,20 @@ def test_forwarded_packets_are_not_told_when_only_drops_are_asked_for(dp, prog, 
                                                                          inner):
     verdict, events = events_of(dp, prog, frame, ifindex, flag=MON_DROPS)
     assert verdict == TC_ACT_REDIRECT and events == []
+
+
+def test_an_answered_arp_is_told_as_a_forward_of_its_own(dp):
+    """The reply as it leaves: ARP's ethertype, the sender's network, no IPv4 fields."""
+    from xoverlay.maps.events import FWD_ACTIONS
+    frame = bytes(Ether(src=T.WEB1.mac, dst="ff:ff:ff:ff:ff:ff") /
+                  ARP(hwsrc=T.WEB1.mac, psrc=T.WEB1.ip, pdst=T.WEB2.ip))
+    verdict, events = events_of(dp, "prog_endpoint", frame, T.WEB1.ifindex, flag=MON_DROPS | MON_FORWARDS)
+    assert verdict == TC_ACT_REDIRECT and len(events) == 1
+    ev = events[0]
+    assert (ev.type, ev.hook, FWD_ACTIONS[ev.reason].name) == (2, HOOK["prog_endpoint"], "ARP")
+    assert (socket.ntohs(ev.ethertype), ev.flags, ev.vni) == (0x0806, EVF_VNI, T.BLUE_VNI)
+    assert (ev.ifindex, ev.len) == (T.WEB1.ifindex, len(frame))
+    assert events_of(dp, "prog_endpoint", frame, T.WEB1.ifindex, flag=MON_DROPS) == (TC_ACT_REDIRECT, [])
 
 
 def test_sampling_tells_about_one_in_n(dp):

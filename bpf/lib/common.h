@@ -9,9 +9,10 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/pkt_cls.h>
 
-/* Every host-side endpoint veth carries this MAC, and every container has a permanent
- * neighbour entry for its gateway (XO_GW_IP) with it, as Calico does: the container
- * never ARPs, and the data path never has to know which veth a MAC belongs to.
+/* Every host-side endpoint veth carries this MAC, and the data path answers a container's
+ * ARP for any other address with it (lib/arp.h), so it never has to know which veth a MAC
+ * belongs to. xoverlay's own plumbing gives each container a permanent neighbour entry
+ * for its gateway (XO_GW_IP) with it, as Calico does, and that container never ARPs.
  * ee:... is locally administered unicast. */
 #define XO_GW_MAC {0xee, 0xee, 0xee, 0xee, 0xee, 0xee}
 

@@ -14,7 +14,7 @@
 
 #define XO_DROP_REASONS(XO_DROP) \
     XO_DROP(UNKNOWN_INTERFACE, 1, "packet on a veth that belongs to no endpoint") \
-    XO_DROP(NOT_IPV4, 2, "endpoint sent a frame that is not IPv4 (ARP, IPv6, ...)") \
+    XO_DROP(NOT_IPV4, 2, "endpoint sent a frame that is neither IPv4 nor ARP (IPv6, a VLAN tag, ...)") \
     XO_DROP(MALFORMED_IP, 3, "IPv4 header truncated or with a bad header length") \
     XO_DROP(SPOOFED_SOURCE, 4, "endpoint used a source IP or MAC that is not its own") \
     XO_DROP(OTHER_NETWORK, 5, "destination is an address of another network") \
@@ -40,7 +40,8 @@
     XO_DROP(MESH_TOO_BIG, 25, "routing-mesh packet too big for the underlay once VXLAN-encapsulated") \
     XO_DROP(UNDERLAY_UNREACHABLE, 26, "the underlay's routing has a blackhole, unreachable or prohibit route to the peer") \
     XO_DROP(EGRESS_INTERNAL, 27, "destination is outside the overlay, and the endpoint's network is --internal (no way out)") \
-    XO_DROP(TUNNEL_DEVICE, 28, "VXLAN decapsulated by the kernel's socket on our port, not by our program: it came in through another device than the underlay (xo-gro holds that socket only so that GRO merges tunnel frames)")
+    XO_DROP(TUNNEL_DEVICE, 28, "VXLAN decapsulated by the kernel's socket on our port, not by our program: it came in through another device than the underlay (xo-gro holds that socket only so that GRO merges tunnel frames)") \
+    XO_DROP(ARP_NOT_ANSWERED, 29, "ARP from the endpoint that is not a request from its own addresses for another address: a reply, an announcement or probe of its own address, not Ethernet/IPv4, or cut short (a sender address not its own is SPOOFED_SOURCE)")
 
 enum xo_drop_reason {
     XO_DROP_NONE = 0,

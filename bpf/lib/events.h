@@ -24,7 +24,8 @@
     XO_FWD(LOCAL, 1, "delivered to another endpoint of this node") \
     XO_FWD(ENCAP, 2, "encapsulated and sent to a peer node") \
     XO_FWD(DECAP, 3, "decapsulated and delivered to an endpoint of this node") \
-    XO_FWD(EGRESS, 4, "handed to the node's stack for outside the overlay (masqueraded there)")
+    XO_FWD(EGRESS, 4, "handed to the node's stack for outside the overlay (masqueraded there)") \
+    XO_FWD(ARP, 5, "an endpoint's ARP request answered with the gateway's MAC, back to it")
 
 enum xo_event_type {
 #define XO_EVENT_ENUM(name, num, text) XO_EVENT_##name = num,

@@ -31,6 +31,37 @@ static __always_inline int xo_parse_eth(struct xo_cursor *c, struct ethhdr **hdr
     return eth->h_proto;
 }
 
+/* ARP for IPv4 over Ethernet (RFC 826): the fixed header and the four addresses, the
+ * only format a container's stack sends. Packed: spa follows the 6 bytes of sha, at
+ * offset 14, where a plain struct would pad it to 16. */
+struct xo_arphdr {
+    __be16 htype;             /* XO_ARP_HTYPE_ETHER */
+    __be16 ptype;             /* ETH_P_IP */
+    __u8 hlen;                /* ETH_ALEN */
+    __u8 plen;                /* 4 */
+    __be16 op;                /* XO_ARP_REQUEST, XO_ARP_REPLY */
+    __u8 sha[ETH_ALEN];       /* sender */
+    __be32 spa;
+    __u8 tha[ETH_ALEN];       /* target */
+    __be32 tpa;
+} __attribute__((packed));
+
+#define XO_ARP_HTYPE_ETHER 1
+#define XO_ARP_REQUEST 1
+#define XO_ARP_REPLY 2
+
+/* ARP, all 28 bytes of it. Returns the operation as on the wire; what the other fields
+ * say is the caller's to check. */
+static __always_inline int xo_parse_arp(struct xo_cursor *c, struct xo_arphdr **hdr)
+{
+    struct xo_arphdr *arp = c->pos;
+    if ((void *)(arp + 1) > c->end)
+        return -XO_DROP_ARP_NOT_ANSWERED;
+    c->pos = arp + 1;
+    *hdr = arp;
+    return arp->op;
+}
+
 #define XO_IPV4_MAX_HLEN 60  /* IHL 15 */
 
 /* IPv4: version 4, an IHL of at least 5 and the whole header, options too, inside the
