@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 
-from xoverlay.core.model import GATEWAY_IP, MAX_SERVICES, VNI_MAX, VNI_MIN, mac_for
+from xoverlay.core.model import GATEWAY_IP, MAX_SERVICES, VNI_MAX, VNI_MIN, endpoint_live, mac_for
 
 
 def _dups(values) -> list:
@@ -63,8 +63,11 @@ def violations(state) -> list[str]:
     for ip in _dups(e.ip for e in state.endpoints.values()):
         bad.append(f"IP {ip} is held by endpoints " +
                    ", ".join(sorted(e.name for e in state.endpoints.values() if e.ip == ip)))
-    for ns in _dups(e.netns for e in state.endpoints.values()):
-        bad.append(f"netns {ns} is used by more than one endpoint")
+    live = [e for e in state.endpoints.values() if endpoint_live(e)]
+    for ns, network in _dups((e.netns, e.network) for e in live):
+        bad.append(f"netns {ns} is in network {network} more than once")
+    for ns, ifname in _dups((e.netns, e.ifname) for e in live if e.ifname):
+        bad.append(f"netns {ns} has two endpoints named {ifname}")
 
     # Services: known network, unique ids and VIPs, a VIP no endpoint has; backends are
     # live endpoints of the service's network (none dangling), each id once and below

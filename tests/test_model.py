@@ -148,10 +148,39 @@ class TestIpam:
         with pytest.raises(XoError, match="endpoint zz does not exist"):
             model.remove_endpoint(cluster(), "zz")
 
-    def test_netns_used_once(self):
+    def test_netns_once_per_network(self):
         s = model.add_endpoint(cluster(), "a", "app", "n1", "/run/netns/x", False)
-        with pytest.raises(XoError, match="already used by endpoint a"):
+        with pytest.raises(XoError, match="already in network app as endpoint a"):
             model.add_endpoint(s, "b", "app", "n1", "/run/netns/x", False)
+
+    def test_one_interface_per_network(self):
+        s = model.create_network(cluster(), "back", "10.20.0.0/16")
+        s = model.add_endpoint(s, "a", "app", "n1", "/run/netns/x", False)
+        s = model.add_endpoint(s, "b", "back", "n1", "/run/netns/x", False)
+        assert (s.endpoints["a"].ifname, s.endpoints["b"].ifname) == ("eth0", "eth1")
+        s = model.add_endpoint(s, "c", "back", "n1", "/run/netns/y", False)
+        assert s.endpoints["c"].ifname == "eth0"
+        # The first's interface name is free again once it is gone, not before.
+        s = model.create_network(s, "third", "10.30.0.0/16")
+        s = model.mark_endpoint_removing(s, "a")
+        s = model.add_endpoint(s, "d", "third", "n1", "/run/netns/x", False)
+        assert s.endpoints["d"].ifname == "eth0"
+        s = model.add_endpoint(s, "e", "app", "n1", "/run/netns/z", False, ifname="")
+        assert s.endpoints["e"].ifname == ""
+
+    def test_aliases_checked_and_kept(self):
+        s = model.add_endpoint(cluster(), "a", "app", "n1", "/run/netns/x", False, aliases=("web1", "www"))
+        assert s.endpoints["a"].aliases == ("web1", "www")
+        with pytest.raises(XoError, match="alias name '-x' is not valid"):
+            model.add_endpoint(cluster(), "a", "app", "n1", "/run/netns/x", False, aliases=("-x",))
+
+    def test_address_held_out_of_ipam(self):
+        s = cluster()
+        s, first = model.allocate_address(s, "app", "n1")
+        s, second = model.allocate_address(s, "app", "n1", held={first})
+        assert first != second
+        s = add(s, "a")
+        assert s.endpoints["a"].ip == first      # held only while the caller says so
 
     def test_map_full(self, monkeypatch):
         monkeypatch.setattr(model, "MAX_ENDPOINTS", 3)
@@ -212,7 +241,17 @@ class TestGoneEndpoints:
         """/proc/PID/ns/net of a process that is gone may be another process's now: a new
         endpoint may take it while the old one waits out its grace."""
         s = model.add_endpoint(cluster(), "p", "app", "n1", "/proc/4242/ns/net", False)
-        with pytest.raises(XoError, match="already used by endpoint p"):
+        with pytest.raises(XoError, match="already in network app as endpoint p"):
             model.add_endpoint(s, "q", "app", "n1", "/proc/4242/ns/net", False)
         s = model.add_endpoint(model.mark_endpoint_gone(s, "p", 1.0), "q", "app", "n1", "/proc/4242/ns/net", False)
         assert s.endpoints["q"].ip != s.endpoints["p"].ip, "the gone one keeps its address until released"
+
+
+def test_network_mtu_below_the_clusters_only():
+    s = model.create_network(cluster(), "small", "10.40.0.0/16", mtu=1400)
+    s = model.create_network(s, "big", "10.41.0.0/16", mtu=9000)
+    assert (model.endpoint_mtu(s, "small"), model.endpoint_mtu(s, "big"), model.endpoint_mtu(s, "app")) == \
+        (1400, 1450, 1450)
+    for bad in (100, 70000):
+        with pytest.raises(XoError, match=f"MTU {bad} is out of range"):
+            model.create_network(cluster(), "x", "10.42.0.0/16", mtu=bad)

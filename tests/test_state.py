@@ -276,8 +276,8 @@ class StoreAndKernel(RuleBasedStateMachine):
             why.append(f"network {network} does not exist")
         if node not in s.nodes:
             why.append(f"node {node} does not exist")
-        if any(e.netns == netns for e in s.endpoints.values()):
-            why.append(f"netns {netns} is already used by endpoint")
+        if any(e.netns == netns and e.network == network for e in s.endpoints.values()):
+            why.append(f"netns {netns} is already in network {network}")
         if ip is not None and net is not None:
             sub = ipaddress.IPv4Network(net.subnet)
             try:

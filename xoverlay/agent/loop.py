@@ -370,7 +370,8 @@ class Agent:
             return model.netns_may_return(ep) and netns.exists(ep.netns)
         for ep in mine.values():
             if ep.removing:
-                veth.remove_endpoint(self.ipr, ep)
+                shared = any(o.netns == ep.netns and not o.removing for o in mine.values() if o.name != ep.name)
+                veth.remove_endpoint(self.ipr, ep, netns_in_use=shared)
                 changes.append(f"removed endpoint {ep.name}")
                 removed.append(ep.name)
                 self._step()

@@ -70,16 +70,18 @@ def build_view(state, node: str | None, domain: str = CLUSTER_DOMAIN) -> View:
         names[net] = {}
         suffixes[net] = labels_of(net)
     # Endpoints first, services after: a service overwrites an endpoint of its name.
-    records = [(e.name, e.network, e.ip) for e in state.endpoints.values() if endpoint_live(e)]
+    records = [(name, e.network, e.ip) for e in state.endpoints.values() if endpoint_live(e)
+               for name in (e.name, *e.aliases)]
     records.sort()
     endpoints = {}
     for name, network, ip in records:
         key = labels_of(name)
         if network in names and key:
-            # Names are unique, but DNS is case-insensitive: "Web" and "web" both answer.
+            # An alias may be several endpoints' (a container name on two nodes), and DNS is
+            # case-insensitive ("Web" and "web"): a name answers with every address it has.
             endpoints.setdefault((network, key), []).append(ip)
     for (network, key), ips in endpoints.items():
-        names[network][key] = tuple(sorted(ips, key=ipaddress.IPv4Address))
+        names[network][key] = tuple(sorted(set(ips), key=ipaddress.IPv4Address))
     for svc in sorted(getattr(state, "services", {}).values(), key=lambda s: s.name):
         key = labels_of(svc.name)
         if svc.network in names and key and svc.vip:

@@ -31,6 +31,7 @@ class Network:
     vni: int
     slice_prefix: int = DEFAULT_SLICE_PREFIX
     internal: bool = False      # Docker's --internal: its endpoints reach nothing outside the overlay
+    mtu: int = 0                # its endpoints' MTU when below the cluster's (Docker's -o mtu=); 0: the cluster's
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class Endpoint:
     ready: bool = False         # the node's agent has plumbed it
     removing: bool = False      # tombstone: the agent tears it down, then deletes it
     gone_since: float = 0.0     # when its node's agent found its netns gone (epoch s; 0: it is there)
+    ifname: str = "eth0"        # its interface in the netns; "": the runtime names it (Docker)
+    aliases: tuple = ()         # more DNS names in its network (a Docker container's name, --network-alias)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Endpoint":
+        return cls(**{**d, "aliases": tuple(d.get("aliases", ()))})
 
 
 PROTOCOLS = ("tcp", "udp")
@@ -161,9 +168,14 @@ def _endpoint_of(state: State, name: str) -> Endpoint:
 
 # --- networks -----------------------------------------------------------------------
 
+MTU_MIN = 576                   # what every IPv4 host must take (RFC 791)
+
+
 def create_network(state: State, name: str, subnet: str, vni: int | None = None,
-                   slice_prefix: int = DEFAULT_SLICE_PREFIX, internal: bool = False) -> State:
+                   slice_prefix: int = DEFAULT_SLICE_PREFIX, internal: bool = False, mtu: int = 0) -> State:
     check_name("network", name)
+    if mtu and not MTU_MIN <= mtu <= 65535:
+        raise XoError(f"MTU {mtu} is out of range: use {MTU_MIN}..65535 (or 0: the cluster's)")
     if name in state.networks:
         raise XoError(f"network {name} already exists")
     try:
@@ -191,7 +203,7 @@ def create_network(state: State, name: str, subnet: str, vni: int | None = None,
         raise XoError(f"VNI {vni} is already used by network {owner}")
     if len(state.networks) >= MAX_NETWORKS:
         raise XoError(f"map full: at most {MAX_NETWORKS} networks")
-    return state.with_("network", name, Network(name, str(net), vni, slice_prefix, internal))
+    return state.with_("network", name, Network(name, str(net), vni, slice_prefix, internal, mtu))
 
 
 def remove_network(state: State, name: str) -> State:
@@ -277,47 +289,73 @@ def _usable(net: ipaddress.IPv4Network, subnet: ipaddress.IPv4Network):
         yield ip
 
 
+def first_free_ifname(state: State, netns: str) -> str:
+    """eth0 for a netns's first network, then eth1, eth2 ...: one interface per network."""
+    taken = {e.ifname for e in state.endpoints.values() if e.netns == netns and endpoint_live(e)}
+    return next(f"eth{i}" for i in range(len(taken) + 1) if f"eth{i}" not in taken)
+
+
 def add_endpoint(state: State, name: str, network: str, node: str, netns: str,
-                 owns_netns: bool, ip: str | None = None) -> State:
+                 owns_netns: bool, ip: str | None = None, ifname: str | None = None,
+                 aliases: tuple = ()) -> State:
+    """`ifname`: None picks the netns's first free ethN; "" leaves the name to the
+    runtime that moves the interface in (Docker)."""
     check_name("endpoint", name)
     if name in state.endpoints:
         raise XoError(f"endpoint {name} already exists")
-    net = _network_of(state, network)
+    _network_of(state, network)
     _node_of(state, node)
     for e in state.endpoints.values():
-        if e.netns == netns and not (e.gone_since and not netns_may_return(e)):
-            raise XoError(f"netns {netns} is already used by endpoint {e.name}")
+        if e.netns == netns and e.network == network and not (e.gone_since and not netns_may_return(e)):
+            raise XoError(f"netns {netns} is already in network {network} as endpoint {e.name}")
+    for alias in aliases:
+        check_name("alias", alias)
     if len(state.endpoints) >= MAX_ENDPOINTS:
         raise XoError(f"map full: xo_endpoints holds at most {MAX_ENDPOINTS} endpoints")
     if sum(1 for e in state.endpoints.values() if e.node == node) >= MAX_LOCAL_ENDPOINTS:
         raise XoError(f"map full: node {node} holds at most {MAX_LOCAL_ENDPOINTS} endpoints")
-    subnet = ipaddress.IPv4Network(net.subnet)
-    used = {e.ip: e.name for e in state.endpoints.values() if e.network == network}
-    vips = {s.vip: s.name for s in state.services.values() if s.network == network}
     if ip is not None:
-        try:
-            addr = ipaddress.IPv4Address(ip)
-        except ValueError:
-            raise XoError(f"{ip!r} is not an IPv4 address") from None
-        if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
-            raise XoError(f"{ip} is not a usable address of network {network} ({net.subnet})")
-        if ip in used:
-            raise XoError(f"{ip} is already used by endpoint {used[ip]}")
-        if ip in vips:
-            raise XoError(f"{ip} is the virtual IP of service {vips[ip]}")
+        check_address(state, network, ip)
     else:
-        used = {**used, **vips}    # IPAM never hands out a VIP
-        ip = None
-        for s in node_slices(state, network, node):
-            ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet))
-                       if str(a) not in used), None)
-            if ip:
-                break
-        else:
-            # No slice yet, or all full: the node gets another one.
-            state, _, ip = allocate_slice(state, net, node, used)
-    ep = Endpoint(name, network, node, ip, mac_for(ip), netns, owns_netns)
+        state, ip = allocate_address(state, network, node)
+    if ifname is None:
+        ifname = first_free_ifname(state, netns)
+    ep = Endpoint(name, network, node, ip, mac_for(ip), netns, owns_netns, ifname=ifname, aliases=tuple(aliases))
     return state.with_("endpoint", name, ep)
+
+
+def check_address(state: State, network: str, ip: str) -> None:
+    """`ip` is a free address of the network, for an endpoint to have."""
+    net = _network_of(state, network)
+    subnet = ipaddress.IPv4Network(net.subnet)
+    try:
+        addr = ipaddress.IPv4Address(ip)
+    except ValueError:
+        raise XoError(f"{ip!r} is not an IPv4 address") from None
+    if addr not in subnet or addr in (subnet.network_address, subnet.broadcast_address):
+        raise XoError(f"{ip} is not a usable address of network {network} ({net.subnet})")
+    used = next((e.name for e in state.endpoints.values() if e.network == network and e.ip == ip), None)
+    if used:
+        raise XoError(f"{ip} is already used by endpoint {used}")
+    vip = next((s.name for s in state.services.values() if s.network == network and s.vip == ip), None)
+    if vip:
+        raise XoError(f"{ip} is the virtual IP of service {vip}")
+
+
+def allocate_address(state: State, network: str, node: str, held=frozenset()) -> tuple[State, str]:
+    """The first free address of the node's slices of the network, none of `held` (given
+    out and not yet an endpoint's: Docker's IPAM asks before the endpoint exists); a new
+    slice for the node when they are full. Never a VIP."""
+    net = _network_of(state, network)
+    subnet = ipaddress.IPv4Network(net.subnet)
+    used = {e.ip for e in state.endpoints.values() if e.network == network}
+    used |= {s.vip for s in state.services.values() if s.network == network} | set(held)
+    for s in node_slices(state, network, node):
+        ip = next((str(a) for a in _usable(subnet, ipaddress.IPv4Network(s.subnet)) if str(a) not in used), None)
+        if ip:
+            return state, ip
+    state, _, ip = allocate_slice(state, net, node, used)
+    return state, ip
 
 
 # An endpoint whose netns went away (its container stopped or was removed) leaves every
@@ -385,10 +423,13 @@ def peers_of(state: State, node: str) -> list[Node]:
     return sorted((n for n in state.nodes.values() if n.name != node), key=lambda n: n.name)
 
 
-def endpoint_mtu(state: State) -> int:
+def endpoint_mtu(state: State, network: str | None = None) -> int:
     """VXLAN adds 50 bytes and we send DF: containers get the smallest underlay MTU of the
-    cluster less 50, or full-size frames to some node would be dropped."""
-    return min((n.underlay_mtu for n in state.nodes.values()), default=1500) - 50
+    cluster less 50, or full-size frames to some node would be dropped; less if their
+    network asks for less."""
+    cluster = min((n.underlay_mtu for n in state.nodes.values()), default=1500) - 50
+    net = state.networks.get(network) if network else None
+    return min(cluster, net.mtu) if net and net.mtu else cluster
 
 
 # --- services -----------------------------------------------------------------------

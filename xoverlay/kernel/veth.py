@@ -21,7 +21,6 @@ IFF_UP = 1
 log = logging.getLogger("xoverlay.links")
 
 GW_MAC = "ee:ee:ee:ee:ee:ee"      # same as XO_GW_MAC in bpf/lib/common.h
-CONTAINER_IFNAME = "eth0"
 HOST_PREFIX = "xo"
 IFA_F_NOPREFIXROUTE = 0x200
 RTNH_F_ONLINK = 4
@@ -184,13 +183,22 @@ class NetnsGone(XoError):
     """The endpoint's netns is not there (not ours to make: its container's)."""
 
 
+def handed_to_runtime(ep: Endpoint) -> bool:
+    """An endpoint whose container end a runtime moves into its netns itself (Docker's
+    Join: we make the pair, it moves and names the container end): the first time, the
+    pair is made and left whole in the node's netns. Made again later (a repair), it is
+    plumbed into the netns as any endpoint is."""
+    return not ep.ifname and not ep.ready
+
+
 def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) -> int:
     from xoverlay.core.model import endpoint_mtu
+    handover = handed_to_runtime(ep)
     if ep.owns_netns and not os.path.exists(ep.netns):
         netns.create(os.path.basename(ep.netns))
-    if not netns.exists(ep.netns):
+    if not handover and not netns.exists(ep.netns):
         raise NetnsGone(f"endpoint {ep.name}: netns {ep.netns} does not exist")
-    mtu = endpoint_mtu(state)
+    mtu = endpoint_mtu(state, ep.network)
     tmp = creating_ifname(host)
     for stale in ipr.link_lookup(ifname=tmp):
         ipr.link("del", index=stale)
@@ -202,6 +210,10 @@ def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) ->
         ipr.link("set", index=ifindex, address=GW_MAC, mtu=mtu)
         # Before the container can open a socket: its packets reserve headroom from now on.
         ipr.link("set", index=ifindex, master=headroom_bridge)
+        if handover:
+            write_sysctl(f"/proc/sys/net/ipv6/conf/{tmp}/disable_ipv6", "1")
+            ipr.link("set", index=ifindex, state="up")
+            return ifindex
         fd = os.open(ep.netns, os.O_RDONLY)
         try:
             ipr.link("set", index=peer, net_ns_fd=fd)
@@ -224,21 +236,32 @@ def _create(ipr, state: State, ep: Endpoint, host: str, headroom_bridge: int) ->
 
 def _configure_container(ep: Endpoint, tmp: str, prefixlen: int) -> None:
     """The address carries the network's prefix (it looks like one LAN) but no prefix
-    route: everything goes to the gateway, i.e. to our program on the host-side veth."""
+    route: everything goes to the gateway, i.e. to our program on the host-side veth.
+    The netns's first network gets the default route; each further one, a route to its
+    subnet through its own interface."""
     with netns.iproute(ep.netns) as c:
-        if c.link_lookup(ifname=CONTAINER_IFNAME):
-            raise XoError(f"endpoint {ep.name}: {ep.netns} already has an {CONTAINER_IFNAME}")
+        ifname = ep.ifname or _free_ifname(c)
+        if c.link_lookup(ifname=ifname):
+            raise XoError(f"endpoint {ep.name}: {ep.netns} already has an {ifname}")
         idx = c.link_lookup(ifname=tmp)[0]
-        c.link("set", index=idx, ifname=CONTAINER_IFNAME)
+        c.link("set", index=idx, ifname=ifname)
         with netns.entered(ep.netns):   # /proc/sys/net is the opener's netns
-            write_sysctl(f"/proc/sys/net/ipv6/conf/{CONTAINER_IFNAME}/disable_ipv6", "1")
+            write_sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "1")
         lo = c.link_lookup(ifname="lo")[0]
         c.link("set", index=lo, state="up")
         c.link("set", index=idx, state="up")
         c.addr("add", index=idx, address=ep.ip, prefixlen=prefixlen,
                flags=IFA_F_NOPREFIXROUTE)
         c.neigh("add", dst=GATEWAY_IP, lladdr=GW_MAC, ifindex=idx, state=NUD_PERMANENT)
-        c.route("add", dst="0.0.0.0/0", gateway=GATEWAY_IP, oif=idx, flags=RTNH_F_ONLINK)
+        has_default = any(r["dst_len"] == 0 for r in c.get_routes(family=socket.AF_INET, table=254))
+        dst = str(ipaddress.IPv4Interface(f"{ep.ip}/{prefixlen}").network) if has_default else "0.0.0.0/0"
+        c.route("add", dst=dst, gateway=GATEWAY_IP, oif=idx, flags=RTNH_F_ONLINK)
+
+
+def _free_ifname(c) -> str:
+    """An endpoint the runtime named (Docker) and that is made again here: the first ethN
+    its netns does not have."""
+    return next(f"eth{i}" for i in range(1 << 16) if not c.link_lookup(ifname=f"eth{i}"))
 
 
 def unplumb(ipr, ifname: str) -> None:
@@ -247,8 +270,12 @@ def unplumb(ipr, ifname: str) -> None:
         ipr.link("del", index=index)
 
 
-def remove_endpoint(ipr, ep: Endpoint) -> None:
+def remove_endpoint(ipr, ep: Endpoint, netns_in_use: bool = False) -> None:
+    """`netns_in_use`: another endpoint (another network) is in the same netns, which
+    keeps it and its resolv.conf."""
     unplumb(ipr, host_ifname(ep.name))
+    if netns_in_use:
+        return
     resolvconf.remove(ep)
     if ep.owns_netns:
         netns.remove(ep.netns)
