@@ -17,6 +17,7 @@ packages=(
   iperf3 sockperf nftables tmux curl                               # nftables: egress (masquerade); benchmarks, baselines, TUI checks
   etcd-server openssl                                              # the cluster store (docs/STORE.md), test certs
   qemu-system-x86 linux-image-amd64 busybox-static                 # the VM lab: qemu, Debian 12's kernel, virtme-ng's init
+  docker.io                                                        # Docker 20.10: the plugin's tests (lab up --docker)
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -10,7 +10,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xoverlay"
 # Lowest first: a module may import from its own layer and those before it.
-LAYERS = ["errors", "maps", "core", "kernel", "store", "agent", "lab", "ui"]
+LAYERS = ["errors", "maps", "core", "kernel", "store", "runtimes", "agent", "lab", "ui"]
 # What the pure layers may import from outside the package: no sockets, processes,
 # netlink, BPF or databases.
 PURE_MAY_IMPORT = {"__future__", "collections", "ctypes", "dataclasses", "functools", "hashlib", "ipaddress",

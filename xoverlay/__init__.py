@@ -8,7 +8,8 @@ this list (tests/test_package_layout.py checks it):
   kernel/  what touches the kernel: libbpf calls, pinned maps and counters, loading and attaching,
            endpoints' veths, the node's gateway and egress, netns, processes
   store/   where the cluster state lives: the interface, SQLite, etcd, and running an etcd server
+  runtimes/ container runtimes that attach their own containers: Docker's network and IPAM plugin
   agent/   the per-node agent: up and down, the reconcile loop, repair, the DNS responder, metrics
-  lab/     the namespace lab, the VM lab, and the demo server
+  lab/     the namespace lab (with a dockerd per node: --docker), the VM lab, and the demo server
   ui/      what a person sees: the CLI, status and its TUI, monitor, lints, service views
 """

@@ -33,6 +33,8 @@ class Options:
     dns_upstreams: tuple[str, ...] = ()
     metrics: str | None = None           # IP:PORT for Prometheus, or off
     lease_ttl: float = LEASE_TTL
+    docker_plugin: str | None = None     # serve Docker's network and IPAM plugin on this socket
+    docker_host: str = "unix:///var/run/docker.sock"   # the daemon's API: its networks' and containers' names
 
 
 def _checked(options: Options) -> list:
@@ -43,6 +45,9 @@ def _checked(options: Options) -> list:
     if options.metrics:
         from xoverlay.agent import metrics      # prometheus_client only when asked for
         metrics.parse_listen(options.metrics)
+    if options.docker_plugin:
+        from xoverlay.runtimes import docker_api
+        docker_api.DockerApi(options.docker_host)       # a bad URL refused now
     pid = processes.running_pid(options.node)
     if pid:
         raise XoError(f"an agent for node {options.node} is already running (pid {pid})")
@@ -104,6 +109,7 @@ def run(options: Options, open_store: Callable[[], Store], say: Callable[[str], 
         agent.observer = metrics_mod.serve(server, node, lambda: agent.last_state,
                                            lambda: (agent.store_error, agent.alive_nodes))
         logging.getLogger("xoverlay.agent").info("metrics on http://%s/metrics", metrics)
+    plugin = _docker_plugin(agent.node, open_store, options) if options.docker_plugin else None
     if ready_fd >= 0:
         os.write(ready_fd, b"ok\n")
         os.close(ready_fd)
@@ -115,8 +121,33 @@ def run(options: Options, open_store: Callable[[], Store], say: Callable[[str], 
     if agent.store_error:
         warn(f"{agent.store_error}: the pinned data path keeps forwarding as it is; "
              "the agent resyncs when the store is back")
-    agent.run()
+    try:
+        agent.run()
+    finally:
+        if plugin is not None:
+            _stop_docker_plugin(*plugin)
     if server is not None:
         server.shutdown()
         server.server_close()
     processes.release_pid_lock(node, lock)
+
+
+def _docker_plugin(node: str, open_store: Callable[[], Store], options: Options):
+    """Docker's network and IPAM driver on options.docker_plugin, and the thread that
+    takes Docker's names into the store (xoverlay/runtimes/docker_plugin.py)."""
+    import threading
+
+    from xoverlay.runtimes import docker_api, docker_plugin, plugin_server
+    plugin = docker_plugin.DockerPlugin(node, open_store, docker_api.DockerApi(options.docker_host))
+    server = plugin_server.serve(options.docker_plugin, plugin.handle)
+    threading.Thread(target=plugin.run_sync, name="docker-names", daemon=True).start()
+    logging.getLogger("xoverlay.agent").info("Docker plugin %s on %s (Docker's API: %s)", docker_plugin.DRIVER,
+                                             options.docker_plugin, options.docker_host)
+    return plugin, server
+
+
+def _stop_docker_plugin(plugin, server) -> None:
+    from xoverlay.runtimes import plugin_server
+    plugin.stopping = True
+    plugin.kick.set()
+    plugin_server.close(server)

@@ -22,6 +22,7 @@ from xoverlay.agent.down import node_down
 from xoverlay.core import model
 from xoverlay.errors import XoError
 from xoverlay.kernel import netns, processes
+from xoverlay.lab.docker_lab import IMAGE, NodeDocker
 from xoverlay.store import etcd_server, open_store
 from xoverlay.store.base import DEFAULT_STATE, LAB_SUFFIX, default_path, is_etcd
 from xoverlay.store.memory import MemoryStore
@@ -167,7 +168,8 @@ class Lab:
 
     # --- up -----------------------------------------------------------------------------
 
-    def up(self, count: int, xdp: bool | None = None, echo=print, store: str | None = None) -> None:
+    def up(self, count: int, xdp: bool | None = None, echo=print, store: str | None = None,
+           docker: bool = False) -> None:
         """`store`: "sqlite" (the store file) or "etcd" (a real etcd for the lab); None:
         what the lab already runs on, SQLite for a new one. `xdp`: forced on or off; None:
         on for this lab (its tests are of XDP's paths too), the nodes' own default
@@ -186,6 +188,9 @@ class Lab:
             self.store = open_store(data["etcd"]["url"])
         nodes = [self.node_name(i) for i in range(1, count + 1)]
         data["nodes"] = sorted(set(data["nodes"]) | set(nodes), key=lambda n: int(n.rsplit("node", 1)[1]))
+        if docker and not data.get("docker") and any(processes.running_pid(n) for n in nodes):
+            raise XoError("the lab is up without Docker: `xoverlay lab down` first, then `lab up --docker`")
+        data["docker"] = bool(docker or data.get("docker"))
         self._save(data)
         node_store = data["etcd"]["node_url"] if data.get("etcd") else self.state_path
         self._nodes(nodes, self._xdp(xdp), echo, node_store)
@@ -210,6 +215,11 @@ class Lab:
         else:
             raise XoError("lab endpoints did not become ready: see /run/xoverlay/*.log")
         self._client()
+        if data["docker"]:
+            for node in nodes:
+                d = NodeDocker(self, node)
+                d.start()
+                d.image()
         webs = [self.web_endpoint(n) for n in self.nodes()]
         self._web_service(webs)
         self._demo_server(webs)
@@ -224,6 +234,9 @@ class Lab:
         etcd = self._load().get("etcd")
         echo(f"store: etcd {etcd['node_url']} for the nodes, {etcd['url']} from this host (the CLI follows it "
              "with the lab's --state until `lab down`)" if etcd else f"store: {self.state_path} (SQLite)")
+        if data["docker"]:
+            echo(f"Docker: a dockerd in every node with image {IMAGE}; `xoverlay lab docker {nodes[0]} -- ps` "
+                 "runs the docker CLI against one")
 
     # --- the lab's etcd -----------------------------------------------------------------
 
@@ -449,6 +462,9 @@ class Lab:
         cmd = ["nsenter", f"--net={netns.resolve(self.node_netns(node))}", "--",
                sys.executable, "-m", "xoverlay", "--store", store, "up", "--node", node,
                "--underlay", UNDERLAY_DEV, "--detach", "--xdp" if xdp else "--no-xdp"]
+        if self._load().get("docker"):
+            d = NodeDocker(self, node)
+            cmd += ["--docker-plugin", d.plugin_socket, "--docker-host", d.host]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise XoError(f"starting the agent of {node} failed: {r.stderr.strip() or r.stdout.strip()}")
@@ -472,6 +488,8 @@ class Lab:
 
     def _down(self, echo) -> None:
         self._stop_demo_server()
+        for node in self.nodes():
+            NodeDocker(self, node).stop()      # its containers' endpoints leave through the plugin
         state = self.store.read()
         if WEB_SERVICE in state.services and state.services[WEB_SERVICE].network == DEMO_NETWORK:
             self.store.update(lambda s: model.remove_service(s, WEB_SERVICE) if WEB_SERVICE in s.services else s)

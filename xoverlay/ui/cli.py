@@ -121,8 +121,15 @@ def cli(ctx, state, store_ca, store_cert, store_key):
               help="serve Prometheus metrics there, e.g. 127.0.0.1:9469 (default: off)")
 @click.option("--lease-ttl", default=LEASE_TTL, show_default=True, type=click.FloatRange(2, 3600),
               help="seconds without the agent before the node is shown down (its registration's lease)")
+@click.option("--docker", is_flag=True,
+              help="serve Docker's network and IPAM driver xoverlay on /run/docker/plugins/xoverlay.sock "
+                   "(docs/DOCKER.md)")
+@click.option("--docker-plugin", default=None, metavar="SOCKET", help="serve it on this socket instead (implies --docker)")
+@click.option("--docker-host", default="unix:///var/run/docker.sock", show_default=True, metavar="unix://PATH",
+              help="the Docker daemon's API, where its networks' and containers' names are read")
 @click.pass_context
-def up(ctx, node, underlay, xdp, no_xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl):
+def up(ctx, node, underlay, xdp, no_xdp, vxlan_port, detach, dns, dns_forward, dns_upstreams, metrics, lease_ttl,
+       docker, docker_plugin, docker_host):
     """Load and attach the data path, join the cluster, and keep the maps in sync."""
     if no_xdp:
         if ctx.get_parameter_source("xdp") != click.core.ParameterSource.DEFAULT:
@@ -130,7 +137,9 @@ def up(ctx, node, underlay, xdp, no_xdp, vxlan_port, detach, dns, dns_forward, d
         xdp = "off"
     from xoverlay.agent import up as node_up
     options = node_up.Options(node, underlay, xdp=xdp, vxlan_port=vxlan_port, dns=dns, dns_forward=dns_forward,
-                              dns_upstreams=dns_upstreams, metrics=metrics, lease_ttl=lease_ttl)
+                              dns_upstreams=dns_upstreams, metrics=metrics, lease_ttl=lease_ttl,
+                              docker_plugin=docker_plugin or ("/run/docker/plugins/xoverlay.sock" if docker else None),
+                              docker_host=docker_host)
     if detach:
         click.echo(node_up.detach(options, [a for a in sys.argv[1:] if a != "--detach"], ctx.obj["state"]))
         return
@@ -538,9 +547,31 @@ def lab():
 @click.option("--store", "store_kind", type=click.Choice(["sqlite", "etcd"]), default=None,
               help="the lab's store: the --state file (SQLite, the default for a new lab) or a real etcd "
                    "started for the lab (Debian's; stopped and removed by `lab down`)")
+@click.option("--docker", is_flag=True, help="a dockerd in every node, with xoverlay as its network plugin "
+                                               "(docs/DOCKER.md; namespace lab only)")
 @click.pass_context
-def lab_up(ctx, nodes, xdp, vms, kernel, store_kind):
-    open_lab(_store(ctx), ctx.obj["state"], vms, kernel).up(nodes, xdp=xdp, echo=click.echo, store=store_kind)
+def lab_up(ctx, nodes, xdp, vms, kernel, store_kind, docker):
+    lab = open_lab(_store(ctx), ctx.obj["state"], vms, kernel)
+    if docker and isinstance(lab, VmLab):
+        raise XoError("--docker: the namespace lab only, for now")
+    extra = {"docker": True} if docker else {}
+    lab.up(nodes, xdp=xdp, echo=click.echo, store=store_kind, **extra)
+
+
+@lab.command("docker", context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.argument("args", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def lab_docker(ctx, node, args):
+    """Run the docker CLI against a lab node's dockerd: xoverlay lab docker NODE -- ARGS..."""
+    from xoverlay.lab.docker_lab import NodeDocker
+    lab = open_lab(_store(ctx), ctx.obj["state"])
+    if isinstance(lab, VmLab) or not lab._load().get("docker"):
+        raise XoError("the lab has no Docker: `xoverlay lab up --docker`")
+    if node not in lab.nodes():
+        raise XoError(f"the lab has no node {node}: {', '.join(lab.nodes())}")
+    cmd = NodeDocker(lab, node).cli(*args)
+    os.execvp(cmd[0], cmd)
 
 
 @lab.command("demo")
