@@ -402,6 +402,7 @@ class DockerPlugin:
                 log.info("endpoint %s: DNS names %s", n, ", ".join(a) or "none")
 
     def run_sync(self) -> None:
+        problem = None
         while not self.stopping:
             self.kick.wait(SYNC_SECONDS)
             self.kick.clear()
@@ -409,7 +410,10 @@ class DockerPlugin:
                 break
             try:
                 self.sync()
+                problem = None
             except XoError as e:
-                log.error("docker: %s", e)
+                if str(e) != problem:       # once per cause: dockerd may start after us
+                    log.error("docker: %s", e)
+                problem = str(e)
             except Exception:
                 log.exception("docker: sync failed")
