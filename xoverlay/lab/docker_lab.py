@@ -65,12 +65,7 @@ class NodeDocker:
         return [docker_binary("docker"), "-H", self.host, *args]
 
     def pid(self) -> int | None:
-        try:
-            pid = int(open(self.pidfile).read().strip())
-            os.kill(pid, 0)
-            return pid
-        except (OSError, ValueError):
-            return None
+        return processes.pid_in_file(self.pidfile, self.pidfile)   # the dockerd told to write it
 
     def start(self) -> None:
         if self.pid():
@@ -84,7 +79,7 @@ class NodeDocker:
         # A dockerd started again (its containers live on) goes back into the mount
         # namespace its containerd still holds: the sandboxes' netns mounts are there,
         # and a daemon that cannot open them takes its containers off their networks.
-        holders = _pids_mentioning(os.path.join(self.run_dir, "exec"))
+        holders = _pids_mentioning(exec_root)
         enter = ["nsenter", f"--mount=/proc/{holders[0]}/ns/mnt"] if holders else \
             ["unshare", "--mount", "--propagation", "private"]
         mount = "" if holders else f"mount --bind {os.path.dirname(self.plugin_socket)} {PLUGIN_DIR} && "
@@ -115,12 +110,7 @@ class NodeDocker:
             for net in subprocess.run(self.cli("network", "ls", "-q", "--filter", "driver=xoverlay"),
                                       capture_output=True, text=True).stdout.split():
                 subprocess.run(self.cli("network", "rm", net), capture_output=True)
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and _alive(pid):
-                time.sleep(0.1)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+            processes.terminate(pid, lambda: not processes.alive(pid), 15)
         for pid in _pids_mentioning(self.run_dir):
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -148,23 +138,8 @@ class NodeDocker:
             raise XoError(f"docker import of {IMAGE} on {self.node} failed: {r.stderr.strip()}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 def _pids_mentioning(path: str) -> list[int]:
-    """Processes whose command line names `path` (the containerd a dockerd started)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = open(f"/proc/{entry}/cmdline", "rb").read().decode(errors="replace")
-            except OSError:
-                continue
-            if path in cmdline and int(entry) != os.getpid():
-                out.append(int(entry))
-    return out
+    """Processes with `path` in an argument (the containerd a dockerd started, its shims:
+    their arguments are paths under it, not it)."""
+    return [int(e) for e in os.listdir("/proc")
+            if e.isdigit() and int(e) != os.getpid() and any(path in a for a in processes.cmdline(int(e)))]

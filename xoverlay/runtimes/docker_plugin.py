@@ -256,9 +256,10 @@ class DockerPlugin:
             raise XoError("an xoverlay network takes its addresses from xoverlay: "
                           "docker network create -d xoverlay --ipam-driver xoverlay --subnet ...")
         subnet = parse_pool(v4[0].get("Pool", ""))
-        existing = check_pool(self.store.read(), subnet)
+        state = self.store.read()
+        existing = check_pool(state, subnet)
         if existing:
-            adopt_network(self.store.read(), existing, replace(spec, subnet=subnet))
+            adopt_network(state, existing, replace(spec, subnet=subnet))
         # Its name comes with Docker's API once the network exists: the sync takes it in.
         self.kick.set()
 
