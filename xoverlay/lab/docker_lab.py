@@ -113,8 +113,12 @@ class NodeDocker:
             processes.terminate(pid, lambda: not processes.alive(pid), 15)
         for pid in _pids_mentioning(self.run_dir):
             os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
-        shutil.rmtree(self.data_root, ignore_errors=True)
+        for path in (self.run_dir, self.data_root):
+            shutil.rmtree(path, ignore_errors=True)
+            try:
+                os.rmdir(os.path.dirname(path))      # the last node's takes the parent too
+            except OSError:
+                pass
         if os.path.exists(self.log):
             os.unlink(self.log)
 
